@@ -1,0 +1,6 @@
+"""The ``kissbot`` command line: one module per group of commands."""
+
+from kissbot.cli.main import cli
+from kissbot.cli import store  # noqa: F401  (registers init-db, stats)
+
+__all__ = ["cli"]

@@ -1,0 +1,66 @@
+"""``kissbot init-db`` and ``kissbot stats``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from kissbot.cli.main import StoreTarget, cli, store_options
+
+
+@cli.command("init-db")
+@store_options
+def init_db(store: StoreTarget) -> None:
+    """Create the database (or migrate it) to the current schema.
+
+    \b
+    Example:
+        kissbot init-db --db kissbot.db
+    """
+    from sqlalchemy import inspect
+
+    from kissbot.engine import create_engine, sqlite_path, to_url
+    from kissbot.migrations import KISSBOT_TABLES, ensure_schema
+
+    url = to_url(store.target)
+    path = sqlite_path(url)
+    shown = path if path is not None else url.render_as_string(hide_password=True)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    click.echo(f"📦 {'Opening' if path is not None and path.exists() else 'Creating'} database: {shown}")
+    engine = create_engine(url)
+    try:
+        ensure_schema(engine)
+        with engine.connect() as conn:
+            tables = sorted(set(inspect(conn).get_table_names()) & KISSBOT_TABLES)
+            if path is not None:
+                mode = conn.exec_driver_sql("PRAGMA journal_mode").scalar_one()
+                click.echo(f"✅ WAL mode enabled: {mode}")
+    finally:
+        engine.dispose()
+    click.echo(f"✅ Tables created: {', '.join(tables)}")
+    click.echo(f"✅ Database initialized successfully: {shown}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@store_options
+def stats(store: StoreTarget, as_json: bool) -> None:
+    """Show counts of users, tokens, instances and audit events, and the size.
+
+    \b
+    Example:
+        kissbot stats --db kissbot.db --json
+    """
+    with store.open() as mgr:
+        figures = mgr.get_stats()
+    if as_json:
+        click.echo(json.dumps(figures, indent=2))
+        return
+    click.echo(f"Users: {figures['users_count']}")
+    click.echo(f"Tokens: {figures['tokens_count']}")
+    click.echo(f"Tokens needing reauth: {figures['tokens_needing_reauth']}")
+    click.echo(f"Active instances: {figures['active_instances']}")
+    click.echo(f"Audit log entries: {figures['audit_log_count']}")
+    click.echo(f"Database size: {figures['db_size_bytes'] / 1024:.1f} KB")

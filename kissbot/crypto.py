@@ -1,0 +1,108 @@
+"""Fernet keys and the cipher that encrypts token columns.
+
+A :class:`TokenCipher` belongs to one store (it is attached to that store's
+engine), so two stores with different keys work side by side in one process.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from pathlib import Path
+
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+from kissbot.errors import DecryptionError, KeyFileError
+
+DEFAULT_KEY_FILE = ".kissbot.key"
+_FERNET_PREFIX = "gAAAAA"
+
+
+class TokenCipher:
+    """Encrypts and decrypts token strings with one or more Fernet keys.
+
+    The first key encrypts; every key is tried to decrypt. Besides standard
+    Fernet tokens it reads the older KissBot format: a Fernet token wrapped once
+    more in URL-safe base64 (values starting ``Z0FBQUFB``).
+    """
+
+    __slots__ = ("_fernet",)
+
+    def __init__(self, keys: list[bytes] | bytes) -> None:
+        if isinstance(keys, (bytes, str)):
+            keys = [keys]
+        if not keys:
+            raise KeyFileError("no encryption key given")
+        try:
+            self._fernet = MultiFernet([Fernet(k) for k in keys])
+        except (ValueError, TypeError, binascii.Error) as exc:
+            raise KeyFileError("encryption key is not a valid Fernet key (32 url-safe base64-encoded bytes)") from None
+
+    def __repr__(self) -> str:
+        return "<TokenCipher>"
+
+    def encrypt(self, plaintext: str) -> str:
+        """Return the standard Fernet token of ``plaintext``."""
+        return self._fernet.encrypt(plaintext.encode()).decode("ascii")
+
+    def decrypt(self, stored: str) -> str:
+        """Return the plaintext of a stored token; raise :class:`DecryptionError`."""
+        try:
+            token = stored.encode("ascii")
+            if not stored.startswith(_FERNET_PREFIX):
+                token = base64.urlsafe_b64decode(token)
+            return self._fernet.decrypt(token).decode()
+        except (InvalidToken, ValueError, TypeError, binascii.Error, UnicodeError):
+            raise DecryptionError("Failed to decrypt token: wrong key or corrupted data") from None
+
+
+def generate_key() -> bytes:
+    """Return a new random Fernet key."""
+    return Fernet.generate_key()
+
+
+def read_key_file(path: str | os.PathLike[str]) -> bytes:
+    """Read and check a key file; raise :class:`KeyFileError` naming it."""
+    path = Path(path)
+    try:
+        data = path.read_bytes().strip()
+    except FileNotFoundError:
+        raise KeyFileError(f"key file {path} not found") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
+    try:
+        Fernet(data)
+    except (ValueError, binascii.Error):
+        raise KeyFileError(f"key file {path} does not hold a valid Fernet key") from None
+    return data
+
+
+def create_key_file(path: str | os.PathLike[str]) -> bytes:
+    """Create ``path`` holding a new key, atomically and with mode 0600.
+
+    The key is written to a private temporary file beside ``path`` and then
+    hard-linked into place, so the file appears complete or not at all. If
+    another process created it first, that key is returned instead.
+    """
+    path = Path(path)
+    key = generate_key()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except OSError as exc:
+        raise KeyFileError(f"cannot create key file {path}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return read_key_file(path)
+        except OSError as exc:
+            raise KeyFileError(f"cannot create key file {path}: {exc.strerror}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return key

@@ -1,0 +1,61 @@
+"""The one exception hierarchy of kissbot.
+
+Every error a caller can meet is a :class:`KissbotError`. Errors that come from
+the database driver are raised ``from`` the driver's exception so the cause is
+kept for debugging, while the message itself names the thing at fault and never
+holds a secret.
+"""
+
+from __future__ import annotations
+
+
+class KissbotError(Exception):
+    """Base class of every error raised by kissbot."""
+
+
+class KeyFileError(KissbotError):
+    """The encryption key is missing, unreadable, unsafe or not a Fernet key."""
+
+
+class DecryptionError(KissbotError):
+    """A stored token could not be decrypted (wrong key or corrupted data)."""
+
+    def __init__(self, message: str, *, user_id: int | None = None) -> None:
+        super().__init__(message)
+        self.user_id = user_id
+
+
+class NaiveDatetimeError(KissbotError, ValueError):
+    """A datetime without a timezone was about to be written."""
+
+
+class NotFound(KissbotError, LookupError):
+    """A row that the caller named does not exist."""
+
+
+class UserNotFound(NotFound):
+    """No user with that id or login."""
+
+
+class InstanceNotFound(NotFound):
+    """No instance with that id."""
+
+
+class DuplicateUser(KissbotError):
+    """A user with that Twitch id or login already exists."""
+
+
+class InstanceDisabled(KissbotError):
+    """The instance crashed ``max_crash_count`` times and must be reset first."""
+
+
+class SchemaError(KissbotError):
+    """The database schema is not one this version of kissbot can use."""
+
+
+class UnversionedDatabase(SchemaError):
+    """The database has tables but no Alembic version: it must be adopted."""
+
+
+class DatabaseError(KissbotError):
+    """The database could not be opened or used."""

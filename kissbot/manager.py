@@ -1,0 +1,264 @@
+"""DatabaseManager: the specification's API as a thin facade over the repositories.
+
+Each method runs in its own short transaction: reads on a plain connection
+(a deferred ``BEGIN`` that never takes SQLite's write lock), writes on the
+writer engine (``BEGIN IMMEDIATE``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import URL, Engine
+from sqlalchemy.orm import Session
+
+from kissbot.crypto import DEFAULT_KEY_FILE, TokenCipher, create_key_file, read_key_file
+from kissbot.engine import DEFAULT_DB_PATH, create_engine, sqlite_path, to_url, writer
+from kissbot.errors import KeyFileError, UserNotFound
+from kissbot.migrations import ensure_schema
+from kissbot.repo import AuditRepository, ConfigRepository, InstanceRepository, TokenRepository, UserRepository
+from kissbot.types import attach_cipher
+
+CLEANUP_BATCH_SIZE = 5000
+
+
+class DatabaseManager:
+    """The store, as the specification's ``DatabaseManager``.
+
+    ``DatabaseManager(db_path="kissbot.db", key_file=".kissbot.key")`` opens (and
+    creates or migrates) the database, then loads the key, creating it with
+    mode 0600 only when the database holds no tokens yet. ``url`` selects
+    another database (``postgresql+psycopg://…``); ``key`` gives the Fernet key
+    directly instead of a key file.
+    """
+
+    def __init__(
+        self,
+        db_path: str | os.PathLike[str] = DEFAULT_DB_PATH,
+        key_file: str | os.PathLike[str] = DEFAULT_KEY_FILE,
+        *,
+        url: str | URL | None = None,
+        key: bytes | str | None = None,
+        echo: bool = False,
+        synchronous: str = "NORMAL",
+    ) -> None:
+        self.url = to_url(url if url is not None else db_path)
+        self.key_file = Path(key_file)
+        self.engine: Engine = create_engine(self.url, echo=echo, synchronous=synchronous)
+        try:
+            ensure_schema(self.engine)
+            attach_cipher(self.engine, TokenCipher(key) if key is not None else self._load_key())
+        except BaseException:
+            self.engine.dispose()
+            raise
+        self._writer = writer(self.engine)
+
+    def __repr__(self) -> str:
+        return f"<DatabaseManager {self.url.render_as_string(hide_password=True)}>"
+
+    def _load_key(self) -> TokenCipher:
+        if self.key_file.exists() or self.key_file.is_symlink():
+            return TokenCipher(read_key_file(self.key_file))
+        with self.engine.connect() as conn:
+            holders = TokenRepository(conn).count()
+        if holders:
+            raise KeyFileError(
+                f"key file {self.key_file} not found but {self.url.database} holds tokens for {holders} users; "
+                "restore the key from your backup"
+            )
+        return TokenCipher(create_key_file(self.key_file))
+
+    # --- transactions --------------------------------------------------------------------------
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A :class:`Session` in a write transaction, committed on success.
+
+        Use it to group several repository calls atomically::
+
+            with mgr.session() as s:
+                uid = UserRepository(s).create_user("1", "bot")
+                TokenRepository(s).store_tokens(uid, "a", "r", 3600)
+        """
+        with Session(self._writer, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    def close(self) -> None:
+        """Release every pooled connection."""
+        self.engine.dispose()
+
+    def __enter__(self) -> DatabaseManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- users ---------------------------------------------------------------------------------
+
+    def get_user(self, twitch_user_id: str | int) -> dict[str, Any] | None:
+        """The user with this Twitch user id, or None."""
+        with self.engine.connect() as conn:
+            return UserRepository(conn).get_user(twitch_user_id)
+
+    def get_user_by_login(self, login: str) -> dict[str, Any] | None:
+        """The user with this login (case-insensitive), or None."""
+        with self.engine.connect() as conn:
+            return UserRepository(conn).get_user_by_login(login)
+
+    def create_user(
+        self, twitch_user_id: str | int, twitch_login: str, display_name: str | None = None, is_bot: bool = False
+    ) -> int:
+        """Create a user and return its id."""
+        with self._writer.begin() as conn:
+            return UserRepository(conn).create_user(twitch_user_id, twitch_login, display_name, is_bot)
+
+    def update_user(self, user_id: int, **fields: Any) -> None:
+        """Change a user's ``twitch_user_id``, ``twitch_login``, ``display_name`` or ``is_bot``."""
+        with self._writer.begin() as conn:
+            UserRepository(conn).update_user(user_id, **fields)
+
+    def list_users(self) -> list[dict[str, Any]]:
+        """Every user, ordered by login."""
+        with self.engine.connect() as conn:
+            return UserRepository(conn).list_users()
+
+    # --- tokens --------------------------------------------------------------------------------
+
+    def store_tokens(
+        self,
+        user_id: int,
+        access_token: str,
+        refresh_token: str,
+        expires_in: int | float,
+        scopes: list[str] | None = None,
+    ) -> None:
+        """Encrypt and store (insert or replace) the tokens of ``user_id``."""
+        with self._writer.begin() as conn:
+            TokenRepository(conn).store_tokens(user_id, access_token, refresh_token, expires_in, scopes)
+
+    def get_tokens(self, user_id: int) -> dict[str, Any] | None:
+        """The decrypted tokens of ``user_id``, or None."""
+        with self.engine.connect() as conn:
+            return TokenRepository(conn).get_tokens(user_id)
+
+    def get_tokens_needing_refresh(self, buffer_minutes: float = 10) -> list[dict[str, Any]]:
+        """Tokens expiring within ``buffer_minutes``, soonest first (not decrypted)."""
+        with self.engine.connect() as conn:
+            return TokenRepository(conn).get_tokens_needing_refresh(buffer_minutes)
+
+    def mark_tokens_expired(self, user_id: int) -> None:
+        """Flag the tokens of ``user_id`` as needing reauthorisation."""
+        with self._writer.begin() as conn:
+            TokenRepository(conn).mark_tokens_expired(user_id)
+
+    def increment_refresh_failures(self, user_id: int) -> int:
+        """Count a failed refresh for ``user_id``; return the new count."""
+        with self._writer.begin() as conn:
+            return TokenRepository(conn).increment_refresh_failures(user_id)
+
+    # --- instances -----------------------------------------------------------------------------
+
+    def register_instance(self, channel_login: str, bot_login: str, pid: int | None) -> int:
+        """Mark the bot's instance on a channel running under ``pid``; return its id."""
+        with self._writer.begin() as conn:
+            return InstanceRepository(conn).register_instance(channel_login, bot_login, pid)
+
+    def update_instance_heartbeat(self, instance_id: int, status: str = "running") -> None:
+        """Record a heartbeat for ``instance_id``."""
+        with self._writer.begin() as conn:
+            InstanceRepository(conn).update_instance_heartbeat(instance_id, status)
+
+    def stop_instance(self, instance_id: int, crash: bool = False) -> str:
+        """Stop ``instance_id`` (counting a crash if ``crash``); return its new status."""
+        with self._writer.begin() as conn:
+            return InstanceRepository(conn).stop_instance(instance_id, crash)
+
+    def reset_instance(self, instance_id: int) -> None:
+        """Re-enable an instance disabled after too many crashes."""
+        with self._writer.begin() as conn:
+            InstanceRepository(conn).reset_instance(instance_id)
+
+    def get_active_instances(self) -> list[dict[str, Any]]:
+        """Running instances."""
+        with self.engine.connect() as conn:
+            return InstanceRepository(conn).get_active_instances()
+
+    # --- audit ---------------------------------------------------------------------------------
+
+    def log_event(
+        self,
+        event_type: str,
+        user_id: int | None = None,
+        channel_id: int | None = None,
+        details: dict[str, Any] | None = None,
+        severity: str = "info",
+    ) -> None:
+        """Append an audit event (``details`` must hold no secret)."""
+        with self._writer.begin() as conn:
+            AuditRepository(conn).log_event(event_type, user_id, channel_id, details, severity)
+
+    def get_audit_log(
+        self, limit: int = 100, event_type: str | None = None, user_id: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Newest audit events first, ``details`` decoded from JSON."""
+        with self.engine.connect() as conn:
+            return AuditRepository(conn).get_audit_log(limit, event_type, user_id)
+
+    def cleanup_old_logs(self, days: int | None = None) -> int:
+        """Delete audit events older than ``days`` (default: config ``log_retention_days``).
+
+        Deletes in batches, one short transaction each, so concurrent writers
+        are never blocked for long. Returns the number deleted.
+        """
+        if days is None:
+            days = int(self.get_config("log_retention_days", default=30))
+        deleted = 0
+        while True:
+            with self._writer.begin() as conn:
+                batch = AuditRepository(conn).cleanup_old_logs(days, batch_size=CLEANUP_BATCH_SIZE)
+            deleted += batch
+            if batch < CLEANUP_BATCH_SIZE:
+                return deleted
+
+    # --- config --------------------------------------------------------------------------------
+
+    def get_config(self, key: str, default: Any = None) -> Any:
+        """A setting's value (typed: ``"60"`` reads as 60), or ``default``."""
+        with self.engine.connect() as conn:
+            return ConfigRepository(conn).get_config(key, default)
+
+    def set_config(self, key: str, value: Any, description: str | None = None) -> None:
+        """Set a setting."""
+        with self._writer.begin() as conn:
+            ConfigRepository(conn).set_config(key, value, description)
+
+    # --- stats ---------------------------------------------------------------------------------
+
+    def get_stats(self) -> dict[str, int]:
+        """Counts of users, tokens, running instances, audit events, and the database size."""
+        with self.engine.connect() as conn:
+            stats = {
+                "users_count": UserRepository(conn).count(),
+                "tokens_count": TokenRepository(conn).count(),
+                "active_instances": InstanceRepository(conn).count_active(),
+                "audit_log_count": AuditRepository(conn).count(),
+                "tokens_needing_reauth": TokenRepository(conn).count_needing_reauth(),
+            }
+            if self.engine.dialect.name == "postgresql":
+                stats["db_size_bytes"] = conn.execute(text("SELECT pg_database_size(current_database())")).scalar_one()
+        if "db_size_bytes" not in stats:
+            stats["db_size_bytes"] = self._sqlite_size()
+        return stats
+
+    def _sqlite_size(self) -> int:
+        path = sqlite_path(self.url)
+        if path is None:
+            with self.engine.connect() as conn:
+                pages = conn.exec_driver_sql("PRAGMA page_count").scalar_one()
+                return pages * conn.exec_driver_sql("PRAGMA page_size").scalar_one()
+        return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())

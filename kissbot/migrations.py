@@ -1,0 +1,151 @@
+"""Alembic owns the schema: run its migrations on a store's engine.
+
+The migration scripts live in the repository's top-level ``alembic/`` folder
+and ship inside the wheel as ``kissbot/_alembic``, so an installed package can
+migrate a database with no checkout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+import sqlite3
+from pathlib import Path
+
+from sqlalchemy import inspect
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from kissbot.engine import sqlite_path, writer
+from kissbot.errors import DatabaseError, SchemaError, UnversionedDatabase
+
+HEAD = "0001"
+"""The newest revision this version of kissbot knows (checked against the scripts by the tests)."""
+
+KISSBOT_TABLES = frozenset({"users", "oauth_tokens", "instances", "audit_log", "config"})
+_PG_MIGRATION_LOCK = 0x6B697373  # "kiss": serialises concurrent migrations on PostgreSQL
+
+
+def script_location() -> Path:
+    """The folder holding ``env.py`` and ``versions/``."""
+    packaged = Path(__file__).with_name("_alembic")
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "alembic"
+
+
+def alembic_config(connection: Connection | None = None):  # -> alembic.config.Config
+    """An Alembic :class:`~alembic.config.Config` for the packaged scripts."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(script_location()))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+@contextmanager
+def migration_connection(engine: Engine) -> Iterator[Connection]:
+    """A connection in a write transaction suited to schema changes.
+
+    On SQLite, foreign keys are switched off for the transaction (batch
+    migrations recreate tables, which must not cascade) and checked before
+    commit; on PostgreSQL an advisory lock serialises concurrent migrators.
+    """
+    with writer(engine).connect() as conn:
+        sqlite = engine.dialect.name == "sqlite"
+        raw = conn.connection.driver_connection
+        if sqlite:
+            raw.execute("PRAGMA foreign_keys = OFF")
+        try:
+            with conn.begin():
+                if engine.dialect.name == "postgresql":
+                    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})")
+                yield conn
+                if sqlite and conn.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
+                    raise SchemaError("migration left rows that break a foreign key; nothing was changed")
+        finally:
+            if sqlite:
+                raw.execute("PRAGMA foreign_keys = ON")
+
+
+def current_revision(conn: Connection) -> str | None:
+    """The Alembic revision the database is at, or None if it has none."""
+    if not inspect(conn).has_table("alembic_version"):
+        return None
+    return conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+
+
+def _probe_sqlite_file(path: Path) -> tuple[str | None, set[str]]:
+    # Read-only look at an existing file before any engine connects: the
+    # engine's connect event switches the file to WAL, which would modify a
+    # database that kissbot is about to refuse.
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise DatabaseError(f"cannot open database {path}: {exc}") from exc
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        revision = None
+        if "alembic_version" in tables:
+            revision = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+            revision = revision[0] if revision else None
+        return revision, tables
+    except sqlite3.DatabaseError as exc:
+        raise DatabaseError(f"cannot open database {path}: {exc}") from exc
+    finally:
+        conn.close()
+
+
+def _state(engine: Engine) -> tuple[str | None, set[str]]:
+    path = sqlite_path(engine.url)
+    if path is not None and path.exists() and path.stat().st_size > 0:
+        return _probe_sqlite_file(path)
+    try:
+        with engine.connect() as conn:
+            return current_revision(conn), set(inspect(conn).get_table_names())
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"cannot open database {engine.url.database}: {exc.orig or exc}") from exc
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Migrate ``engine``'s database up to ``revision`` in one transaction."""
+    from alembic import command
+
+    with migration_connection(engine) as conn:
+        command.upgrade(alembic_config(conn), revision)
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    """Migrate ``engine``'s database down to ``revision`` in one transaction."""
+    from alembic import command
+
+    with migration_connection(engine) as conn:
+        command.downgrade(alembic_config(conn), revision)
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Bring the database to :data:`HEAD`, refusing what kissbot must not touch.
+
+    An empty database is created; one at an older revision is upgraded; one
+    with kissbot's tables but no Alembic version raises
+    :class:`~kissbot.errors.UnversionedDatabase`; one at a revision this
+    version does not know raises :class:`~kissbot.errors.SchemaError`.
+    """
+    revision, tables = _state(engine)
+    if revision == HEAD:
+        return
+    if revision is None and tables & KISSBOT_TABLES:
+        raise UnversionedDatabase(
+            f"database {engine.url.database} has kissbot tables but no migration version: run `kissbot adopt` first"
+        )
+    if revision is not None:
+        from alembic.script import ScriptDirectory
+        from alembic.util import CommandError
+
+        try:
+            known = ScriptDirectory.from_config(alembic_config()).get_revision(revision) is not None
+        except CommandError:
+            known = False
+        if not known:
+            raise SchemaError(f"database is at migration {revision}, which this kissbot version does not know; upgrade kissbot")
+    upgrade(engine)

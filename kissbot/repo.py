@@ -1,0 +1,565 @@
+"""Repositories: the store's API over one session or connection.
+
+Each repository wraps a :class:`~sqlalchemy.orm.Session` (or a Core
+:class:`~sqlalchemy.engine.Connection`); it never commits, never opens a
+connection, and returns plain dicts. Statements on the hot path are built once
+with bind parameters, and token columns are only selected (and so decrypted)
+where the caller asked for them.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from typing import Any, Union
+
+from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from kissbot.errors import (
+    DecryptionError,
+    DuplicateUser,
+    InstanceDisabled,
+    InstanceNotFound,
+    KissbotError,
+    UserNotFound,
+)
+from kissbot.models import audit_log, config, instances, oauth_tokens, users
+from kissbot.types import utcnow
+
+Executor = Union[Session, Connection]
+"""What a repository runs its statements on."""
+
+_SECRET_DETAIL_KEYS = frozenset({"access_token", "refresh_token", "token", "refresh", "client_secret", "key"})
+
+# --- users -------------------------------------------------------------------------------------
+
+_USER_COLUMNS = (
+    users.c.id,
+    users.c.twitch_user_id,
+    users.c.twitch_login,
+    users.c.display_name,
+    users.c.is_bot,
+    users.c.created_at,
+    users.c.updated_at,
+)
+_USER_BY_ID = select(*_USER_COLUMNS).where(users.c.id == bindparam("p_id"))
+_USER_BY_TWITCH_ID = select(*_USER_COLUMNS).where(users.c.twitch_user_id == bindparam("p_twitch_id"))
+_USER_BY_LOGIN = select(*_USER_COLUMNS).where(users.c.twitch_login == bindparam("p_login"))
+_USER_ID_BY_LOGIN = select(users.c.id).where(users.c.twitch_login == bindparam("p_login"))
+_USER_FIELDS = frozenset({"twitch_user_id", "twitch_login", "display_name", "is_bot"})
+
+
+class UserRepository:
+    """Twitch accounts (bots and channels). Logins are matched case-insensitively."""
+
+    __slots__ = ("db",)
+
+    def __init__(self, db: Executor) -> None:
+        self.db = db
+
+    def get_user(self, twitch_user_id: str | int) -> dict[str, Any] | None:
+        """The user with this Twitch user id, or None."""
+        row = self.db.execute(_USER_BY_TWITCH_ID, {"p_twitch_id": str(twitch_user_id)}).first()
+        return row._asdict() if row else None
+
+    def get_user_by_id(self, user_id: int) -> dict[str, Any] | None:
+        """The user with this kissbot id (``users.id``), or None."""
+        row = self.db.execute(_USER_BY_ID, {"p_id": user_id}).first()
+        return row._asdict() if row else None
+
+    def get_user_by_login(self, login: str) -> dict[str, Any] | None:
+        """The user with this login (any case), or None."""
+        row = self.db.execute(_USER_BY_LOGIN, {"p_login": login.lower()}).first()
+        return row._asdict() if row else None
+
+    def user_id_for_login(self, login: str) -> int:
+        """The kissbot id of ``login``; raise :class:`UserNotFound`."""
+        user_id = self.db.execute(_USER_ID_BY_LOGIN, {"p_login": login.lower()}).scalar()
+        if user_id is None:
+            raise UserNotFound(f"no user with login {login!r}")
+        return user_id
+
+    def create_user(
+        self, twitch_user_id: str | int, twitch_login: str, display_name: str | None = None, is_bot: bool = False
+    ) -> int:
+        """Create a user and return its id; raise :class:`DuplicateUser`."""
+        twitch_user_id, login = str(twitch_user_id), twitch_login.lower()
+        for clause, value, what in (
+            (users.c.twitch_user_id == twitch_user_id, twitch_user_id, "Twitch user id"),
+            (users.c.twitch_login == login, login, "login"),
+        ):
+            if self.db.execute(select(users.c.id).where(clause)).first() is not None:
+                raise DuplicateUser(f"a user with {what} {value!r} already exists")
+        now = utcnow()
+        try:
+            result = self.db.execute(
+                insert(users).values(
+                    twitch_user_id=twitch_user_id,
+                    twitch_login=login,
+                    display_name=display_name,
+                    is_bot=bool(is_bot),
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+        except IntegrityError as exc:
+            raise DuplicateUser(f"user {login!r} (Twitch id {twitch_user_id}) already exists") from exc
+        user_id = result.inserted_primary_key[0]
+        AuditRepository(self.db).log_event("user_created", user_id=user_id, details={"login": login, "is_bot": bool(is_bot)})
+        return user_id
+
+    def update_user(self, user_id: int, **fields: Any) -> None:
+        """Change ``twitch_user_id``, ``twitch_login``, ``display_name`` or ``is_bot``."""
+        unknown = set(fields) - _USER_FIELDS
+        if unknown:
+            raise KissbotError(f"cannot update user field(s) {', '.join(sorted(unknown))}")
+        if "twitch_login" in fields:
+            fields["twitch_login"] = fields["twitch_login"].lower()
+        if "twitch_user_id" in fields:
+            fields["twitch_user_id"] = str(fields["twitch_user_id"])
+        try:
+            result = self.db.execute(update(users).where(users.c.id == user_id).values(**fields, updated_at=utcnow()))
+        except IntegrityError as exc:
+            raise DuplicateUser(f"another user already has {', '.join(f'{k}={v!r}' for k, v in fields.items())}") from exc
+        if result.rowcount == 0:
+            raise UserNotFound(f"no user with id {user_id}")
+
+    def list_users(self) -> list[dict[str, Any]]:
+        """Every user, ordered by login."""
+        return [r._asdict() for r in self.db.execute(select(*_USER_COLUMNS).order_by(users.c.twitch_login))]
+
+    def count(self) -> int:
+        """Number of users."""
+        return self.db.execute(select(func.count()).select_from(users)).scalar_one()
+
+
+# --- tokens ------------------------------------------------------------------------------------
+
+_TOKENS_BY_USER = select(
+    oauth_tokens.c.user_id,
+    oauth_tokens.c.access_token_encrypted.label("access_token"),
+    oauth_tokens.c.refresh_token_encrypted.label("refresh_token"),
+    oauth_tokens.c.scopes,
+    oauth_tokens.c.expires_at,
+    oauth_tokens.c.needs_reauth,
+    oauth_tokens.c.refresh_failures,
+    oauth_tokens.c.created_at,
+    oauth_tokens.c.updated_at,
+).where(oauth_tokens.c.user_id == bindparam("p_user_id"))
+_UPDATE_TOKENS = (
+    update(oauth_tokens)
+    .where(oauth_tokens.c.user_id == bindparam("p_user_id"))
+    .values(
+        access_token_encrypted=bindparam("p_access"),
+        refresh_token_encrypted=bindparam("p_refresh"),
+        scopes=bindparam("p_scopes"),
+        expires_at=bindparam("p_expires_at"),
+        needs_reauth=False,
+        refresh_failures=0,
+        updated_at=bindparam("p_now"),
+    )
+)
+_INSERT_TOKENS = insert(oauth_tokens).values(
+    user_id=bindparam("p_user_id"),
+    access_token_encrypted=bindparam("p_access"),
+    refresh_token_encrypted=bindparam("p_refresh"),
+    scopes=bindparam("p_scopes"),
+    expires_at=bindparam("p_expires_at"),
+    needs_reauth=False,
+    refresh_failures=0,
+    created_at=bindparam("p_now"),
+    updated_at=bindparam("p_now"),
+)
+_TOKENS_DUE = (
+    select(
+        oauth_tokens.c.user_id,
+        users.c.twitch_login,
+        oauth_tokens.c.expires_at,
+        oauth_tokens.c.needs_reauth,
+        oauth_tokens.c.refresh_failures,
+    )
+    .join(users, users.c.id == oauth_tokens.c.user_id)
+    .where(oauth_tokens.c.expires_at <= bindparam("p_cutoff"))
+    .order_by(oauth_tokens.c.expires_at)
+)
+_MARK_EXPIRED = (
+    update(oauth_tokens)
+    .where(oauth_tokens.c.user_id == bindparam("p_user_id"))
+    .values(needs_reauth=True, updated_at=bindparam("p_now"))
+)
+_INCREMENT_FAILURES = (
+    update(oauth_tokens)
+    .where(oauth_tokens.c.user_id == bindparam("p_user_id"))
+    .values(refresh_failures=oauth_tokens.c.refresh_failures + 1, updated_at=bindparam("p_now"))
+)
+_FAILURES = select(oauth_tokens.c.refresh_failures).where(oauth_tokens.c.user_id == bindparam("p_user_id"))
+
+
+def _decode_scopes(raw: str | None) -> list[str]:
+    if not raw:
+        return []
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return raw.split()
+    return [str(s) for s in value] if isinstance(value, list) else [str(value)]
+
+
+class TokenRepository:
+    """A user's OAuth tokens, encrypted at rest and decrypted only when read."""
+
+    __slots__ = ("db",)
+
+    def __init__(self, db: Executor) -> None:
+        self.db = db
+
+    def store_tokens(
+        self,
+        user_id: int,
+        access_token: str,
+        refresh_token: str,
+        expires_in: int | float,
+        scopes: list[str] | None = None,
+    ) -> bool:
+        """Insert or replace the tokens of ``user_id``; return True if they are new.
+
+        Resets ``needs_reauth`` and ``refresh_failures`` and writes one audit
+        event (``tokens_created`` or ``tokens_refreshed``) without any secret.
+        """
+        for name, value in (("access_token", access_token), ("refresh_token", refresh_token)):
+            if not isinstance(value, str) or not value:
+                raise KissbotError(f"{name} for user {user_id} must be a non-empty string")
+        now = utcnow()
+        params = {
+            "p_user_id": user_id,
+            "p_access": access_token,
+            "p_refresh": refresh_token,
+            "p_scopes": json.dumps(list(scopes)) if scopes is not None else None,
+            "p_expires_at": now + timedelta(seconds=expires_in),
+            "p_now": now,
+        }
+        created = self.db.execute(_UPDATE_TOKENS, params).rowcount == 0
+        if created:
+            try:
+                self.db.execute(_INSERT_TOKENS, params)
+            except IntegrityError as exc:
+                raise UserNotFound(f"no user with id {user_id}") from exc
+        AuditRepository(self.db).log_event(
+            "tokens_created" if created else "tokens_refreshed",
+            user_id=user_id,
+            details={"expires_in": expires_in, "scopes": list(scopes) if scopes is not None else None},
+        )
+        return created
+
+    def get_tokens(self, user_id: int) -> dict[str, Any] | None:
+        """The decrypted tokens of ``user_id``, or None if it has none.
+
+        Raises :class:`DecryptionError` naming the user if they do not decrypt.
+        """
+        try:
+            row = self.db.execute(_TOKENS_BY_USER, {"p_user_id": user_id}).first()
+        except DecryptionError as exc:
+            raise DecryptionError(
+                f"Failed to decrypt tokens for user {user_id}: wrong key or corrupted data", user_id=user_id
+            ) from exc
+        if row is None:
+            return None
+        tokens = row._asdict()
+        tokens["scopes"] = _decode_scopes(tokens["scopes"])
+        tokens["needs_reauth"] = bool(tokens["needs_reauth"])
+        tokens["refresh_failures"] = tokens["refresh_failures"] or 0
+        return tokens
+
+    def get_tokens_needing_refresh(self, buffer_minutes: float = 10) -> list[dict[str, Any]]:
+        """Tokens expiring within ``buffer_minutes`` (or expired), soonest first; nothing decrypted."""
+        cutoff = utcnow() + timedelta(minutes=buffer_minutes)
+        rows = self.db.execute(_TOKENS_DUE, {"p_cutoff": cutoff})
+        return [
+            {**r._asdict(), "needs_reauth": bool(r.needs_reauth), "refresh_failures": r.refresh_failures or 0}
+            for r in rows
+        ]
+
+    def mark_tokens_expired(self, user_id: int) -> None:
+        """Flag the tokens of ``user_id`` as needing reauthorisation."""
+        if self.db.execute(_MARK_EXPIRED, {"p_user_id": user_id, "p_now": utcnow()}).rowcount == 0:
+            raise UserNotFound(f"user {user_id} has no tokens")
+        AuditRepository(self.db).log_event("tokens_expired", user_id=user_id, severity="warning")
+
+    def increment_refresh_failures(self, user_id: int) -> int:
+        """Count one more failed refresh for ``user_id`` and return the new count."""
+        if self.db.execute(_INCREMENT_FAILURES, {"p_user_id": user_id, "p_now": utcnow()}).rowcount == 0:
+            raise UserNotFound(f"user {user_id} has no tokens")
+        return self.db.execute(_FAILURES, {"p_user_id": user_id}).scalar_one()
+
+    def count(self) -> int:
+        """Number of token rows."""
+        return self.db.execute(select(func.count()).select_from(oauth_tokens)).scalar_one()
+
+    def count_needing_reauth(self) -> int:
+        """Number of token rows flagged ``needs_reauth``."""
+        stmt = select(func.count()).select_from(oauth_tokens).where(oauth_tokens.c.needs_reauth.is_(True))
+        return self.db.execute(stmt).scalar_one()
+
+
+# --- instances ---------------------------------------------------------------------------------
+
+_INSTANCE_COLUMNS = tuple(instances.c)
+_LATEST_INSTANCE = (
+    select(instances.c.id, instances.c.status, instances.c.crash_count)
+    .where(instances.c.channel_id == bindparam("p_channel"), instances.c.bot_user_id == bindparam("p_bot"))
+    .order_by(instances.c.id.desc())
+    .limit(1)
+)
+_HEARTBEAT = (
+    update(instances)
+    .where(instances.c.id == bindparam("p_id"))
+    .values(last_heartbeat=bindparam("p_now"), status=bindparam("p_status"), updated_at=bindparam("p_now"))
+)
+
+
+class InstanceRepository:
+    """Bot processes: registration, heartbeats, stops and crashes."""
+
+    __slots__ = ("db",)
+
+    def __init__(self, db: Executor) -> None:
+        self.db = db
+
+    def register_instance(self, channel_login: str, bot_login: str, pid: int | None) -> int:
+        """Mark the (channel, bot) instance running under ``pid`` and return its id.
+
+        Reuses the pair's row so crashes keep counting; raises
+        :class:`InstanceDisabled` if it reached ``max_crash_count``.
+        """
+        user_repo = UserRepository(self.db)
+        channel_id = user_repo.user_id_for_login(channel_login)
+        bot_id = user_repo.user_id_for_login(bot_login)
+        now = utcnow()
+        row = self.db.execute(_LATEST_INSTANCE, {"p_channel": channel_id, "p_bot": bot_id}).first()
+        if row is not None and row.status == "disabled":
+            raise InstanceDisabled(
+                f"instance {row.id} ({bot_login} on {channel_login}) is disabled after {row.crash_count} crashes; "
+                f"reset it with `kissbot instances reset {row.id}`"
+            )
+        values = {"status": "running", "pid": pid, "start_time": now, "stop_time": None, "last_heartbeat": now, "updated_at": now}
+        if row is None:
+            result = self.db.execute(
+                insert(instances).values(channel_id=channel_id, bot_user_id=bot_id, created_at=now, **values)
+            )
+            instance_id = result.inserted_primary_key[0]
+        else:
+            instance_id = row.id
+            self.db.execute(update(instances).where(instances.c.id == instance_id).values(**values))
+        AuditRepository(self.db).log_event(
+            "instance_started", user_id=bot_id, channel_id=channel_id, details={"instance_id": instance_id, "pid": pid}
+        )
+        return instance_id
+
+    def update_instance_heartbeat(self, instance_id: int, status: str = "running") -> None:
+        """Record a heartbeat (and status) for ``instance_id``."""
+        result = self.db.execute(_HEARTBEAT, {"p_id": instance_id, "p_now": utcnow(), "p_status": status})
+        if result.rowcount == 0:
+            raise InstanceNotFound(f"no instance with id {instance_id}")
+
+    def stop_instance(self, instance_id: int, crash: bool = False) -> str:
+        """Stop ``instance_id`` and return its new status.
+
+        A crash counts toward ``max_crash_count``; at that count the instance
+        becomes ``disabled``.
+        """
+        row = self.db.execute(
+            select(instances.c.crash_count, instances.c.channel_id, instances.c.bot_user_id).where(
+                instances.c.id == instance_id
+            )
+        ).first()
+        if row is None:
+            raise InstanceNotFound(f"no instance with id {instance_id}")
+        crash_count = (row.crash_count or 0) + (1 if crash else 0)
+        status = "stopped"
+        if crash:
+            limit = ConfigRepository(self.db).get_config("max_crash_count", default=3)
+            status = "disabled" if crash_count >= int(limit) else "crashed"
+        now = utcnow()
+        self.db.execute(
+            update(instances)
+            .where(instances.c.id == instance_id)
+            .values(status=status, stop_time=now, crash_count=crash_count, pid=None, updated_at=now)
+        )
+        AuditRepository(self.db).log_event(
+            f"instance_{status}",
+            user_id=row.bot_user_id,
+            channel_id=row.channel_id,
+            details={"instance_id": instance_id, "crash_count": crash_count},
+            severity="info" if status == "stopped" else ("error" if status == "disabled" else "warning"),
+        )
+        return status
+
+    def reset_instance(self, instance_id: int) -> None:
+        """Clear the crash count of ``instance_id`` so it can be registered again."""
+        result = self.db.execute(
+            update(instances)
+            .where(instances.c.id == instance_id)
+            .values(status="stopped", crash_count=0, updated_at=utcnow())
+        )
+        if result.rowcount == 0:
+            raise InstanceNotFound(f"no instance with id {instance_id}")
+        AuditRepository(self.db).log_event("instance_reset", details={"instance_id": instance_id})
+
+    def get_instance(self, instance_id: int) -> dict[str, Any] | None:
+        """One instance, or None."""
+        row = self.db.execute(select(*_INSTANCE_COLUMNS).where(instances.c.id == instance_id)).first()
+        return row._asdict() if row else None
+
+    def get_active_instances(self) -> list[dict[str, Any]]:
+        """Running instances, with the channel and bot logins."""
+        channel, bot = users.alias("channel"), users.alias("bot")
+        stmt = (
+            select(*_INSTANCE_COLUMNS, channel.c.twitch_login.label("channel_login"), bot.c.twitch_login.label("bot_login"))
+            .join(channel, channel.c.id == instances.c.channel_id)
+            .join(bot, bot.c.id == instances.c.bot_user_id)
+            .where(instances.c.status == "running")
+            .order_by(instances.c.id)
+        )
+        return [r._asdict() for r in self.db.execute(stmt)]
+
+    def list_instances(self) -> list[dict[str, Any]]:
+        """Every instance, whatever its status."""
+        return [r._asdict() for r in self.db.execute(select(*_INSTANCE_COLUMNS).order_by(instances.c.id))]
+
+    def count_active(self) -> int:
+        """Number of running instances."""
+        stmt = select(func.count()).select_from(instances).where(instances.c.status == "running")
+        return self.db.execute(stmt).scalar_one()
+
+
+# --- audit log ---------------------------------------------------------------------------------
+
+_INSERT_AUDIT = insert(audit_log).values(
+    event_type=bindparam("p_event_type"),
+    user_id=bindparam("p_user_id"),
+    channel_id=bindparam("p_channel_id"),
+    details=bindparam("p_details"),
+    severity=bindparam("p_severity"),
+    timestamp=bindparam("p_now"),
+)
+SEVERITIES = ("info", "warning", "error")
+
+
+class AuditRepository:
+    """The audit trail: events without secrets, newest first."""
+
+    __slots__ = ("db",)
+
+    def __init__(self, db: Executor) -> None:
+        self.db = db
+
+    def log_event(
+        self,
+        event_type: str,
+        user_id: int | None = None,
+        channel_id: int | None = None,
+        details: dict[str, Any] | None = None,
+        severity: str = "info",
+    ) -> None:
+        """Append one audit event. ``details`` must not hold tokens or keys."""
+        if severity not in SEVERITIES:
+            raise KissbotError(f"severity must be one of {', '.join(SEVERITIES)}, not {severity!r}")
+        if details is not None:
+            leaked = _SECRET_DETAIL_KEYS.intersection(details)
+            if leaked:
+                raise KissbotError(f"audit details must not hold secrets: drop {', '.join(sorted(leaked))}")
+        self.db.execute(
+            _INSERT_AUDIT,
+            {
+                "p_event_type": event_type,
+                "p_user_id": user_id,
+                "p_channel_id": channel_id,
+                "p_details": json.dumps(details, ensure_ascii=False, default=str) if details is not None else None,
+                "p_severity": severity,
+                "p_now": utcnow(),
+            },
+        )
+
+    def get_audit_log(
+        self, limit: int = 100, event_type: str | None = None, user_id: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The newest ``limit`` events, optionally of one type or one user, ``details`` decoded."""
+        stmt = select(*audit_log.c).order_by(audit_log.c.timestamp.desc(), audit_log.c.id.desc()).limit(limit)
+        if event_type is not None:
+            stmt = stmt.where(audit_log.c.event_type == event_type)
+        if user_id is not None:
+            stmt = stmt.where(audit_log.c.user_id == user_id)
+        entries = []
+        for row in self.db.execute(stmt):
+            entry = row._asdict()
+            if entry["details"] is not None:
+                try:
+                    entry["details"] = json.loads(entry["details"])
+                except ValueError:
+                    pass
+            entries.append(entry)
+        return entries
+
+    def cleanup_old_logs(self, days: int | None = None, batch_size: int | None = None) -> int:
+        """Delete events older than ``days`` (default: config ``log_retention_days``).
+
+        With ``batch_size``, delete at most that many (oldest first) so a
+        caller can commit between batches. Returns the number deleted.
+        """
+        if days is None:
+            days = int(ConfigRepository(self.db).get_config("log_retention_days", default=30))
+        if days < 0:
+            raise KissbotError(f"days must be zero or more, not {days}")
+        cutoff = utcnow() - timedelta(days=days)
+        condition = audit_log.c.timestamp < cutoff
+        if batch_size is not None:
+            oldest = select(audit_log.c.id).where(condition).order_by(audit_log.c.id).limit(batch_size)
+            condition = audit_log.c.id.in_(oldest.scalar_subquery())
+        return self.db.execute(delete(audit_log).where(condition)).rowcount
+
+    def count(self) -> int:
+        """Number of audit events."""
+        return self.db.execute(select(func.count()).select_from(audit_log)).scalar_one()
+
+
+# --- config ------------------------------------------------------------------------------------
+
+_CONFIG_VALUE = select(config.c.value).where(config.c.key == bindparam("p_key"))
+
+
+def _decode_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+class ConfigRepository:
+    """System settings. Values are stored as text and read back with their JSON type."""
+
+    __slots__ = ("db",)
+
+    def __init__(self, db: Executor) -> None:
+        self.db = db
+
+    def get_config(self, key: str, default: Any = None) -> Any:
+        """The value of ``key`` (``"60"`` reads as 60), or ``default``."""
+        raw = self.db.execute(_CONFIG_VALUE, {"p_key": key}).scalar()
+        return default if raw is None else _decode_value(raw)
+
+    def set_config(self, key: str, value: Any, description: str | None = None) -> None:
+        """Set ``key`` to ``value``; strings are stored as given, anything else as JSON."""
+        text = value if isinstance(value, str) else json.dumps(value)
+        values: dict[str, Any] = {"value": text, "updated_at": utcnow()}
+        if description is not None:
+            values["description"] = description
+        if self.db.execute(update(config).where(config.c.key == key).values(**values)).rowcount == 0:
+            self.db.execute(insert(config).values(key=key, **values))
+
+    def list_config(self) -> list[dict[str, Any]]:
+        """Every setting, by key, values decoded."""
+        rows = self.db.execute(select(*config.c).order_by(config.c.key))
+        return [{**r._asdict(), "value": _decode_value(r.value)} for r in rows]

@@ -1,0 +1,98 @@
+"""`kissbot init-db` and `kissbot stats` through the real CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from kissbot import DatabaseManager, __version__
+from kissbot.cli import cli
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def test_init_db_reports_like_the_spec(runner, tmp_path):
+    db = tmp_path / "some" / "dir" / "x.db"
+    result = runner.invoke(cli, ["init-db", "--db", str(db)])
+    assert result.exit_code == 0, result.output
+    assert result.output == (
+        f"📦 Creating database: {db}\n"
+        "✅ WAL mode enabled: wal\n"
+        "✅ Tables created: audit_log, config, instances, oauth_tokens, users\n"
+        f"✅ Database initialized successfully: {db}\n"
+    )
+    again = runner.invoke(cli, ["init-db", "--db", str(db)])
+    assert again.exit_code == 0
+    assert again.output.startswith(f"📦 Opening database: {db}\n")
+
+
+def test_init_db_on_postgresql(runner, postgresql_url):
+    result = runner.invoke(cli, ["init-db", "--url", postgresql_url])
+    assert result.exit_code == 0, result.output
+    assert "✅ Tables created: audit_log, config, instances, oauth_tokens, users\n" in result.output
+    assert "WAL" not in result.output
+
+
+def test_stats_json_and_text(runner, store_url, tmp_path):
+    key = tmp_path / "k.key"
+    with DatabaseManager(url=store_url, key_file=key) as mgr:
+        uid = mgr.create_user("1", "serda_bot")
+        mgr.store_tokens(uid, "a", "r", 60)
+    result = runner.invoke(cli, ["stats", "--url", store_url, "--key-file", str(key), "--json"])
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.output)
+    assert (stats["users_count"], stats["tokens_count"], stats["audit_log_count"]) == (1, 1, 2)
+    text = runner.invoke(cli, ["stats", "--url", store_url, "--key-file", str(key)])
+    assert text.output.splitlines()[:5] == [
+        "Users: 1",
+        "Tokens: 1",
+        "Tokens needing reauth: 0",
+        "Active instances: 0",
+        "Audit log entries: 2",
+    ]
+
+
+def test_url_from_environment(runner, tmp_path, monkeypatch):
+    db = tmp_path / "env.db"
+    monkeypatch.setenv("KISSBOT_DB_URL", f"sqlite:///{db}")
+    assert runner.invoke(cli, ["init-db"]).exit_code == 0
+    assert db.exists()
+
+
+def test_unusable_database_is_one_line_exit_1_and_writes_nothing(runner, tmp_path):
+    not_db = tmp_path / "notes.db"
+    not_db.write_bytes(b"this is not a database at all" * 100)
+    before = not_db.read_bytes()
+    result = runner.invoke(cli, ["stats", "--db", str(not_db), "--key-file", str(tmp_path / "k")])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: cannot open database")
+    assert len(result.output.strip().splitlines()) == 1
+    assert not_db.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.db"]
+
+
+def test_version(runner):
+    result = runner.invoke(cli, ["--version"])
+    assert result.output == f"kissbot, version {__version__}\n"
+
+
+def _all_commands(group, prefix=()):
+    for name, command in group.commands.items():
+        yield (*prefix, name), command
+        if hasattr(command, "commands"):
+            yield from _all_commands(command, (*prefix, name))
+
+
+def test_every_command_has_help_with_an_example(runner):
+    commands = list(_all_commands(cli))
+    assert {"init-db", "stats"} <= {path[0] for path, _ in commands}
+    for path, _ in [((), cli), *commands]:
+        result = runner.invoke(cli, [*path, "--help"])
+        assert result.exit_code == 0, path
+        assert "Example:" in result.output, f"kissbot {' '.join(path)} --help has no example"
+        assert "kissbot " in result.output.split("Example:", 1)[1], path

@@ -1,0 +1,152 @@
+"""Tokens are encrypted at rest with the store's own key and fail closed."""
+
+from __future__ import annotations
+
+import base64
+import sqlite3
+
+import pytest
+from cryptography.fernet import Fernet
+
+from kissbot import DatabaseManager
+from kissbot.crypto import TokenCipher
+from kissbot.errors import DecryptionError, KeyFileError
+from kissbot.types import EncryptedString
+
+ACCESS = "yrxyuiyffxiqsbc6cpr5y7utl7xmtd"
+REFRESH = "kwgxkn1ylz67vho6yoh6q88pj26xve9m4hwwa8ztcx82bd3n1z"
+
+
+@pytest.fixture
+def db_file(tmp_path):
+    return tmp_path / "kissbot.db"
+
+
+def _raw_tokens(db_file, user_id):
+    with sqlite3.connect(db_file) as conn:
+        return conn.execute(
+            "SELECT access_token_encrypted, refresh_token_encrypted FROM oauth_tokens WHERE user_id = ?", (user_id,)
+        ).fetchone()
+
+
+def test_stored_value_is_a_fernet_token_of_the_key_file(db_file, key_file):
+    with DatabaseManager(db_file, key_file) as mgr:
+        uid = mgr.create_user("1", "serda_bot")
+        mgr.store_tokens(uid, ACCESS, REFRESH, 3600)
+    access, refresh = _raw_tokens(db_file, uid)
+    fernet = Fernet(key_file.read_bytes().strip())
+    assert access.startswith("gAAAAA")
+    assert fernet.decrypt(access.encode()).decode() == ACCESS
+    assert fernet.decrypt(refresh.encode()).decode() == REFRESH
+
+
+def test_plaintext_is_nowhere_in_the_database_or_its_wal(db_file, key_file):
+    mgr = DatabaseManager(db_file, key_file)
+    uid = mgr.create_user("1", "serda_bot")
+    mgr.store_tokens(uid, ACCESS, REFRESH, 3600)
+    wal = db_file.with_name(db_file.name + "-wal")
+    assert wal.exists() and wal.stat().st_size > 0, "the write should still be in the WAL"
+    for path in (db_file, wal):
+        data = path.read_bytes()
+        assert ACCESS.encode() not in data
+        assert REFRESH.encode() not in data
+    mgr.close()
+
+
+def test_key_file_is_created_private(db_file, key_file):
+    DatabaseManager(db_file, key_file).close()
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    Fernet(key_file.read_bytes().strip())
+
+
+def test_legacy_base64_wrapped_token_reads_back(db_file, key_file):
+    with DatabaseManager(db_file, key_file) as mgr:
+        uid = mgr.create_user("1", "serda_bot")
+        mgr.store_tokens(uid, "placeholder", "placeholder", 3600)
+    fernet = Fernet(key_file.read_bytes().strip())
+    wrapped = base64.urlsafe_b64encode(fernet.encrypt(ACCESS.encode())).decode()
+    assert wrapped.startswith("Z0FBQUFB")
+    with sqlite3.connect(db_file) as conn:
+        conn.execute("UPDATE oauth_tokens SET access_token_encrypted = ? WHERE user_id = ?", (wrapped, uid))
+    with DatabaseManager(db_file, key_file) as mgr:
+        assert mgr.get_tokens(uid)["access_token"] == ACCESS
+
+
+def test_wrong_key_fails_closed_with_the_spec_message(db_file, key_file, tmp_path):
+    with DatabaseManager(db_file, key_file) as mgr:
+        uid = mgr.create_user("1", "serda_bot")
+        mgr.store_tokens(uid, ACCESS, REFRESH, 3600)
+    other_key = tmp_path / "other.key"
+    other_key.write_bytes(Fernet.generate_key())
+    other_key.chmod(0o600)
+    with DatabaseManager(db_file, other_key) as mgr:
+        with pytest.raises(DecryptionError) as caught:
+            mgr.get_tokens(uid)
+        assert str(caught.value) == f"Failed to decrypt tokens for user {uid}: wrong key or corrupted data"
+        assert caught.value.user_id == uid
+        assert "gAAAA" not in str(caught.value)
+        assert mgr.get_user_by_login("serda_bot")["id"] == uid, "the rest of the store keeps working"
+
+
+def test_corrupted_ciphertext_fails_closed(db_file, key_file):
+    with DatabaseManager(db_file, key_file) as mgr:
+        uid = mgr.create_user("1", "serda_bot")
+        mgr.store_tokens(uid, ACCESS, REFRESH, 3600)
+    with sqlite3.connect(db_file) as conn:
+        conn.execute("UPDATE oauth_tokens SET refresh_token_encrypted = 'gAAAAAnot-a-token'")
+    with DatabaseManager(db_file, key_file) as mgr, pytest.raises(DecryptionError, match=f"user {uid}: wrong key"):
+        mgr.get_tokens(uid)
+
+
+def test_two_stores_with_different_keys_in_one_process(tmp_path):
+    a = DatabaseManager(tmp_path / "a.db", tmp_path / "a.key")
+    b = DatabaseManager(tmp_path / "b.db", tmp_path / "b.key")
+    assert a.key_file.read_bytes() != b.key_file.read_bytes()
+    ua, ub = a.create_user("1", "bot_a"), b.create_user("1", "bot_b")
+    a.store_tokens(ua, "token-a", "refresh-a", 60)
+    b.store_tokens(ub, "token-b", "refresh-b", 60)
+    assert a.get_tokens(ua)["access_token"] == "token-a"
+    assert b.get_tokens(ub)["access_token"] == "token-b"
+    a.close()
+    b.close()
+
+
+def test_missing_key_with_tokens_refuses_and_creates_nothing(db_file, key_file):
+    with DatabaseManager(db_file, key_file) as mgr:
+        uid = mgr.create_user("1", "serda_bot")
+        mgr.store_tokens(uid, ACCESS, REFRESH, 3600)
+    key_file.unlink()
+    with pytest.raises(KeyFileError) as caught:
+        DatabaseManager(db_file, key_file)
+    assert str(caught.value) == (
+        f"key file {key_file} not found but {db_file} holds tokens for 1 users; restore the key from your backup"
+    )
+    assert not key_file.exists()
+
+
+def test_garbage_key_file_is_refused(db_file, key_file):
+    key_file.write_text("not a key\n")
+    with pytest.raises(KeyFileError, match="does not hold a valid Fernet key"):
+        DatabaseManager(db_file, key_file)
+
+
+def test_reprs_hold_no_key_material():
+    key = Fernet.generate_key()
+    cipher = TokenCipher(key)
+    assert key.decode() not in repr(cipher)
+    assert repr(EncryptedString()) == "EncryptedString()"
+    assert cipher.decrypt(cipher.encrypt("x")) == "x"
+
+
+def test_engine_without_key_refuses_token_columns(tmp_path):
+    from kissbot.engine import create_engine
+    from kissbot.migrations import upgrade
+    from kissbot.repo import TokenRepository, UserRepository
+
+    engine = create_engine(tmp_path / "nokey.db")
+    upgrade(engine)
+    with engine.begin() as conn:
+        uid = UserRepository(conn).create_user("1", "bot")
+        with pytest.raises(KeyFileError, match="no encryption key"):
+            TokenRepository(conn).store_tokens(uid, "a", "r", 60)
+    engine.dispose()
