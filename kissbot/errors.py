@@ -45,6 +45,10 @@ class DuplicateUser(KissbotError):
     """A user with that Twitch id or login already exists."""
 
 
+class StaleTokens(KissbotError):
+    """A compare-and-set write found newer tokens than the writer had read."""
+
+
 class InstanceDisabled(KissbotError):
     """The instance crashed ``max_crash_count`` times and must be reset first."""
 

@@ -65,7 +65,7 @@ class DatabaseManager:
         if self.key_file.exists() or self.key_file.is_symlink():
             return TokenCipher(read_key_file(self.key_file))
         with self.engine.connect() as conn:
-            holders = TokenRepository(conn).count()
+            holders = TokenRepository(conn).count_users_with_tokens()
         if holders:
             raise KeyFileError(
                 f"key file {self.key_file} not found but {self.url.database} holds tokens for {holders} users; "
@@ -136,30 +136,34 @@ class DatabaseManager:
         refresh_token: str,
         expires_in: int | float,
         scopes: list[str] | None = None,
+        *,
+        token_type: str = "bot",
     ) -> None:
         """Encrypt and store (insert or replace) the tokens of ``user_id``."""
         with self._writer.begin() as conn:
-            TokenRepository(conn).store_tokens(user_id, access_token, refresh_token, expires_in, scopes)
+            TokenRepository(conn).store_tokens(
+                user_id, access_token, refresh_token, expires_in, scopes, token_type=token_type
+            )
 
-    def get_tokens(self, user_id: int) -> dict[str, Any] | None:
-        """The decrypted tokens of ``user_id``, or None."""
+    def get_tokens(self, user_id: int, *, token_type: str = "bot") -> dict[str, Any] | None:
+        """The decrypted tokens of ``user_id`` (of ``token_type``), or None."""
         with self.engine.connect() as conn:
-            return TokenRepository(conn).get_tokens(user_id)
+            return TokenRepository(conn).get_tokens(user_id, token_type=token_type)
 
     def get_tokens_needing_refresh(self, buffer_minutes: float = 10) -> list[dict[str, Any]]:
         """Tokens expiring within ``buffer_minutes``, soonest first (not decrypted)."""
         with self.engine.connect() as conn:
             return TokenRepository(conn).get_tokens_needing_refresh(buffer_minutes)
 
-    def mark_tokens_expired(self, user_id: int) -> None:
+    def mark_tokens_expired(self, user_id: int, *, token_type: str = "bot") -> None:
         """Flag the tokens of ``user_id`` as needing reauthorisation."""
         with self._writer.begin() as conn:
-            TokenRepository(conn).mark_tokens_expired(user_id)
+            TokenRepository(conn).mark_tokens_expired(user_id, token_type=token_type)
 
-    def increment_refresh_failures(self, user_id: int) -> int:
+    def increment_refresh_failures(self, user_id: int, *, token_type: str = "bot") -> int:
         """Count a failed refresh for ``user_id``; return the new count."""
         with self._writer.begin() as conn:
-            return TokenRepository(conn).increment_refresh_failures(user_id)
+            return TokenRepository(conn).increment_refresh_failures(user_id, token_type=token_type)
 
     # --- instances -----------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from kissbot.engine import sqlite_path, writer
 from kissbot.errors import DatabaseError, SchemaError, UnversionedDatabase
 
-HEAD = "0001"
+HEAD = "0002"
 """The newest revision this version of kissbot knows (checked against the scripts by the tests)."""
 
 KISSBOT_TABLES = frozenset({"users", "oauth_tokens", "instances", "audit_log", "config"})

@@ -58,12 +58,19 @@ class User(Base):
 
 
 class OAuthToken(Base):
-    """A user's OAuth tokens, both encrypted at rest."""
+    """A user's OAuth tokens of one type (``bot`` or ``broadcaster``), both encrypted at rest.
+
+    ``status`` is ``valid``, ``expired`` or ``revoked``; ``needs_reauth`` is
+    true exactly when it is not ``valid``. ``version`` grows by one on every
+    write of the tokens (compare-and-set); the refresh lease lets one process
+    refresh the row at a time; ``key_version`` names the key that encrypted it.
+    """
 
     __tablename__ = "oauth_tokens"
     __table_args__ = (
-        Index("idx_oauth_user", "user_id", unique=True),
+        Index("idx_oauth_user", "user_id"),
         Index("idx_oauth_expires", "expires_at"),
+        Index("uq_oauth_tokens_user_id_token_type", "user_id", "token_type", unique=True),
         _SQLITE_AUTOINCREMENT,
     )
 
@@ -77,9 +84,17 @@ class OAuthToken(Base):
     refresh_failures: Mapped[int | None] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime | None] = _created_at()
     updated_at: Mapped[datetime | None] = _updated_at()
+    token_type: Mapped[str] = mapped_column(Text, default="bot", server_default="bot")
+    status: Mapped[str] = mapped_column(Text, default="valid", server_default="valid")
+    last_refresh: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_validated: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    refresh_lease_owner: Mapped[str | None] = mapped_column(Text)
+    refresh_lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    key_version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
     def __repr__(self) -> str:
-        return f"<OAuthToken user_id={self.user_id} expires_at={self.expires_at}>"
+        return f"<OAuthToken user_id={self.user_id} type={self.token_type} expires_at={self.expires_at}>"
 
 
 class Instance(Base):

@@ -24,6 +24,7 @@ from kissbot.errors import (
     InstanceDisabled,
     InstanceNotFound,
     KissbotError,
+    StaleTokens,
     UserNotFound,
 )
 from kissbot.models import audit_log, config, instances, oauth_tokens, users
@@ -138,44 +139,53 @@ class UserRepository:
 
 # --- tokens ------------------------------------------------------------------------------------
 
+TOKEN_TYPES = ("bot", "broadcaster")
+_ROW = (oauth_tokens.c.user_id == bindparam("p_user_id")) & (oauth_tokens.c.token_type == bindparam("p_type"))
+
 _TOKENS_BY_USER = select(
     oauth_tokens.c.user_id,
+    oauth_tokens.c.token_type,
     oauth_tokens.c.access_token_encrypted.label("access_token"),
     oauth_tokens.c.refresh_token_encrypted.label("refresh_token"),
     oauth_tokens.c.scopes,
     oauth_tokens.c.expires_at,
     oauth_tokens.c.needs_reauth,
     oauth_tokens.c.refresh_failures,
+    oauth_tokens.c.status,
+    oauth_tokens.c.version,
+    oauth_tokens.c.last_refresh,
+    oauth_tokens.c.last_validated,
     oauth_tokens.c.created_at,
     oauth_tokens.c.updated_at,
-).where(oauth_tokens.c.user_id == bindparam("p_user_id"))
+).where(_ROW)
+_STORED_VALUES = {
+    "access_token_encrypted": bindparam("p_access"),
+    "refresh_token_encrypted": bindparam("p_refresh"),
+    "scopes": bindparam("p_scopes"),
+    "expires_at": bindparam("p_expires_at"),
+    "needs_reauth": False,
+    "status": "valid",
+    "refresh_failures": 0,
+    "updated_at": bindparam("p_now"),
+}
 _UPDATE_TOKENS = (
     update(oauth_tokens)
-    .where(oauth_tokens.c.user_id == bindparam("p_user_id"))
-    .values(
-        access_token_encrypted=bindparam("p_access"),
-        refresh_token_encrypted=bindparam("p_refresh"),
-        scopes=bindparam("p_scopes"),
-        expires_at=bindparam("p_expires_at"),
-        needs_reauth=False,
-        refresh_failures=0,
-        updated_at=bindparam("p_now"),
-    )
+    .where(_ROW)
+    .values(**_STORED_VALUES, version=oauth_tokens.c.version + 1, last_refresh=bindparam("p_now"))
 )
+_UPDATE_TOKENS_IF_VERSION = _UPDATE_TOKENS.where(oauth_tokens.c.version == bindparam("p_version"))
 _INSERT_TOKENS = insert(oauth_tokens).values(
+    **_STORED_VALUES,
     user_id=bindparam("p_user_id"),
-    access_token_encrypted=bindparam("p_access"),
-    refresh_token_encrypted=bindparam("p_refresh"),
-    scopes=bindparam("p_scopes"),
-    expires_at=bindparam("p_expires_at"),
-    needs_reauth=False,
-    refresh_failures=0,
+    token_type=bindparam("p_type"),
+    version=1,
     created_at=bindparam("p_now"),
-    updated_at=bindparam("p_now"),
 )
+_VERSION = select(oauth_tokens.c.version).where(_ROW)
 _TOKENS_DUE = (
     select(
         oauth_tokens.c.user_id,
+        oauth_tokens.c.token_type,
         users.c.twitch_login,
         oauth_tokens.c.expires_at,
         oauth_tokens.c.needs_reauth,
@@ -187,15 +197,30 @@ _TOKENS_DUE = (
 )
 _MARK_EXPIRED = (
     update(oauth_tokens)
-    .where(oauth_tokens.c.user_id == bindparam("p_user_id"))
-    .values(needs_reauth=True, updated_at=bindparam("p_now"))
+    .where(_ROW)
+    .values(needs_reauth=True, status=bindparam("p_status"), updated_at=bindparam("p_now"))
 )
 _INCREMENT_FAILURES = (
     update(oauth_tokens)
-    .where(oauth_tokens.c.user_id == bindparam("p_user_id"))
+    .where(_ROW)
     .values(refresh_failures=oauth_tokens.c.refresh_failures + 1, updated_at=bindparam("p_now"))
 )
-_FAILURES = select(oauth_tokens.c.refresh_failures).where(oauth_tokens.c.user_id == bindparam("p_user_id"))
+_FAILURES = select(oauth_tokens.c.refresh_failures).where(_ROW)
+_CLAIM = (
+    update(oauth_tokens)
+    .where(
+        _ROW,
+        (oauth_tokens.c.refresh_lease_owner.is_(None))
+        | (oauth_tokens.c.refresh_lease_owner == bindparam("p_owner"))
+        | (oauth_tokens.c.refresh_lease_expires_at < bindparam("p_now")),
+    )
+    .values(refresh_lease_owner=bindparam("p_owner"), refresh_lease_expires_at=bindparam("p_until"))
+)
+_RELEASE = (
+    update(oauth_tokens)
+    .where(_ROW, oauth_tokens.c.refresh_lease_owner == bindparam("p_owner"))
+    .values(refresh_lease_owner=None, refresh_lease_expires_at=None)
+)
 
 
 def _decode_scopes(raw: str | None) -> list[str]:
@@ -208,8 +233,18 @@ def _decode_scopes(raw: str | None) -> list[str]:
     return [str(s) for s in value] if isinstance(value, list) else [str(value)]
 
 
+def _check_type(token_type: str) -> str:
+    if token_type not in TOKEN_TYPES:
+        raise KissbotError(f"token_type must be one of {', '.join(TOKEN_TYPES)}, not {token_type!r}")
+    return token_type
+
+
 class TokenRepository:
-    """A user's OAuth tokens, encrypted at rest and decrypted only when read."""
+    """A user's OAuth tokens, encrypted at rest and decrypted only when read.
+
+    A user holds at most one row per token type (``bot`` or ``broadcaster``);
+    every method takes ``token_type="bot"`` so the specification's calls work.
+    """
 
     __slots__ = ("db",)
 
@@ -223,26 +258,44 @@ class TokenRepository:
         refresh_token: str,
         expires_in: int | float,
         scopes: list[str] | None = None,
+        *,
+        token_type: str = "bot",
+        expected_version: int | None = None,
     ) -> bool:
         """Insert or replace the tokens of ``user_id``; return True if they are new.
 
-        Resets ``needs_reauth`` and ``refresh_failures`` and writes one audit
-        event (``tokens_created`` or ``tokens_refreshed``) without any secret.
+        Resets ``needs_reauth``, ``status`` and ``refresh_failures``, bumps the
+        row's ``version`` and writes one audit event (``tokens_created`` or
+        ``tokens_refreshed``) without any secret. With ``expected_version``, the
+        write only happens if the stored row is still at that version (or, for
+        ``0``, does not exist yet); otherwise :class:`StaleTokens` is raised and
+        the newer tokens are kept.
         """
+        _check_type(token_type)
         for name, value in (("access_token", access_token), ("refresh_token", refresh_token)):
             if not isinstance(value, str) or not value:
                 raise KissbotError(f"{name} for user {user_id} must be a non-empty string")
         now = utcnow()
         params = {
             "p_user_id": user_id,
+            "p_type": token_type,
             "p_access": access_token,
             "p_refresh": refresh_token,
             "p_scopes": json.dumps(list(scopes)) if scopes is not None else None,
             "p_expires_at": now + timedelta(seconds=expires_in),
             "p_now": now,
+            "p_version": expected_version,
         }
-        created = self.db.execute(_UPDATE_TOKENS, params).rowcount == 0
+        update_stmt = _UPDATE_TOKENS if expected_version is None else _UPDATE_TOKENS_IF_VERSION
+        created = self.db.execute(update_stmt, params).rowcount == 0
         if created:
+            if expected_version is not None:
+                current = self.db.execute(_VERSION, params).scalar()
+                if current is not None or expected_version != 0:
+                    raise StaleTokens(
+                        f"tokens of user {user_id} ({token_type}) are at version {current or 0}, "
+                        f"not {expected_version}: another process stored newer tokens"
+                    )
             try:
                 self.db.execute(_INSERT_TOKENS, params)
             except IntegrityError as exc:
@@ -250,17 +303,21 @@ class TokenRepository:
         AuditRepository(self.db).log_event(
             "tokens_created" if created else "tokens_refreshed",
             user_id=user_id,
-            details={"expires_in": expires_in, "scopes": list(scopes) if scopes is not None else None},
+            details={
+                "token_type": token_type,
+                "expires_in": expires_in,
+                "scopes": list(scopes) if scopes is not None else None,
+            },
         )
         return created
 
-    def get_tokens(self, user_id: int) -> dict[str, Any] | None:
+    def get_tokens(self, user_id: int, *, token_type: str = "bot") -> dict[str, Any] | None:
         """The decrypted tokens of ``user_id``, or None if it has none.
 
         Raises :class:`DecryptionError` naming the user if they do not decrypt.
         """
         try:
-            row = self.db.execute(_TOKENS_BY_USER, {"p_user_id": user_id}).first()
+            row = self.db.execute(_TOKENS_BY_USER, {"p_user_id": user_id, "p_type": token_type}).first()
         except DecryptionError as exc:
             raise DecryptionError(
                 f"Failed to decrypt tokens for user {user_id}: wrong key or corrupted data", user_id=user_id
@@ -282,21 +339,47 @@ class TokenRepository:
             for r in rows
         ]
 
-    def mark_tokens_expired(self, user_id: int) -> None:
-        """Flag the tokens of ``user_id`` as needing reauthorisation."""
-        if self.db.execute(_MARK_EXPIRED, {"p_user_id": user_id, "p_now": utcnow()}).rowcount == 0:
-            raise UserNotFound(f"user {user_id} has no tokens")
-        AuditRepository(self.db).log_event("tokens_expired", user_id=user_id, severity="warning")
+    def mark_tokens_expired(self, user_id: int, *, token_type: str = "bot", revoked: bool = False) -> None:
+        """Flag the tokens of ``user_id`` as needing reauthorisation (``expired``, or ``revoked``)."""
+        params = {"p_user_id": user_id, "p_type": token_type, "p_now": utcnow(), "p_status": "revoked" if revoked else "expired"}
+        if self.db.execute(_MARK_EXPIRED, params).rowcount == 0:
+            raise UserNotFound(f"user {user_id} has no {token_type} tokens")
+        AuditRepository(self.db).log_event(
+            f"tokens_{params['p_status']}", user_id=user_id, details={"token_type": token_type}, severity="warning"
+        )
 
-    def increment_refresh_failures(self, user_id: int) -> int:
+    def increment_refresh_failures(self, user_id: int, *, token_type: str = "bot") -> int:
         """Count one more failed refresh for ``user_id`` and return the new count."""
-        if self.db.execute(_INCREMENT_FAILURES, {"p_user_id": user_id, "p_now": utcnow()}).rowcount == 0:
-            raise UserNotFound(f"user {user_id} has no tokens")
-        return self.db.execute(_FAILURES, {"p_user_id": user_id}).scalar_one()
+        params = {"p_user_id": user_id, "p_type": token_type, "p_now": utcnow()}
+        if self.db.execute(_INCREMENT_FAILURES, params).rowcount == 0:
+            raise UserNotFound(f"user {user_id} has no {token_type} tokens")
+        return self.db.execute(_FAILURES, params).scalar_one()
+
+    def claim_refresh(self, user_id: int, owner: str, ttl: float, *, token_type: str = "bot") -> bool:
+        """Take the refresh lease of a token row for ``ttl`` seconds; True if ``owner`` now holds it.
+
+        Exactly one owner holds a live lease; an expired lease can be taken
+        over, and the holder may extend its own.
+        """
+        now = utcnow()
+        params = {
+            "p_user_id": user_id, "p_type": token_type, "p_owner": owner, "p_now": now,
+            "p_until": now + timedelta(seconds=ttl),
+        }
+        return self.db.execute(_CLAIM, params).rowcount == 1
+
+    def release_refresh(self, user_id: int, owner: str, *, token_type: str = "bot") -> bool:
+        """Give back ``owner``'s refresh lease; False if it did not hold it (any more)."""
+        params = {"p_user_id": user_id, "p_type": token_type, "p_owner": owner}
+        return self.db.execute(_RELEASE, params).rowcount == 1
 
     def count(self) -> int:
         """Number of token rows."""
         return self.db.execute(select(func.count()).select_from(oauth_tokens)).scalar_one()
+
+    def count_users_with_tokens(self) -> int:
+        """Number of users holding at least one token row."""
+        return self.db.execute(select(func.count(oauth_tokens.c.user_id.distinct()))).scalar_one()
 
     def count_needing_reauth(self) -> int:
         """Number of token rows flagged ``needs_reauth``."""

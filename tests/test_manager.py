@@ -117,6 +117,7 @@ def test_tokens_needing_refresh(mgr, bot):
     assert [t["user_id"] for t in due] == [expired, soon, bot]
     assert due[0] == {
         "user_id": expired,
+        "token_type": "bot",
         "twitch_login": "expired",
         "expires_at": due[0]["expires_at"],
         "needs_reauth": True,

@@ -22,6 +22,9 @@ SPEC_COLUMNS = {
     "oauth_tokens": [
         "id", "user_id", "access_token_encrypted", "refresh_token_encrypted", "scopes", "expires_at",
         "needs_reauth", "refresh_failures", "created_at", "updated_at",
+        # schema v2 (0002)
+        "token_type", "status", "last_refresh", "last_validated", "version",
+        "refresh_lease_owner", "refresh_lease_expires_at", "key_version",
     ],
     "instances": [
         "id", "channel_id", "bot_user_id", "status", "pid", "start_time", "stop_time", "last_heartbeat",
@@ -32,13 +35,20 @@ SPEC_COLUMNS = {
 }
 NOT_NULL = {
     "users": {"id", "twitch_user_id", "twitch_login"},
-    "oauth_tokens": {"id", "user_id", "access_token_encrypted", "refresh_token_encrypted", "expires_at"},
+    "oauth_tokens": {
+        "id", "user_id", "access_token_encrypted", "refresh_token_encrypted", "expires_at",
+        "token_type", "status", "version", "key_version",
+    },
     "instances": {"id", "channel_id", "bot_user_id", "status"},
     "audit_log": {"id", "event_type"},
     "config": {"key", "value"},
 }
 SPEC_INDEXES = {
-    "oauth_tokens": {"idx_oauth_user": ["user_id"], "idx_oauth_expires": ["expires_at"]},
+    "oauth_tokens": {
+        "idx_oauth_user": ["user_id"],
+        "idx_oauth_expires": ["expires_at"],
+        "uq_oauth_tokens_user_id_token_type": ["user_id", "token_type"],
+    },
     "audit_log": {
         "idx_audit_timestamp": ["timestamp"],
         "idx_audit_event_type": ["event_type"],
@@ -164,3 +174,44 @@ def test_concurrent_first_opens_migrate_once(tmp_path):
         assert current_revision(conn) == HEAD
         assert conn.exec_driver_sql("SELECT count(*) FROM config").scalar() == 5
     engine.dispose()
+
+
+def _store_two_types(url: str, key_file) -> int:
+    from kissbot import DatabaseManager
+
+    with DatabaseManager(url=url, key_file=key_file) as mgr:
+        uid = mgr.create_user("1", "serda_bot")
+        mgr.store_tokens(uid, "bot-a", "bot-r", 60)
+        mgr.store_tokens(uid, "bc-a", "bc-r", 60, token_type="broadcaster")
+        return uid
+
+
+def test_downgrade_below_v2_refuses_users_with_two_token_types(store_url, key_file):
+    uid = _store_two_types(store_url, key_file)
+    result = alembic_cli(store_url, "downgrade", "0001")
+    assert result.returncode != 0
+    assert f"FAILED: cannot downgrade below 0002: users {uid} hold both bot and broadcaster tokens" in result.stdout
+    engine = create_engine(store_url)
+    with engine.connect() as conn:
+        assert current_revision(conn) == HEAD
+        assert conn.exec_driver_sql("SELECT count(*) FROM oauth_tokens").scalar() == 2
+    engine.dispose()
+
+
+def test_v2_round_trip_keeps_token_data(store_url, key_file):
+    from kissbot import DatabaseManager
+
+    with DatabaseManager(url=store_url, key_file=key_file) as mgr:
+        uid = mgr.create_user("1", "serda_bot")
+        mgr.store_tokens(uid, "access-1", "refresh-1", 3600, scopes=["chat:read"])
+        mgr.mark_tokens_expired(uid)
+        before = mgr.get_tokens(uid)
+    engine = create_engine(store_url)
+    downgrade(engine, "0001")
+    upgrade(engine)
+    engine.dispose()
+    with DatabaseManager(url=store_url, key_file=key_file) as mgr:
+        after = mgr.get_tokens(uid)
+    same = ("access_token", "refresh_token", "scopes", "expires_at", "needs_reauth", "refresh_failures")
+    assert {k: after[k] for k in same} == {k: before[k] for k in same}
+    assert after["status"] == "expired", "status is derived from needs_reauth on upgrade"
