@@ -9,6 +9,7 @@ instead of failing with SQLITE_BUSY when they upgrade a read lock.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from kissbot.types import attach_cipher
 DEFAULT_DB_PATH = "kissbot.db"
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 _IMMEDIATE = "kissbot_begin_immediate"
+SQL_LOG = logging.getLogger("kissbot.sql")
 
 
 def to_url(target: str | os.PathLike[str] | URL) -> URL:
@@ -80,9 +82,18 @@ def create_engine(
     else:
         engine = sqlalchemy.create_engine(url, echo=echo, **kwargs)
     event.listen(engine, "handle_error", _reraise_kissbot_errors)
+    if SQL_LOG.isEnabledFor(logging.DEBUG):
+        event.listen(engine, "before_cursor_execute", _log_statement)
     if cipher is not None:
         attach_cipher(engine, cipher)
     return engine
+
+
+def _log_statement(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+    # The specification's debug mode (logging at DEBUG shows every query).
+    # SQLAlchemy's own logger stays at WARNING unless echo is set; this logs
+    # statements only, never their parameters.
+    SQL_LOG.debug("%s", statement)
 
 
 def _reraise_kissbot_errors(context: Any) -> BaseException | None:
