@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,18 @@ def sqlite_path(url: URL) -> Path | None:
     if url.get_backend_name() != "sqlite" or is_memory(url):
         return None
     return Path(url.database)
+
+
+def connect_read_only(path: str | os.PathLike[str]) -> sqlite3.Connection:
+    """Open a SQLite file for reading without creating or changing any file.
+
+    A read-only open of a WAL database still creates its ``-wal`` and ``-shm``
+    files; when there is no ``-wal`` file (nothing waits to be checkpointed)
+    the file is opened ``immutable`` instead, so none appear.
+    """
+    path = Path(path).resolve()
+    immutable = "" if Path(f"{path}-wal").exists() else "&immutable=1"
+    return sqlite3.connect(f"{path.as_uri()}?mode=ro{immutable}", uri=True)
 
 
 def create_engine(

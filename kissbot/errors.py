@@ -61,5 +61,9 @@ class UnversionedDatabase(SchemaError):
     """The database has tables but no Alembic version: it must be adopted."""
 
 
+class AdoptionError(SchemaError):
+    """A KissBot v4 database cannot be adopted as it is; nothing was changed."""
+
+
 class DatabaseError(KissbotError):
     """The database could not be opened or used."""

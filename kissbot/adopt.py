@@ -1,0 +1,549 @@
+"""Adopt a SQLite database that KissBot v4 created without Alembic.
+
+KissBot v4 built ``kissbot.db`` from a hand-written ``schema.sql`` (the
+specification's ``CREATE TABLE`` statements, with per-deployment variants), wrote
+naive local timestamps and wrapped each Fernet token once more in URL-safe
+base64. :func:`adopt` checks such a database read-only, reports how it differs
+from kissbot's baseline schema (revision 0001), and then, in one transaction
+after a backup: rebuilds the five tables to the baseline shape, converts
+timestamps to UTC, unwraps the tokens to standard Fernet, lowercases logins,
+stamps 0001 and upgrades to :data:`~kissbot.migrations.HEAD`.
+
+Everything that would make the adoption fail (a wrong key, logins differing only
+by case, rows the baseline cannot hold) is found before anything is written, so
+a refused adoption leaves the file byte-identical.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone, tzinfo
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import sqlalchemy
+from sqlalchemy import inspect
+from sqlalchemy.engine import Connection
+from sqlalchemy.pool import NullPool, StaticPool
+
+from kissbot.crypto import TokenCipher, read_key_file
+from kissbot.engine import connect_read_only, create_engine
+from kissbot.errors import AdoptionError, DecryptionError, KissbotError
+from kissbot.migrations import HEAD, alembic_config, current_revision, migration_connection
+from kissbot.types import utcnow
+
+BASELINE = "0001"
+"""The revision an adopted database is stamped with before it is upgraded to head."""
+
+SPEC_TABLES = ("users", "oauth_tokens", "instances", "audit_log", "config")
+_TOKEN_COLUMNS = ("access_token_encrypted", "refresh_token_encrypted")
+_FERNET_PREFIX = "gAAAAA"
+_NEW = "_adopt_new_"
+_SQLITE_DATETIME = "%Y-%m-%d %H:%M:%S.%f"  # what SQLAlchemy's SQLite DATETIME writes and reads
+
+
+# --- time zones --------------------------------------------------------------------------------
+
+
+def resolve_zone(name: str | None = None) -> tuple[tzinfo, str]:
+    """The zone named ``name`` (IANA, e.g. ``Europe/Paris``), or the machine's zone; with its name.
+
+    The machine's zone comes from ``TZ`` or the ``/etc/localtime`` link, so
+    daylight saving time is applied to each timestamp as of its own date.
+    """
+    if name:
+        try:
+            return ZoneInfo(name), name
+        except (ZoneInfoNotFoundError, ValueError):
+            raise KissbotError(f"unknown time zone {name!r}: give an IANA name such as Europe/Paris") from None
+    env = os.environ.get("TZ", "").lstrip(":")
+    if env:
+        try:
+            return ZoneInfo(env), env
+        except (ZoneInfoNotFoundError, ValueError):
+            pass
+    target = os.path.realpath("/etc/localtime")
+    if "zoneinfo/" in target:
+        key = target.split("zoneinfo/", 1)[1]
+        try:
+            return ZoneInfo(key), key
+        except (ZoneInfoNotFoundError, ValueError):
+            pass
+    local = datetime.now().astimezone().tzinfo
+    assert local is not None
+    return local, str(local)
+
+
+def to_utc(value: Any, zone: tzinfo) -> str:
+    """A stored v4 timestamp as kissbot stores UTC on SQLite; naive values are in ``zone``.
+
+    Raise :class:`ValueError` if ``value`` is not a timestamp.
+    """
+    if not isinstance(value, str):
+        raise ValueError(value)
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=zone)
+    return moment.astimezone(timezone.utc).strftime(_SQLITE_DATETIME)
+
+
+# --- schema shapes -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TableShape:
+    """What matters of one table's schema, as reflected."""
+
+    columns: dict[str, tuple[str, bool, str | None]]  # name -> (type, nullable, default)
+    primary_key: tuple[str, ...]
+    uniques: frozenset[tuple[str, ...]]
+    foreign_keys: frozenset[tuple[tuple[str, ...], str, tuple[str, ...], str | None]]
+    indexes: dict[str, tuple[tuple[str, ...], bool]]  # name -> (columns, unique)
+    triggers: tuple[str, ...]
+
+
+def _default(text: str | None) -> str | None:
+    # '0' and 0, 'info' and "info" are the same default for SQLite.
+    return None if text is None else text.strip().strip("'\"")
+
+
+def reflect_shapes(conn: Connection, tables: Sequence[str]) -> dict[str, TableShape]:
+    """The shape of each of ``tables`` that exists in ``conn``'s database."""
+    insp = inspect(conn)
+    present = set(insp.get_table_names())
+    triggers: dict[str, list[str]] = {}
+    for name, table in conn.exec_driver_sql("SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger' ORDER BY name"):
+        triggers.setdefault(table, []).append(name)
+    shapes = {}
+    for table in tables:
+        if table not in present:
+            continue
+        shapes[table] = TableShape(
+            columns={
+                c["name"]: (str(c["type"]), bool(c["nullable"]), _default(c["default"]))
+                for c in insp.get_columns(table)
+            },
+            primary_key=tuple(insp.get_pk_constraint(table)["constrained_columns"]),
+            uniques=frozenset(tuple(u["column_names"]) for u in insp.get_unique_constraints(table)),
+            foreign_keys=frozenset(
+                (
+                    tuple(fk["constrained_columns"]),
+                    fk["referred_table"],
+                    tuple(fk["referred_columns"]),
+                    (fk["options"].get("ondelete") or "").upper() or None,
+                )
+                for fk in insp.get_foreign_keys(table)
+            ),
+            indexes={i["name"]: (tuple(i["column_names"]), bool(i["unique"])) for i in insp.get_indexes(table)},
+            triggers=tuple(triggers.get(table, ())),
+        )
+    return shapes
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """kissbot's baseline schema (revision 0001) on SQLite: its shapes and its DDL."""
+
+    shapes: dict[str, TableShape]
+    create_table: dict[str, str]
+    create_indexes: tuple[str, ...]
+
+    def datetime_columns(self, table: str) -> tuple[str, ...]:
+        """The baseline's timestamp columns of ``table``."""
+        return tuple(n for n, (type_, _, _) in self.shapes[table].columns.items() if type_ == "DATETIME")
+
+
+def baseline() -> Baseline:
+    """Build revision 0001 in memory with the real migration and describe it."""
+    from alembic import command
+
+    engine = sqlalchemy.create_engine("sqlite://", poolclass=StaticPool)
+    try:
+        with engine.begin() as conn:
+            command.upgrade(alembic_config(conn), BASELINE)
+            shapes = reflect_shapes(conn, SPEC_TABLES)
+            rows = conn.exec_driver_sql(
+                "SELECT type, tbl_name, sql FROM sqlite_master WHERE sql IS NOT NULL AND tbl_name != 'alembic_version'"
+            ).all()
+    finally:
+        engine.dispose()
+    return Baseline(
+        shapes=shapes,
+        create_table={t: sql for kind, t, sql in rows if kind == "table" and t in SPEC_TABLES},
+        create_indexes=tuple(sql for kind, _, sql in rows if kind == "index"),
+    )
+
+
+def _cols(columns: Sequence[str]) -> str:
+    return ", ".join(columns)
+
+
+def schema_differences(found: dict[str, TableShape], base: Baseline) -> list[str]:
+    """Every difference of ``found`` from the baseline, one line each, and what adoption does about it."""
+    lines: list[str] = []
+    for table in SPEC_TABLES:
+        want, have = base.shapes[table], found[table]
+        for name, (type_, nullable, default) in want.columns.items():
+            if name not in have.columns:
+                lines.append(f"{table}.{name}: missing (added, empty)")
+                continue
+            h_type, h_nullable, h_default = have.columns[name]
+            if h_nullable != nullable and name not in want.primary_key:
+                lines.append(
+                    f"{table}.{name}: {'nullable' if h_nullable else 'NOT NULL'} "
+                    f"(baseline: {'nullable' if nullable else 'NOT NULL'})"
+                )
+            if h_default != default:
+                lines.append(f"{table}.{name}: default {h_default or 'none'} (baseline: {default or 'none'})")
+        retyped: dict[tuple[str, str], list[str]] = {}
+        for name, (type_, _, _) in want.columns.items():
+            if name in have.columns and have.columns[name][0] != type_:
+                retyped.setdefault((have.columns[name][0], type_), []).append(name)
+        for (h_type, type_), names in retyped.items():
+            lines.append(f"{table}.{{{_cols(names)}}}: type {h_type} (baseline: {type_})")
+        for name in have.columns.keys() - want.columns.keys():
+            lines.append(f"{table}.{name}: not in the baseline")
+        if have.primary_key != want.primary_key:
+            lines.append(f"{table}: primary key ({_cols(have.primary_key)}) (baseline: ({_cols(want.primary_key)}))")
+        for cols in sorted(want.uniques - have.uniques):
+            lines.append(f"{table}.{_cols(cols)}: not unique (baseline: unique)")
+        for cols in sorted(have.uniques - want.uniques):
+            lines.append(f"{table}.{_cols(cols)}: unique (baseline: not unique)")
+        for cols, ref, ref_cols, ondelete in sorted(want.foreign_keys - have.foreign_keys, key=str):
+            action = f" ON DELETE {ondelete}" if ondelete else ""
+            lines.append(f"{table}({_cols(cols)}) -> {ref}({_cols(ref_cols)}){action}: foreign key missing (added)")
+        for cols, ref, ref_cols, ondelete in sorted(have.foreign_keys - want.foreign_keys, key=str):
+            action = f" ON DELETE {ondelete}" if ondelete else ""
+            lines.append(f"{table}({_cols(cols)}) -> {ref}({_cols(ref_cols)}){action}: foreign key not in the baseline (dropped)")
+        for name, (cols, unique) in want.indexes.items():
+            if name not in have.indexes:
+                lines.append(f"index {name} on {table}: missing (created)")
+            elif have.indexes[name] != (cols, unique):
+                h_cols, h_unique = have.indexes[name]
+                lines.append(
+                    f"index {name} on {table}: {'unique ' if h_unique else ''}({_cols(h_cols)}) "
+                    f"(baseline: {'unique ' if unique else ''}({_cols(cols)}))"
+                )
+        for name in sorted(have.indexes.keys() - want.indexes.keys()):
+            lines.append(f"index {name} on {table}: not in the baseline (dropped)")
+        for name in have.triggers:
+            lines.append(f"trigger {name} on {table}: not in the baseline (dropped)")
+    return lines
+
+
+# --- reading and converting the data -----------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """What adoption found and the rows it will write."""
+
+    differences: list[str]
+    rows: dict[str, tuple[list[str], list[tuple[Any, ...]]]] = field(default_factory=dict)
+    timestamps: int = 0
+    wrapped_tokens: int = 0
+    logins_lowercased: int = 0
+    sequences: dict[str, int] = field(default_factory=dict)
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _blocking(conn: Connection, found: dict[str, TableShape], base: Baseline) -> list[str]:
+    """The reasons the baseline cannot hold this database's rows as they are."""
+    problems = []
+    for table in SPEC_TABLES:
+        want, have = base.shapes[table].columns, found[table].columns
+        extra = [c for c in have if c not in want]
+        if extra:
+            problems.append(f"{table} has column(s) {_cols(extra)} that kissbot's schema cannot hold")
+        for name, (_, nullable, default) in want.items():
+            if nullable:
+                continue
+            if name not in have and default is None and name not in base.shapes[table].primary_key:
+                problems.append(f"{table} lacks the required column {name}")
+            elif name in have:
+                nulls = conn.exec_driver_sql(f"SELECT count(*) FROM {_q(table)} WHERE {_q(name)} IS NULL").scalar()
+                if nulls:
+                    problems.append(f"{nulls} {table} row(s) have no {name}")
+    if problems:
+        return problems
+    clashes = []
+    for login in conn.exec_driver_sql(
+        "SELECT lower(twitch_login) FROM users GROUP BY lower(twitch_login) HAVING count(*) > 1 ORDER BY 1"
+    ).scalars().all():
+        members = conn.exec_driver_sql(
+            "SELECT id, twitch_login FROM users WHERE lower(twitch_login) = ? ORDER BY id", (login,)
+        ).all()
+        clashes.append(" / ".join(f"{name!r} (user {uid})" for uid, name in members))
+    if clashes:
+        problems.append(f"logins differing only by case: {', '.join(clashes)}")
+    for twitch_id, ids in conn.exec_driver_sql(
+        "SELECT twitch_user_id, group_concat(id, ', ') FROM users GROUP BY twitch_user_id HAVING count(*) > 1"
+    ):
+        problems.append(f"users {ids} share the Twitch id {twitch_id}")
+    for user_id, n in conn.exec_driver_sql(
+        "SELECT user_id, count(*) FROM oauth_tokens GROUP BY user_id HAVING count(*) > 1 ORDER BY user_id"
+    ):
+        problems.append(f"user {user_id} has {n} token rows (the baseline holds one per user)")
+    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
+    for table, rowid, parent, _ in broken[:5]:
+        problems.append(f"{table} row {rowid} refers to a missing {parent} row")
+    if len(broken) > 5:
+        problems.append(f"{len(broken) - 5} more rows break a foreign key")
+    return problems
+
+
+def _plan(conn: Connection, base: Baseline, zone: tzinfo, cipher: Callable[[], TokenCipher]) -> _Plan:
+    """Read the v4 database on ``conn`` (writing nothing) and convert its rows; raise :class:`AdoptionError`."""
+    tables = set(inspect(conn).get_table_names())
+    missing = [t for t in SPEC_TABLES if t not in tables]
+    if missing:
+        raise AdoptionError(f"not a KissBot v4 database: table(s) {_cols(missing)} missing")
+    found = reflect_shapes(conn, SPEC_TABLES)
+    problems = _blocking(conn, found, base)
+    if problems:
+        raise AdoptionError(f"cannot adopt: {'; '.join(problems)}; fix these, then run adopt again (nothing was changed)")
+    plan = _Plan(schema_differences(found, base))
+    if conn.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'").first():
+        plan.sequences = dict(conn.exec_driver_sql("SELECT name, seq FROM sqlite_sequence").all())
+    bad_times: list[str] = []
+    undecryptable: list[int] = []
+    for table in SPEC_TABLES:
+        columns = [c for c in base.shapes[table].columns if c in found[table].columns]
+        stamps = {columns.index(c) for c in base.datetime_columns(table) if c in columns}
+        tokens = {columns.index(c) for c in _TOKEN_COLUMNS if c in columns} if table == "oauth_tokens" else set()
+        login = columns.index("twitch_login") if table == "users" else None
+        owner = columns.index("user_id") if tokens else None
+        rows = []
+        for raw in conn.exec_driver_sql(f"SELECT {_cols(map(_q, columns))} FROM {_q(table)}"):
+            row = list(raw)
+            for i in stamps:
+                if row[i] is not None:
+                    try:
+                        row[i] = to_utc(row[i], zone)
+                    except ValueError:
+                        bad_times.append(f"{table}.{columns[i]} {row[i]!r}")
+                        continue
+                    plan.timestamps += 1
+            for i in tokens:
+                try:
+                    cipher().decrypt(row[i])
+                except DecryptionError:
+                    undecryptable.append(row[owner])
+                    continue
+                if not row[i].startswith(_FERNET_PREFIX):
+                    row[i] = base64.urlsafe_b64decode(row[i].encode("ascii")).decode("ascii")
+                    plan.wrapped_tokens += 1
+            if login is not None and row[login] != row[login].lower():
+                row[login] = row[login].lower()
+                plan.logins_lowercased += 1
+            rows.append(tuple(row))
+        plan.rows[table] = (columns, rows)
+    if bad_times:
+        shown = ", ".join(bad_times[:3]) + (f" and {len(bad_times) - 3} more" if len(bad_times) > 3 else "")
+        raise AdoptionError(f"cannot adopt: values that are not timestamps: {shown} (nothing was changed)")
+    if undecryptable:
+        users = ", ".join(map(str, sorted(set(undecryptable))))
+        raise AdoptionError(
+            f"cannot adopt: the tokens of user(s) {users} do not decrypt with this key "
+            "(wrong key file?); nothing was changed"
+        )
+    return plan
+
+
+# --- the adoption ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdoptionReport:
+    """What :func:`adopt` found and did."""
+
+    database: Path
+    revision: str | None
+    """The migration the database was at before (None: un-versioned, i.e. KissBot v4)."""
+    differences: tuple[str, ...] = ()
+    row_counts: dict[str, int] = field(default_factory=dict)
+    timestamps: int = 0
+    wrapped_tokens: int = 0
+    logins_lowercased: int = 0
+    zone: str = ""
+    backup: Path | None = None
+    dry_run: bool = False
+
+    @property
+    def already_adopted(self) -> bool:
+        """True when the database already had a migration version and was left alone."""
+        return self.revision is not None
+
+    def lines(self) -> list[str]:
+        """The report as printed by ``kissbot adopt``."""
+        if self.already_adopted:
+            return [f"Database {self.database} is already adopted (migration {self.revision}): nothing to do."]
+        lines = [f"Database: {self.database} (KissBot v4, no migration version)"]
+        lines.append(f"Differences from kissbot's baseline schema ({BASELINE}):")
+        lines += [f"  {d}" for d in self.differences] or ["  none"]
+        lines.append("Conversions:")
+        lines.append(f"  {self.timestamps} timestamps: naive local time in {self.zone} -> UTC")
+        lines.append(f"  {self.wrapped_tokens} token values: base64-wrapped Fernet -> standard Fernet")
+        lines.append(f"  {self.logins_lowercased} logins lowercased")
+        lines.append("Rows kept: " + ", ".join(f"{t} {n}" for t, n in self.row_counts.items()))
+        if self.dry_run:
+            lines.append("Dry run: nothing was written.")
+        else:
+            lines.append(f"Backup: {self.backup}")
+            lines.append(f"Adopted: stamped {BASELINE} and upgraded to {HEAD}.")
+        return lines
+
+
+def default_backup_path(db_path: str | os.PathLike[str]) -> Path:
+    """``<db>.backup_YYYYMMDD_HHMMSS`` (UTC) beside the database."""
+    db_path = Path(db_path)
+    return db_path.with_name(f"{db_path.name}.backup_{utcnow():%Y%m%d_%H%M%S}")
+
+
+def backup_sqlite(src_path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
+    """Copy the committed state of a SQLite database to a new file ``dest`` (mode 0600).
+
+    Uses SQLite's online backup API, so the copy is consistent even while other
+    connections use the database. Refuses to overwrite ``dest``.
+    """
+    dest = Path(dest)
+    try:
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except FileExistsError:
+        raise KissbotError(f"backup {dest} already exists") from None
+    os.close(fd)
+    try:
+        with closing(connect_read_only(src_path)) as src, closing(sqlite3.connect(dest)) as out:
+            src.backup(out)
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    return dest
+
+
+@contextmanager
+def _read_only_connection(path: Path) -> Iterator[Connection]:
+    engine = sqlalchemy.create_engine("sqlite://", creator=lambda: connect_read_only(path), poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            yield conn
+    finally:
+        engine.dispose()
+
+
+def _cipher_loader(key_file: Path) -> Callable[[], TokenCipher]:
+    cipher: list[TokenCipher] = []
+
+    def load() -> TokenCipher:
+        if not cipher:
+            if not key_file.exists():
+                raise AdoptionError(f"cannot adopt: the database holds tokens but key file {key_file} does not exist")
+            cipher.append(TokenCipher(read_key_file(key_file)))
+        return cipher[0]
+
+    return load
+
+
+def _report(path: Path, plan: _Plan, zone: str, **extra: Any) -> AdoptionReport:
+    return AdoptionReport(
+        database=path,
+        revision=None,
+        differences=tuple(plan.differences),
+        row_counts={t: len(plan.rows[t][1]) for t in SPEC_TABLES},
+        timestamps=plan.timestamps,
+        wrapped_tokens=plan.wrapped_tokens,
+        logins_lowercased=plan.logins_lowercased,
+        zone=zone,
+        **extra,
+    )
+
+
+def _rebuild(conn: Connection, plan: _Plan, base: Baseline) -> None:
+    """Recreate the five tables in the baseline shape holding ``plan``'s rows."""
+    for name in conn.exec_driver_sql(
+        f"SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name IN ({_cols('?' * len(SPEC_TABLES))})",
+        SPEC_TABLES,
+    ).scalars().all():
+        conn.exec_driver_sql(f"DROP TRIGGER {_q(name)}")
+    for table in SPEC_TABLES:
+        new = _NEW + table
+        ddl, n = re.subn(rf'^CREATE TABLE\s+"?{table}"?', f"CREATE TABLE {_q(new)}", base.create_table[table])
+        assert n == 1, table
+        conn.exec_driver_sql(ddl)
+        columns, rows = plan.rows[table]
+        if rows:
+            conn.exec_driver_sql(
+                f"INSERT INTO {_q(new)} ({_cols(map(_q, columns))}) VALUES ({_cols('?' * len(columns))})", rows
+            )
+        conn.exec_driver_sql(f"DROP TABLE {_q(table)}")
+        conn.exec_driver_sql(f"ALTER TABLE {_q(new)} RENAME TO {_q(table)}")
+    for ddl in base.create_indexes:
+        conn.exec_driver_sql(ddl)
+    for table, seq in plan.sequences.items():
+        if table in SPEC_TABLES:
+            conn.exec_driver_sql("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = ?", (seq, table))
+
+
+def adopt(
+    db_path: str | os.PathLike[str],
+    *,
+    key_file: str | os.PathLike[str],
+    assume_tz: str | None = None,
+    dry_run: bool = False,
+) -> AdoptionReport:
+    """Adopt the KissBot v4 SQLite database ``db_path`` into kissbot's migrations.
+
+    ``key_file`` holds the Fernet key the tokens were encrypted with (needed
+    only if there are tokens); ``assume_tz`` names the zone of the naive
+    timestamps (default: the machine's zone). Raises
+    :class:`~kissbot.errors.AdoptionError`, having written nothing, when the
+    database cannot be adopted. A database that already has a migration version
+    is left alone (the report says so). With ``dry_run`` nothing is written
+    at all: no backup, no key file, no change to the database.
+    """
+    path = Path(db_path)
+    if not path.is_file():
+        raise AdoptionError(f"no database at {path}")
+    zone, zone_name = resolve_zone(assume_tz)
+    base = baseline()
+    cipher = _cipher_loader(Path(key_file))
+    with _read_only_connection(path) as conn:
+        revision = current_revision(conn)
+        if revision is not None:
+            return AdoptionReport(path, revision)
+        if not set(inspect(conn).get_table_names()) & set(SPEC_TABLES):
+            raise AdoptionError(f"{path} has no kissbot tables: nothing to adopt (create a store with `kissbot init-db`)")
+        plan = _plan(conn, base, zone, cipher)
+    if dry_run:
+        return _report(path, plan, zone_name, dry_run=True)
+    from alembic import command
+
+    engine = create_engine(path, poolclass=NullPool)
+    try:
+        with migration_connection(engine) as conn:
+            # Holding the write lock now: read again what the backup holds.
+            if current_revision(conn) is not None:
+                return AdoptionReport(path, current_revision(conn))
+            plan = _plan(conn, base, zone, cipher)
+            backup = backup_sqlite(path, default_backup_path(path))
+            _rebuild(conn, plan, base)
+            cfg = alembic_config(conn)
+            command.stamp(cfg, BASELINE)
+            command.upgrade(cfg, "head")
+    finally:
+        engine.dispose()
+    return _report(path, plan, zone_name, backup=backup)
