@@ -408,3 +408,36 @@ def test_unversioned_database_is_refused_by_every_entry_point(runner, tmp_path, 
     with pytest.raises(UnversionedDatabase, match="run `kissbot adopt` first"):
         DatabaseManager(db, key_file)
     assert snapshot(db.parent) == before
+
+
+def test_adoption_is_one_transaction(v4, monkeypatch):
+    """A failure after the tables were rebuilt and 0001 stamped leaves the data as it was."""
+    from alembic import command
+
+    from kissbot.adopt import adopt
+
+    db, key_file = v4
+    with closing(sqlite3.connect(db)) as conn:
+        original = list(conn.iterdump())
+
+    def broken_upgrade(*_args, **_kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(command, "upgrade", broken_upgrade)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        adopt(db, key_file=key_file, assume_tz="Europe/Paris")
+    with closing(sqlite3.connect(db)) as conn:
+        assert list(conn.iterdump()) == original
+
+
+def test_default_zone_is_the_machines(monkeypatch, tmp_path):
+    from kissbot.adopt import adopt
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    key = Fernet.generate_key()
+    (tmp_path / "k").write_bytes(key)
+    build_v4(tmp_path / "kissbot.db", key)
+    report = adopt(tmp_path / "kissbot.db", key_file=tmp_path / "k")
+    assert report.zone == "America/New_York"
+    with DatabaseManager(tmp_path / "kissbot.db", tmp_path / "k") as mgr:
+        assert mgr.get_tokens(1)["expires_at"] == datetime(2025, 11, 5, 5, 46, 8, tzinfo=timezone.utc)

@@ -87,3 +87,45 @@ def test_refresh_lease_has_one_holder_and_expires(mgr, bot):
 def test_claim_on_missing_tokens_is_false(mgr, bot):
     with mgr.session() as s:
         assert TokenRepository(s).claim_refresh(bot, "w", ttl=60) is False
+
+
+def test_upgrade_downgrade_upgrade_round_trips_on_data(store_url, key_file):
+    """Both token types live together at head; once the baseline can hold the rows, 0002 round-trips them."""
+    from alembic.util import CommandError
+
+    from kissbot import DatabaseManager
+    from kissbot.engine import create_engine
+    from kissbot.migrations import HEAD, current_revision, downgrade, upgrade
+
+    with DatabaseManager(url=store_url, key_file=key_file) as mgr:
+        ids = [mgr.create_user(str(n), f"user_{n}") for n in range(3)]
+        mgr.create_user("99", "serda_bot", is_bot=True)
+        for uid in ids:
+            mgr.store_tokens(uid, f"access-{uid}", f"refresh-{uid}", 3600 * uid, scopes=[f"scope:{uid}"])
+        mgr.mark_tokens_expired(ids[1])
+        mgr.increment_refresh_failures(ids[1])
+        mgr.store_tokens(ids[2], "bc-access", "bc-refresh", 60, token_type="broadcaster")
+        mgr.register_instance("user_0", "serda_bot", 4242)
+        before = {uid: mgr.get_tokens(uid) for uid in ids}
+        audit = [(e["id"], e["event_type"]) for e in mgr.get_audit_log()]
+    engine = create_engine(store_url)
+    with pytest.raises(CommandError, match=f"users {ids[2]} hold both bot and broadcaster tokens"):
+        downgrade(engine, "0001")
+    with DatabaseManager(url=store_url, key_file=key_file) as mgr:
+        assert mgr.get_tokens(ids[2], token_type="broadcaster")["access_token"] == "bc-access"
+    with engine.begin() as conn:
+        assert current_revision(conn) == HEAD
+        conn.exec_driver_sql("DELETE FROM oauth_tokens WHERE token_type = 'broadcaster'")
+    downgrade(engine, "0001")
+    upgrade(engine)
+    engine.dispose()
+    kept = ("access_token", "refresh_token", "scopes", "expires_at", "needs_reauth", "refresh_failures", "status", "token_type")
+    with DatabaseManager(url=store_url, key_file=key_file) as mgr:
+        for uid in ids:
+            after = mgr.get_tokens(uid)
+            assert {k: after[k] for k in kept} == {k: before[uid][k] for k in kept}
+        assert [(e["id"], e["event_type"]) for e in mgr.get_audit_log()] == audit
+        assert [i["pid"] for i in mgr.get_active_instances()] == [4242]
+        mgr.store_tokens(ids[2], "bc-again", "r", 60, token_type="broadcaster")
+        assert mgr.get_tokens(ids[2], token_type="broadcaster")["access_token"] == "bc-again"
+        assert mgr.get_tokens(ids[2])["access_token"] == f"access-{ids[2]}"
