@@ -17,11 +17,10 @@ a refused adoption leaves the file byte-identical.
 from __future__ import annotations
 
 import base64
-import binascii
 import os
 import re
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone, tzinfo
@@ -77,7 +76,7 @@ def resolve_zone(name: str | None = None) -> tuple[tzinfo, str]:
             return ZoneInfo(key), key
         except (ZoneInfoNotFoundError, ValueError):
             pass
-    local = datetime.now().astimezone().tzinfo
+    local = datetime.now(timezone.utc).astimezone().tzinfo
     assert local is not None
     return local, str(local)
 
@@ -85,7 +84,9 @@ def resolve_zone(name: str | None = None) -> tuple[tzinfo, str]:
 def to_utc(value: Any, zone: tzinfo) -> str:
     """A stored v4 timestamp as kissbot stores UTC on SQLite; naive values are in ``zone``.
 
-    Raise :class:`ValueError` if ``value`` is not a timestamp.
+    A naive time that the zone's clocks showed twice (the hour DST ends) is
+    read as the first of the two. Raise :class:`ValueError` if ``value`` is not
+    a timestamp.
     """
     if not isinstance(value, str):
         raise ValueError(value)
@@ -185,7 +186,7 @@ def baseline() -> Baseline:
     )
 
 
-def _cols(columns: Sequence[str]) -> str:
+def _cols(columns: Iterable[str]) -> str:
     return ", ".join(columns)
 
 
@@ -196,7 +197,7 @@ def schema_differences(found: dict[str, TableShape], base: Baseline) -> list[str
         want, have = base.shapes[table], found[table]
         for name, (type_, nullable, default) in want.columns.items():
             if name not in have.columns:
-                lines.append(f"{table}.{name}: missing (added, empty)")
+                lines.append(f"{table}.{name}: missing (added, {f'default {default}' if default else 'empty'})")
                 continue
             h_type, h_nullable, h_default = have.columns[name]
             if h_nullable != nullable and name not in want.primary_key:
@@ -211,7 +212,8 @@ def schema_differences(found: dict[str, TableShape], base: Baseline) -> list[str
             if name in have.columns and have.columns[name][0] != type_:
                 retyped.setdefault((have.columns[name][0], type_), []).append(name)
         for (h_type, type_), names in retyped.items():
-            lines.append(f"{table}.{{{_cols(names)}}}: type {h_type} (baseline: {type_})")
+            shown = names[0] if len(names) == 1 else f"{{{_cols(names)}}}"
+            lines.append(f"{table}.{shown}: type {h_type} (baseline: {type_})")
         for name in have.columns.keys() - want.columns.keys():
             lines.append(f"{table}.{name}: not in the baseline")
         if have.primary_key != want.primary_key:
@@ -340,6 +342,8 @@ def _plan(conn: Connection, base: Baseline, zone: tzinfo, cipher: Callable[[], T
                     plan.timestamps += 1
             for i in tokens:
                 try:
+                    if not isinstance(row[i], str):
+                        raise DecryptionError("not a text token")
                     cipher().decrypt(row[i])
                 except DecryptionError:
                     undecryptable.append(row[owner])
@@ -391,7 +395,8 @@ class AdoptionReport:
     def lines(self) -> list[str]:
         """The report as printed by ``kissbot adopt``."""
         if self.already_adopted:
-            return [f"Database {self.database} is already adopted (migration {self.revision}): nothing to do."]
+            upgrade = "" if self.revision == HEAD else f" (`kissbot init-db` upgrades it to {HEAD})"
+            return [f"Database {self.database} is already adopted (migration {self.revision}): nothing to do{upgrade}."]
         lines = [f"Database: {self.database} (KissBot v4, no migration version)"]
         lines.append(f"Differences from kissbot's baseline schema ({BASELINE}):")
         lines += [f"  {d}" for d in self.differences] or ["  none"]
@@ -408,13 +413,13 @@ class AdoptionReport:
         return lines
 
 
-def default_backup_path(db_path: str | os.PathLike[str]) -> Path:
+def _default_backup_path(db_path: str | os.PathLike[str]) -> Path:
     """``<db>.backup_YYYYMMDD_HHMMSS`` (UTC) beside the database."""
     db_path = Path(db_path)
     return db_path.with_name(f"{db_path.name}.backup_{utcnow():%Y%m%d_%H%M%S}")
 
 
-def backup_sqlite(src_path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
+def _backup_sqlite(src_path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
     """Copy the committed state of a SQLite database to a new file ``dest`` (mode 0600).
 
     Uses SQLite's online backup API, so the copy is consistent even while other
@@ -539,7 +544,7 @@ def adopt(
             if current_revision(conn) is not None:
                 return AdoptionReport(path, current_revision(conn))
             plan = _plan(conn, base, zone, cipher)
-            backup = backup_sqlite(path, default_backup_path(path))
+            backup = _backup_sqlite(path, _default_backup_path(path))
             _rebuild(conn, plan, base)
             cfg = alembic_config(conn)
             command.stamp(cfg, BASELINE)

@@ -283,8 +283,8 @@ def test_adopt_report_of_the_spec_ddl_is_exact(runner, v4):
         "  oauth_tokens.{expires_at, created_at, updated_at}: type TIMESTAMP (baseline: DATETIME)\n"
         "  index idx_oauth_user on oauth_tokens: (user_id) (baseline: unique (user_id))\n"
         "  instances.{start_time, stop_time, last_heartbeat, created_at, updated_at}: type TIMESTAMP (baseline: DATETIME)\n"
-        "  audit_log.{timestamp}: type TIMESTAMP (baseline: DATETIME)\n"
-        "  config.{updated_at}: type TIMESTAMP (baseline: DATETIME)\n"
+        "  audit_log.timestamp: type TIMESTAMP (baseline: DATETIME)\n"
+        "  config.updated_at: type TIMESTAMP (baseline: DATETIME)\n"
         "Conversions:\n"
         "  24 timestamps: naive local time in Europe/Paris -> UTC\n"
         "  4 token values: base64-wrapped Fernet -> standard Fernet\n"
@@ -385,6 +385,8 @@ def test_adopt_refuses_what_it_does_not_recognise(runner, tmp_path):
     assert result.output == f"Error: {empty} has no kissbot tables: nothing to adopt (create a store with `kissbot init-db`)\n"
     missing = runner.invoke(cli, ["adopt", "--db", str(tmp_path / "nope.db")])
     assert (missing.exit_code, missing.output) == (1, f"Error: no database at {tmp_path / 'nope.db'}\n")
+    postgres = runner.invoke(cli, ["adopt", "--url", "postgresql+psycopg://kissbot@db/kissbot"])
+    assert (postgres.exit_code, postgres.output) == (1, "Error: adopt works on SQLite files only: give --db PATH\n")
     bad_zone = runner.invoke(cli, ["adopt", "--db", str(empty), "--assume-tz", "Mars/Olympus"])
     assert bad_zone.exit_code == 2
     assert "unknown time zone 'Mars/Olympus'" in bad_zone.output
@@ -441,3 +443,14 @@ def test_default_zone_is_the_machines(monkeypatch, tmp_path):
     assert report.zone == "America/New_York"
     with DatabaseManager(tmp_path / "kissbot.db", tmp_path / "k") as mgr:
         assert mgr.get_tokens(1)["expires_at"] == datetime(2025, 11, 5, 5, 46, 8, tzinfo=timezone.utc)
+
+
+def test_no_tokens_needs_no_key_and_creates_none(runner, v4):
+    db, key_file = v4
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("DELETE FROM oauth_tokens")
+    key_file.unlink()
+    result = run_adopt(runner, db, key_file)
+    assert result.exit_code == 0, result.output
+    assert "  0 token values: base64-wrapped Fernet -> standard Fernet\n" in result.output
+    assert not key_file.exists()
