@@ -57,12 +57,16 @@ def sqlite_path(url: URL) -> Path | None:
 def connect_read_only(path: str | os.PathLike[str]) -> sqlite3.Connection:
     """Open a SQLite file for reading without creating or changing any file.
 
-    A read-only open of a WAL database still creates its ``-wal`` and ``-shm``
-    files; when there is no ``-wal`` file (nothing waits to be checkpointed)
-    the file is opened ``immutable`` instead, so none appear.
+    A read-only open of a WAL-mode database still creates its ``-wal`` and
+    ``-shm`` files. When the file is in WAL mode and has no ``-wal`` file
+    (everything is checkpointed, no process has it open) it is opened
+    ``immutable`` instead, so none appear.
     """
     path = Path(path).resolve()
-    immutable = "" if Path(f"{path}-wal").exists() else "&immutable=1"
+    with open(path, "rb") as fh:
+        header = fh.read(20)
+    wal_mode = len(header) == 20 and header[18] == 2
+    immutable = "&immutable=1" if wal_mode and not Path(f"{path}-wal").exists() else ""
     return sqlite3.connect(f"{path.as_uri()}?mode=ro{immutable}", uri=True)
 
 

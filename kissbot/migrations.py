@@ -81,7 +81,7 @@ def _probe_sqlite_file(path: Path) -> tuple[str | None, set[str]]:
     # database that kissbot is about to refuse.
     try:
         conn = connect_read_only(path)
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, OSError) as exc:
         raise DatabaseError(f"cannot open database {path}: {exc}") from exc
     try:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
