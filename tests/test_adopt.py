@@ -454,3 +454,29 @@ def test_no_tokens_needs_no_key_and_creates_none(runner, v4):
     assert result.exit_code == 0, result.output
     assert "  0 token values: base64-wrapped Fernet -> standard Fernet\n" in result.output
     assert not key_file.exists()
+
+
+@pytest.mark.parametrize(
+    ("sql", "reason"),
+    [
+        ("ALTER TABLE oauth_tokens ADD COLUMN token_type TEXT", "oauth_tokens has column(s) token_type that kissbot's schema cannot hold"),
+        ("INSERT INTO instances (channel_id, bot_user_id) VALUES (2, 77)", "instances row 2 refers to a missing users row"),
+        (
+            "INSERT INTO oauth_tokens (user_id, access_token_encrypted, refresh_token_encrypted, expires_at)"
+            " SELECT user_id, access_token_encrypted, refresh_token_encrypted, expires_at FROM oauth_tokens WHERE user_id = 1",
+            "user 1 has 2 token rows (the baseline holds one per user)",
+        ),
+        ("UPDATE audit_log SET timestamp = 'yesterday' WHERE id = 1", "values that are not timestamps: audit_log.timestamp 'yesterday'"),
+    ],
+    ids=["extra-column", "broken-foreign-key", "two-token-rows", "bad-timestamp"],
+)
+def test_rows_the_baseline_cannot_hold_are_refused(runner, v4, sql, reason):
+    db, key_file = v4
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute(sql)
+    before = snapshot(db.parent)
+    result = run_adopt(runner, db, key_file)
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"Error: cannot adopt: {reason}")
+    assert result.output.endswith("nothing was changed)\n") and result.output.count("\n") == 1
+    assert snapshot(db.parent) == before
