@@ -215,3 +215,17 @@ def test_v2_round_trip_keeps_token_data(store_url, key_file):
     same = ("access_token", "refresh_token", "scopes", "expires_at", "needs_reauth", "refresh_failures")
     assert {k: after[k] for k in same} == {k: before[k] for k in same}
     assert after["status"] == "expired", "status is derived from needs_reauth on upgrade"
+
+
+def test_downgrade_below_v2_refuses_broadcaster_only_tokens(store_url, key_file):
+    from kissbot import DatabaseManager
+
+    with DatabaseManager(url=store_url, key_file=key_file) as mgr:
+        uid = mgr.create_user("1", "el_serda")
+        mgr.store_tokens(uid, "bc-a", "bc-r", 60, token_type="broadcaster")
+    engine = create_engine(store_url)
+    with pytest.raises(Exception, match=f"users {uid} hold broadcaster tokens, which the baseline schema would mistake"):
+        downgrade(engine, "0001")
+    with engine.connect() as conn:
+        assert current_revision(conn) == HEAD
+    engine.dispose()

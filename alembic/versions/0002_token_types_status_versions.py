@@ -46,13 +46,22 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    shared = op.get_bind().execute(
+    bind = op.get_bind()
+    shared = bind.execute(
         sa.text("SELECT user_id FROM oauth_tokens GROUP BY user_id HAVING count(*) > 1 ORDER BY user_id")
     ).scalars().all()
     if shared:
         raise CommandError(
             f"cannot downgrade below 0002: users {', '.join(map(str, shared))} hold both bot and broadcaster "
             "tokens, which the baseline schema cannot store; delete one token type per user first"
+        )
+    broadcasters = bind.execute(
+        sa.text("SELECT user_id FROM oauth_tokens WHERE token_type <> 'bot' ORDER BY user_id")
+    ).scalars().all()
+    if broadcasters:
+        raise CommandError(
+            f"cannot downgrade below 0002: users {', '.join(map(str, broadcasters))} hold broadcaster tokens, "
+            "which the baseline schema would mistake for bot tokens; delete them first"
         )
     op.drop_index("uq_oauth_tokens_user_id_token_type", table_name="oauth_tokens")
     op.drop_index("idx_oauth_user", table_name="oauth_tokens")
