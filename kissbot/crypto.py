@@ -106,3 +106,10 @@ def create_key_file(path: str | os.PathLike[str]) -> bytes:
     finally:
         tmp.unlink(missing_ok=True)
     return key
+
+
+def mask_secret(value: str | None) -> str:
+    """Show a secret as its first 4 characters and "…" (never more), for logs and output."""
+    if not value:
+        return ""
+    return f"{value[:4]}…"

@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from kissbot.engine import sqlite_path, writer
-from kissbot.errors import DatabaseError, SchemaError, UnversionedDatabase
+from kissbot.errors import DatabaseError, NoDatabase, SchemaError, UnversionedDatabase
 
 HEAD = "0002"
 """The newest revision this version of kissbot knows (checked against the scripts by the tests)."""
@@ -123,10 +123,11 @@ def downgrade(engine: Engine, revision: str) -> None:
         command.downgrade(alembic_config(conn), revision)
 
 
-def ensure_schema(engine: Engine) -> None:
+def ensure_schema(engine: Engine, *, create: bool = True) -> None:
     """Bring the database to :data:`HEAD`, refusing what kissbot must not touch.
 
-    An empty database is created; one at an older revision is upgraded; one
+    An empty database is created (with ``create=False`` it raises
+    :class:`~kissbot.errors.NoDatabase` instead); one at an older revision is upgraded; one
     with kissbot's tables but no Alembic version raises
     :class:`~kissbot.errors.UnversionedDatabase`; one at a revision this
     version does not know raises :class:`~kissbot.errors.SchemaError`.
@@ -134,6 +135,8 @@ def ensure_schema(engine: Engine) -> None:
     revision, tables = _state(engine)
     if revision == HEAD:
         return
+    if not create and revision is None and not tables & KISSBOT_TABLES:
+        raise NoDatabase(f"database {engine.url.database} has no kissbot tables; create them with kissbot init-db")
     if revision is None and tables & KISSBOT_TABLES:
         raise UnversionedDatabase(
             f"database {engine.url.database} has kissbot tables but no migration version: run `kissbot adopt` first"
