@@ -91,6 +91,8 @@ def _copy(src_path: Path, tmp: Path) -> None:
         dst = sqlite3.connect(tmp)
         try:
             src.backup(dst)
+            # A self-contained file: opening the backup later makes no -wal/-shm beside it.
+            dst.execute("PRAGMA journal_mode = DELETE")
             result = [row[0] for row in dst.execute("PRAGMA integrity_check")]
         finally:
             dst.close()

@@ -87,10 +87,10 @@ def tokens(store: StoreTarget, reveal: bool, as_json: bool) -> None:
         rows = mgr.list_tokens(decrypt=True)
     if reveal:
         click.echo("Warning: printing full OAuth tokens; anyone who sees them can act as these users.", err=True)
-    show = (lambda v: v or "") if reveal else mask_secret
     for row in rows:
         for key in ("access_token", "refresh_token"):
-            row[key] = show(row[key])
+            if row[key] is not None and not reveal:
+                row[key] = mask_secret(row[key])
     if as_json:
         echo_json(rows)
         return

@@ -82,13 +82,17 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 def _set_verbosity(_ctx: click.Context, _param: click.Parameter, verbose: int) -> None:
     """``-v``: kissbot's INFO logs on stderr; ``-vv``: DEBUG, with SQLAlchemy's SQL (parameters hidden)."""
+    root = logging.getLogger()
+    # Undo an earlier command's setting (several commands can run in one process, e.g. under CliRunner).
+    for handler in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(handler)
+        logging.getLogger("kissbot").setLevel(logging.NOTSET)
+        logging.getLogger("sqlalchemy.engine").setLevel(logging.NOTSET)
     if not verbose:
         return
-    root = logging.getLogger()
-    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-8s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
-        root.addHandler(handler)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-8s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    root.addHandler(handler)
     logging.getLogger("kissbot").setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
     if verbose > 1:
         logging.getLogger("sqlalchemy.engine").setLevel(logging.INFO)
