@@ -16,6 +16,7 @@ import os
 import sqlite3
 from pathlib import Path
 
+from kissbot.engine import connect_sqlite_query_only
 from kissbot.errors import BackupError, NoDatabase
 from kissbot.types import utcnow
 
@@ -79,15 +80,11 @@ def backup_sqlite(src_path: str | os.PathLike[str], dest: str | os.PathLike[str]
 
 
 def _copy(src_path: Path, tmp: Path) -> None:
-    # mode=rw: never create the source; query_only: this connection writes nothing.
-    # A read-write connection (unlike mode=ro) removes the -wal/-shm files it
-    # needed when it is the last to close, so the source directory is unchanged.
     try:
-        src = sqlite3.connect(f"{src_path.resolve().as_uri()}?mode=rw", uri=True, timeout=BUSY_TIMEOUT_S)
+        src = connect_sqlite_query_only(src_path, timeout=BUSY_TIMEOUT_S)
     except sqlite3.Error as exc:
         raise BackupError(f"cannot open database {src_path}: {exc}") from None
     try:
-        src.execute("PRAGMA query_only = ON")
         dst = sqlite3.connect(tmp)
         try:
             src.backup(dst)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,28 @@ def sqlite_path(url: URL) -> Path | None:
     if url.get_backend_name() != "sqlite" or is_memory(url):
         return None
     return Path(url.database)
+
+
+def connect_sqlite_query_only(path: str | os.PathLike[str], timeout: float = 5.0) -> sqlite3.Connection:
+    """A plain :mod:`sqlite3` connection to an existing file that cannot write to it.
+
+    It opens read-write without creating (``mode=rw``) and sets
+    ``PRAGMA query_only``: unlike a ``mode=ro`` connection, which leaves the
+    ``-wal`` and ``-shm`` files of a WAL database behind, it removes them when
+    it is the last to close, so looking at a database leaves its directory as
+    it was. A file that cannot be opened read-write is opened ``mode=ro``.
+    """
+    uri = Path(path).resolve().as_uri()
+    try:
+        conn = sqlite3.connect(f"{uri}?mode=rw", uri=True, timeout=timeout)
+    except sqlite3.OperationalError:
+        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=timeout)
+    try:
+        conn.execute("PRAGMA query_only = ON")
+    except sqlite3.Error:
+        conn.close()
+        raise
+    return conn
 
 
 def create_engine(

@@ -16,7 +16,7 @@ from sqlalchemy import inspect
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from kissbot.engine import sqlite_path, writer
+from kissbot.engine import connect_sqlite_query_only, sqlite_path, writer
 from kissbot.errors import DatabaseError, NoDatabase, SchemaError, UnversionedDatabase
 
 HEAD = "0002"
@@ -80,7 +80,7 @@ def _probe_sqlite_file(path: Path) -> tuple[str | None, set[str]]:
     # engine's connect event switches the file to WAL, which would modify a
     # database that kissbot is about to refuse.
     try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        conn = connect_sqlite_query_only(path)
     except sqlite3.Error as exc:
         raise DatabaseError(f"cannot open database {path}: {exc}") from exc
     try:

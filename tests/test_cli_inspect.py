@@ -150,9 +150,10 @@ def test_instances_list_and_reset(runner, store, store_url, tmp_path):
 
     missing = runner.invoke(cli, ["instances", "reset", "999", *store])
     assert (missing.exit_code, missing.stderr) == (1, "Error: no instance with id 999\n")
-    misplaced = runner.invoke(cli, ["instances", *store, "reset", str(instance["id"])])
-    assert misplaced.exit_code == 2
-    assert "give --db/--url/--key-file after the subcommand" in misplaced.stderr
+    for misplaced_args in (store, ["-v"]):
+        misplaced = runner.invoke(cli, ["instances", *misplaced_args, "reset", str(instance["id"]), *store])
+        assert misplaced.exit_code == 2
+        assert "give --db/--url/--key-file/-v after the subcommand" in misplaced.stderr
 
 
 def test_audit_filters(runner, store):

@@ -502,3 +502,15 @@ def test_store_url_is_untouched_by_a_dry_run(runner, deploy, store_url):
             assert conn.exec_driver_sql("SELECT count(*) FROM oauth_tokens").scalar() == 0
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("command", [["migrate-yaml", "config.yaml"], ["migrate-yaml", "config.yaml", "--dry-run"], ["users"], ["tokens"]])
+def test_a_bad_key_file_leaves_the_directory_byte_identical(runner, deploy, command):
+    assert migrate(runner, deploy).exit_code == 0
+    (deploy / "bad.key").write_text("not a fernet key\n")
+    before = snapshot(deploy)
+    args = [deploy / a if a.endswith(".yaml") else a for a in command]
+    result = runner.invoke(cli, [*map(str, args), "--db", str(deploy / "kissbot.db"), "--key-file", str(deploy / "bad.key")])
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: key file {deploy}/bad.key does not hold a valid Fernet key\n"
+    assert snapshot(deploy) == before

@@ -18,7 +18,7 @@ from kissbot.crypto import mask_secret
 from kissbot.errors import UserNotFound
 
 _JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-_STORE_PARAMS = ("db_path", "url", "key_file")
+_STORE_PARAMS = ("db_path", "url", "key_file", "verbose")
 
 
 def _cell(value: Any) -> str:
@@ -116,7 +116,9 @@ def tokens(store: StoreTarget, reveal: bool, as_json: bool) -> None:
 def _refuse_group_store_options(ctx: click.Context) -> None:
     # `kissbot instances --db x reset 3` would reset instance 3 of the default database.
     if ctx.invoked_subcommand and any(ctx.get_parameter_source(p) is ParameterSource.COMMANDLINE for p in _STORE_PARAMS):
-        raise click.UsageError(f"give --db/--url/--key-file after the subcommand: kissbot {ctx.info_name} {ctx.invoked_subcommand} … --db PATH")
+        raise click.UsageError(
+            f"give --db/--url/--key-file/-v after the subcommand: kissbot {ctx.info_name} {ctx.invoked_subcommand} … --db PATH"
+        )
 
 
 @cli.group(invoke_without_command=True)

@@ -68,9 +68,6 @@ class KissbotGroup(click.Group):
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes each record to the ``sys.stderr`` of the moment (CliRunner swaps it)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @property  # type: ignore[override]
     def stream(self) -> Any:
         return sys.stderr
