@@ -69,6 +69,10 @@ class NoDatabase(DatabaseError):
     """The database does not exist (or has no kissbot tables) and the caller asked not to create it."""
 
 
+class OutdatedSchema(SchemaError):
+    """The database is at an older migration and the caller asked not to migrate it."""
+
+
 class BackupError(KissbotError):
     """A backup could not be taken or did not pass its integrity check."""
 

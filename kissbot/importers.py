@@ -33,7 +33,7 @@ import yaml
 from kissbot.backup import backup_sqlite, default_backup_path
 from kissbot.crypto import DEFAULT_KEY_FILE
 from kissbot.engine import DEFAULT_DB_PATH, sqlite_path, to_url
-from kissbot.errors import ImportSourceError, InvalidImport, NoDatabase
+from kissbot.errors import ImportSourceError, InvalidImport, NoDatabase, OutdatedSchema
 from kissbot.repo import AuditRepository, Executor, TokenRepository, UserRepository
 
 log = logging.getLogger(__name__)
@@ -388,7 +388,8 @@ def import_tokens(
 ) -> ImportReport:
     """Apply ``batch`` to a store (see :func:`apply_batch`): the whole run, safely.
 
-    Every entry is checked first, on a read-only look at the store; an invalid
+    Every entry is checked first, on a read-only look at the store (for a
+    database at an older migration, inside the write transaction); an invalid
     batch (unless ``skip_invalid``) raises
     :class:`~kissbot.errors.InvalidImport` with nothing written. Then, if the
     store is an existing SQLite file and ``backup`` is true, a consistent
@@ -409,6 +410,12 @@ def import_tokens(
         probe = open_store(create=False)
     except NoDatabase:
         if not batch.create_users:
+            raise
+        probe = None
+    except OutdatedSchema:
+        # Only the real run may migrate it, after the backup; the entries are
+        # then checked inside the write transaction.
+        if dry_run:
             raise
         probe = None
     try:

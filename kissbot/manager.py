@@ -36,11 +36,12 @@ class DatabaseManager:
     another database (``postgresql+psycopg://…``); ``key`` gives the Fernet key
     directly instead of a key file.
 
-    With ``create=False`` nothing is created: a missing database (a SQLite
-    file that does not exist, or a database without kissbot's tables) raises
-    :class:`~kissbot.errors.NoDatabase`, and a missing key file is not made
-    (a store without tokens then opens without a key: reading or writing
-    tokens raises :class:`~kissbot.errors.KeyFileError`).
+    With ``create=False`` nothing is created or migrated: a missing database
+    (a SQLite file that does not exist, or a database without kissbot's
+    tables) raises :class:`~kissbot.errors.NoDatabase`, one at an older
+    migration raises :class:`~kissbot.errors.OutdatedSchema`, and a missing key
+    file is not made (a store without tokens then opens without a key:
+    reading or writing tokens raises :class:`~kissbot.errors.KeyFileError`).
     """
 
     def __init__(

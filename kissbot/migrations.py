@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from kissbot.engine import connect_sqlite_query_only, sqlite_path, writer
-from kissbot.errors import DatabaseError, NoDatabase, SchemaError, UnversionedDatabase
+from kissbot.errors import DatabaseError, NoDatabase, OutdatedSchema, SchemaError, UnversionedDatabase
 
 HEAD = "0002"
 """The newest revision this version of kissbot knows (checked against the scripts by the tests)."""
@@ -126,11 +126,13 @@ def downgrade(engine: Engine, revision: str) -> None:
 def ensure_schema(engine: Engine, *, create: bool = True) -> None:
     """Bring the database to :data:`HEAD`, refusing what kissbot must not touch.
 
-    An empty database is created (with ``create=False`` it raises
-    :class:`~kissbot.errors.NoDatabase` instead); one at an older revision is upgraded; one
+    An empty database is created; one at an older revision is upgraded; one
     with kissbot's tables but no Alembic version raises
     :class:`~kissbot.errors.UnversionedDatabase`; one at a revision this
     version does not know raises :class:`~kissbot.errors.SchemaError`.
+    With ``create=False`` the schema is never written: an empty database
+    raises :class:`~kissbot.errors.NoDatabase` and an older one
+    :class:`~kissbot.errors.OutdatedSchema`, both pointing at ``kissbot init-db``.
     """
     revision, tables = _state(engine)
     if revision == HEAD:
@@ -151,4 +153,9 @@ def ensure_schema(engine: Engine, *, create: bool = True) -> None:
             known = False
         if not known:
             raise SchemaError(f"database is at migration {revision}, which this kissbot version does not know; upgrade kissbot")
+    if not create:
+        raise OutdatedSchema(
+            f"database {engine.url.database} is at migration {revision}, this kissbot needs {HEAD}: "
+            "migrate it with kissbot init-db"
+        )
     upgrade(engine)

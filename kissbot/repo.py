@@ -199,6 +199,8 @@ _TOKEN_LIST = (
     select(
         oauth_tokens.c.user_id,
         users.c.twitch_login,
+        oauth_tokens.c.token_type,
+        oauth_tokens.c.status,
         oauth_tokens.c.scopes,
         oauth_tokens.c.expires_at,
         oauth_tokens.c.needs_reauth,
@@ -206,7 +208,7 @@ _TOKEN_LIST = (
         oauth_tokens.c.updated_at,
     )
     .join(users, users.c.id == oauth_tokens.c.user_id)
-    .order_by(users.c.twitch_login)
+    .order_by(users.c.twitch_login, oauth_tokens.c.token_type)
 )
 _MARK_EXPIRED = (
     update(oauth_tokens)
@@ -387,7 +389,7 @@ class TokenRepository:
         return self.db.execute(_RELEASE, params).rowcount == 1
 
     def list_tokens(self, decrypt: bool = False) -> list[dict[str, Any]]:
-        """Every user's token row with its login, by login; nothing decrypted unless ``decrypt``.
+        """Every token row (each user, each token type) with its login; nothing decrypted unless ``decrypt``.
 
         With ``decrypt``, each row also holds ``access_token`` and
         ``refresh_token``; a row whose tokens do not decrypt holds None for
@@ -405,7 +407,7 @@ class TokenRepository:
         if decrypt:
             for row in rows:
                 try:
-                    tokens = self.get_tokens(row["user_id"]) or {}
+                    tokens = self.get_tokens(row["user_id"], token_type=row["token_type"]) or {}
                 except DecryptionError:
                     row.update(access_token=None, refresh_token=None, decrypt_error=True)
                 else:

@@ -106,13 +106,13 @@ def test_tokens_are_masked_to_4_characters(runner, store):
             assert secret[:5] not in result.output
             assert mask_secret(secret) == secret[:4] + "…"
     lines = text.stdout.splitlines()
-    assert lines[0].split() == ["login", "expires_at", "needs_reauth", "failures", "access_token", "refresh_token"]
+    assert lines[0].split() == ["login", "type", "expires_at", "needs_reauth", "failures", "access_token", "refresh_token"]
     chan = lines[1].split()
-    assert (chan[0], chan[2], chan[3], chan[4], chan[5]) == ("el_serda", "yes", "1", "chan…", "chan…")
+    assert (chan[0], chan[1], chan[3], chan[4], chan[5], chan[6]) == ("el_serda", "bot", "yes", "1", "chan…", "chan…")
     rows = {r["twitch_login"]: r for r in json.loads(data.stdout)}
     assert rows["serda_bot"]["access_token"] == "bota…"
     assert rows["serda_bot"]["scopes"] == ["chat:read"]
-    assert (rows["el_serda"]["needs_reauth"], rows["el_serda"]["refresh_failures"]) == (True, 1)
+    assert (rows["el_serda"]["needs_reauth"], rows["el_serda"]["refresh_failures"], rows["el_serda"]["status"]) == (True, 1, "expired")
 
 
 def test_tokens_reveal_prints_full_values_with_a_warning(runner, store):
@@ -206,6 +206,14 @@ def test_list_tokens_decrypts_only_when_asked(mgr, bot):
     assert (row["access_token"], row["refresh_token"], row["decrypt_error"]) == ("access-secret", "refresh-secret", False)
 
 
+def test_list_tokens_lists_each_token_type(mgr, bot):
+    mgr.store_tokens(bot, "bot-access", "bot-refresh", 60)
+    with mgr.session() as session:
+        TokenRepository(session).store_tokens(bot, "caster-access", "caster-refresh", 60, token_type="broadcaster")
+    rows = mgr.list_tokens(decrypt=True)
+    assert [(r["token_type"], r["access_token"]) for r in rows] == [("bot", "bot-access"), ("broadcaster", "caster-access")]
+
+
 def test_list_tokens_needs_no_key_unless_decrypting(tmp_path):
     db = tmp_path / "kissbot.db"
     with DatabaseManager(db, tmp_path / "a.key") as mgr:
@@ -242,3 +250,21 @@ def test_token_repository_list_on_a_session(mgr, bot):
     mgr.store_tokens(bot, "a", "r", 60)
     with mgr.session() as session:
         assert [r["user_id"] for r in TokenRepository(session).list_tokens()] == [bot]
+
+
+def test_read_only_commands_never_migrate_an_old_database(runner, tmp_path):
+    from kissbot.engine import create_engine
+    from kissbot.migrations import HEAD, upgrade
+
+    db = tmp_path / "kissbot.db"
+    engine = create_engine(db)
+    upgrade(engine, "0001")
+    engine.dispose()
+    before = listing(tmp_path)
+    (tmp_path / "config.yaml").write_text("twitch:\n  tokens:\n    bot:\n      user_id: 1\n      access_token: a\n      refresh_token: r\n")
+    for command in (["users"], ["stats"], ["migrate-yaml", str(tmp_path / "config.yaml"), "--dry-run"]):
+        result = runner.invoke(cli, [*command, "--db", str(db), "--key-file", str(tmp_path / "k")])
+        assert result.exit_code == 1, command
+        assert result.stderr == f"Error: database {db} is at migration 0001, this kissbot needs {HEAD}: migrate it with kissbot init-db\n"
+    (tmp_path / "config.yaml").unlink()
+    assert listing(tmp_path) == before

@@ -514,3 +514,20 @@ def test_a_bad_key_file_leaves_the_directory_byte_identical(runner, deploy, comm
     assert result.exit_code == 1
     assert result.stderr == f"Error: key file {deploy}/bad.key does not hold a valid Fernet key\n"
     assert snapshot(deploy) == before
+
+
+def test_migrate_yaml_backs_up_an_old_database_before_migrating_it(runner, deploy):
+    from kissbot.engine import create_engine
+    from kissbot.migrations import HEAD, upgrade
+
+    engine = create_engine(deploy / "kissbot.db")
+    upgrade(engine, "0001")
+    engine.dispose()
+    result = migrate(runner, deploy)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.split("\n", 1)[1] == FIRST_RUN
+    (backup,) = deploy.glob("kissbot.db.backup_*")
+    with closing(sqlite3.connect(backup)) as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0001",)
+    with closing(sqlite3.connect(deploy / "kissbot.db")) as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == (HEAD,)

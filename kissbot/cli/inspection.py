@@ -95,10 +95,11 @@ def tokens(store: StoreTarget, reveal: bool, as_json: bool) -> None:
         echo_json(rows)
         return
     _table(
-        ["login", "expires_at", "needs_reauth", "failures", "access_token", "refresh_token"],
+        ["login", "type", "expires_at", "needs_reauth", "failures", "access_token", "refresh_token"],
         [
             [
                 r["twitch_login"],
+                r["token_type"],
                 r["expires_at"],
                 r["needs_reauth"],
                 r["refresh_failures"],

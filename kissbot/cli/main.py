@@ -40,9 +40,10 @@ class StoreTarget:
         """Open the store (migrating it, loading the key).
 
         With ``create`` (the default) a missing database and key file are
-        created; read-only commands pass ``create=False`` so that a wrong path
-        gives ``Error: database … does not exist; create it with kissbot
-        init-db`` instead of a new empty store.
+        created and an old schema is migrated; read-only commands pass
+        ``create=False`` so that a wrong path gives ``Error: database … does
+        not exist; create it with kissbot init-db`` instead of a new empty
+        store, and an old database is left as it is.
         """
         from kissbot.manager import DatabaseManager
 
@@ -78,21 +79,18 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 def _set_verbosity(_ctx: click.Context, _param: click.Parameter, verbose: int) -> None:
-    """``-v``: kissbot's INFO logs on stderr; ``-vv``: DEBUG, with SQLAlchemy's SQL (parameters hidden)."""
+    """``-v``: kissbot's INFO logs on stderr; ``-vv``: DEBUG, with each SQL statement (never its parameters)."""
     root = logging.getLogger()
     # Undo an earlier command's setting (several commands can run in one process, e.g. under CliRunner).
     for handler in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
         root.removeHandler(handler)
         logging.getLogger("kissbot").setLevel(logging.NOTSET)
-        logging.getLogger("sqlalchemy.engine").setLevel(logging.NOTSET)
     if not verbose:
         return
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-8s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
     root.addHandler(handler)
     logging.getLogger("kissbot").setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
-    if verbose > 1:
-        logging.getLogger("sqlalchemy.engine").setLevel(logging.INFO)
 
 
 def echo_json(data: Any) -> None:
