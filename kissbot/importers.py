@@ -23,7 +23,6 @@ import json
 import logging
 import os
 from collections import Counter
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -406,25 +405,22 @@ def import_tokens(
         return DatabaseManager(db_path, key_file, url=url, create=create)
 
     log.info("%s: %d entries to import, %d invalid", batch.source, len(batch.entries), len(batch.problems))
+    planned: ImportReport | None = None
     try:
         probe = open_store(create=False)
     except NoDatabase:
         if not batch.create_users:
             raise
-        probe = None
+        planned = apply_batch(None, batch, expires_in=expires_in, skip_invalid=skip_invalid, dry_run=True)
     except OutdatedSchema:
         # Only the real run may migrate it, after the backup; the entries are
         # then checked inside the write transaction.
         if dry_run:
             raise
-        probe = None
-    try:
-        with probe.engine.connect() if probe is not None else nullcontext() as conn:
+    else:
+        with probe, probe.engine.connect() as conn:
             planned = apply_batch(conn, batch, expires_in=expires_in, skip_invalid=skip_invalid, dry_run=True)
-    finally:
-        if probe is not None:
-            probe.close()
-    if dry_run or planned.tokens_stored == 0:
+    if planned is not None and (dry_run or planned.tokens_stored == 0):
         planned.dry_run = dry_run
         return planned
 

@@ -531,3 +531,21 @@ def test_migrate_yaml_backs_up_an_old_database_before_migrating_it(runner, deplo
         assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0001",)
     with closing(sqlite3.connect(deploy / "kissbot.db")) as conn:
         assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == (HEAD,)
+
+
+def test_import_tio_into_an_old_database_migrates_it_after_a_backup(runner, deploy):
+    from kissbot.engine import create_engine
+    from kissbot.migrations import upgrade
+
+    engine = create_engine(deploy / "kissbot.db")
+    upgrade(engine, "0001")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO users (twitch_user_id, twitch_login) VALUES ('44456636', 'el_serda')")
+    engine.dispose()
+    tio = write_tio(deploy, {"44456636": tio_entry("44456636", "livechanaccess0000000000000000", "r")})
+    result = runner.invoke(cli, ["import-tio", str(tio), *store_args(deploy)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.split("\n", 1)[1] == "users_created: 0\nusers_updated: 1\ntokens_stored: 1\nerrors: 0\n"
+    assert len(list(deploy.glob("kissbot.db.backup_*"))) == 1
+    with DatabaseManager(deploy / "kissbot.db", deploy / ".kissbot.key") as mgr:
+        assert mgr.get_tokens(mgr.get_user("44456636")["id"])["access_token"] == "livechanaccess0000000000000000"
