@@ -19,9 +19,8 @@ from __future__ import annotations
 import base64
 import os
 import re
-import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone, tzinfo
 from pathlib import Path
@@ -34,10 +33,10 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.pool import NullPool, StaticPool
 
 from kissbot.crypto import TokenCipher, read_key_file
-from kissbot.engine import connect_read_only, create_engine
+from kissbot.backup import backup_sqlite, default_backup_path
+from kissbot.engine import connect_sqlite_query_only, create_engine
 from kissbot.errors import AdoptionError, DecryptionError, KissbotError
 from kissbot.migrations import HEAD, alembic_config, current_revision, migration_connection
-from kissbot.types import utcnow
 
 BASELINE = "0001"
 """The revision an adopted database is stamped with before it is upgraded to head."""
@@ -413,36 +412,9 @@ class AdoptionReport:
         return lines
 
 
-def _default_backup_path(db_path: str | os.PathLike[str]) -> Path:
-    """``<db>.backup_YYYYMMDD_HHMMSS`` (UTC) beside the database."""
-    db_path = Path(db_path)
-    return db_path.with_name(f"{db_path.name}.backup_{utcnow():%Y%m%d_%H%M%S}")
-
-
-def _backup_sqlite(src_path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
-    """Copy the committed state of a SQLite database to a new file ``dest`` (mode 0600).
-
-    Uses SQLite's online backup API, so the copy is consistent even while other
-    connections use the database. Refuses to overwrite ``dest``.
-    """
-    dest = Path(dest)
-    try:
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    except FileExistsError:
-        raise KissbotError(f"backup {dest} already exists") from None
-    os.close(fd)
-    try:
-        with closing(connect_read_only(src_path)) as src, closing(sqlite3.connect(dest)) as out:
-            src.backup(out)
-    except BaseException:
-        dest.unlink(missing_ok=True)
-        raise
-    return dest
-
-
 @contextmanager
 def _read_only_connection(path: Path) -> Iterator[Connection]:
-    engine = sqlalchemy.create_engine("sqlite://", creator=lambda: connect_read_only(path), poolclass=NullPool)
+    engine = sqlalchemy.create_engine("sqlite://", creator=lambda: connect_sqlite_query_only(path), poolclass=NullPool)
     try:
         with engine.connect() as conn:
             yield conn
@@ -544,7 +516,7 @@ def adopt(
             if current_revision(conn) is not None:
                 return AdoptionReport(path, current_revision(conn))
             plan = _plan(conn, base, zone, cipher)
-            backup = _backup_sqlite(path, _default_backup_path(path))
+            backup = backup_sqlite(path, default_backup_path(path))
             _rebuild(conn, plan, base)
             cfg = alembic_config(conn)
             command.stamp(cfg, BASELINE)

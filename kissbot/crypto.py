@@ -36,7 +36,7 @@ class TokenCipher:
             raise KeyFileError("no encryption key given")
         try:
             self._fernet = MultiFernet([Fernet(k) for k in keys])
-        except (ValueError, TypeError, binascii.Error) as exc:
+        except (ValueError, TypeError, binascii.Error):
             raise KeyFileError("encryption key is not a valid Fernet key (32 url-safe base64-encoded bytes)") from None
 
     def __repr__(self) -> str:
@@ -106,3 +106,10 @@ def create_key_file(path: str | os.PathLike[str]) -> bytes:
     finally:
         tmp.unlink(missing_ok=True)
     return key
+
+
+def mask_secret(value: str | None) -> str:
+    """Show a secret as its first 4 characters and "…" (never more), for logs and output."""
+    if not value:
+        return ""
+    return f"{value[:4]}…"

@@ -54,20 +54,26 @@ def sqlite_path(url: URL) -> Path | None:
     return Path(url.database)
 
 
-def connect_read_only(path: str | os.PathLike[str]) -> sqlite3.Connection:
-    """Open a SQLite file for reading without creating or changing any file.
+def connect_sqlite_query_only(path: str | os.PathLike[str], timeout: float = 5.0) -> sqlite3.Connection:
+    """A plain :mod:`sqlite3` connection to an existing file that cannot write to it.
 
-    A read-only open of a WAL-mode database still creates its ``-wal`` and
-    ``-shm`` files. When the file is in WAL mode and has no ``-wal`` file
-    (everything is checkpointed, no process has it open) it is opened
-    ``immutable`` instead, so none appear.
+    It opens read-write without creating (``mode=rw``) and sets
+    ``PRAGMA query_only``: unlike a ``mode=ro`` connection, which leaves the
+    ``-wal`` and ``-shm`` files of a WAL database behind, it removes them when
+    it is the last to close, so looking at a database leaves its directory as
+    it was. A file that cannot be opened read-write is opened ``mode=ro``.
     """
-    path = Path(path).resolve()
-    with open(path, "rb") as fh:
-        header = fh.read(20)
-    wal_mode = len(header) == 20 and header[18] == 2
-    immutable = "&immutable=1" if wal_mode and not Path(f"{path}-wal").exists() else ""
-    return sqlite3.connect(f"{path.as_uri()}?mode=ro{immutable}", uri=True)
+    uri = Path(path).resolve().as_uri()
+    try:
+        conn = sqlite3.connect(f"{uri}?mode=rw", uri=True, timeout=timeout)
+    except sqlite3.OperationalError:
+        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=timeout)
+    try:
+        conn.execute("PRAGMA query_only = ON")
+    except sqlite3.Error:
+        conn.close()
+        raise
+    return conn
 
 
 def create_engine(

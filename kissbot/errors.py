@@ -67,3 +67,27 @@ class AdoptionError(SchemaError):
 
 class DatabaseError(KissbotError):
     """The database could not be opened or used."""
+
+
+class NoDatabase(DatabaseError):
+    """The database does not exist (or has no kissbot tables) and the caller asked not to create it."""
+
+
+class OutdatedSchema(SchemaError):
+    """The database is at an older migration and the caller asked not to migrate it."""
+
+
+class BackupError(KissbotError):
+    """A backup could not be taken or did not pass its integrity check."""
+
+
+class ImportSourceError(KissbotError):
+    """A token file to import is missing, unreadable, malformed or holds no tokens."""
+
+
+class InvalidImport(KissbotError):
+    """Entries of a token file are invalid; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from kissbot.crypto import DEFAULT_KEY_FILE, TokenCipher, create_key_file, read_key_file
 from kissbot.engine import DEFAULT_DB_PATH, create_engine, sqlite_path, to_url, writer
-from kissbot.errors import KeyFileError, UserNotFound
+from kissbot.errors import KeyFileError, NoDatabase, UserNotFound
 from kissbot.migrations import ensure_schema
 from kissbot.repo import AuditRepository, ConfigRepository, InstanceRepository, TokenRepository, UserRepository
 from kissbot.types import attach_cipher
@@ -35,6 +35,13 @@ class DatabaseManager:
     mode 0600 only when the database holds no tokens yet. ``url`` selects
     another database (``postgresql+psycopg://…``); ``key`` gives the Fernet key
     directly instead of a key file.
+
+    With ``create=False`` nothing is created or migrated: a missing database
+    (a SQLite file that does not exist, or a database without kissbot's
+    tables) raises :class:`~kissbot.errors.NoDatabase`, one at an older
+    migration raises :class:`~kissbot.errors.OutdatedSchema`, and a missing key
+    file is not made (a store without tokens then opens without a key:
+    reading or writing tokens raises :class:`~kissbot.errors.KeyFileError`).
     """
 
     def __init__(
@@ -46,13 +53,19 @@ class DatabaseManager:
         key: bytes | str | None = None,
         echo: bool = False,
         synchronous: str = "NORMAL",
+        create: bool = True,
     ) -> None:
         self.url = to_url(url if url is not None else db_path)
         self.key_file = Path(key_file)
+        path = sqlite_path(self.url)
+        if not create and path is not None and not path.exists():
+            raise NoDatabase(f"database {path} does not exist; create it with kissbot init-db")
         self.engine: Engine = create_engine(self.url, echo=echo, synchronous=synchronous)
         try:
-            ensure_schema(self.engine)
-            attach_cipher(self.engine, TokenCipher(key) if key is not None else self._load_key())
+            ensure_schema(self.engine, create=create)
+            cipher = TokenCipher(key) if key is not None else self._load_key(create)
+            if cipher is not None:
+                attach_cipher(self.engine, cipher)
         except BaseException:
             self.engine.dispose()
             raise
@@ -61,7 +74,7 @@ class DatabaseManager:
     def __repr__(self) -> str:
         return f"<DatabaseManager {self.url.render_as_string(hide_password=True)}>"
 
-    def _load_key(self) -> TokenCipher:
+    def _load_key(self, create: bool) -> TokenCipher | None:
         if self.key_file.exists() or self.key_file.is_symlink():
             return TokenCipher(read_key_file(self.key_file))
         with self.engine.connect() as conn:
@@ -71,7 +84,7 @@ class DatabaseManager:
                 f"key file {self.key_file} not found but {self.url.database} holds tokens for {holders} users; "
                 "restore the key from your backup"
             )
-        return TokenCipher(create_key_file(self.key_file))
+        return TokenCipher(create_key_file(self.key_file)) if create else None
 
     # --- transactions --------------------------------------------------------------------------
 
@@ -155,6 +168,11 @@ class DatabaseManager:
         with self.engine.connect() as conn:
             return TokenRepository(conn).get_tokens_needing_refresh(buffer_minutes)
 
+    def list_tokens(self, decrypt: bool = False) -> list[dict[str, Any]]:
+        """Every token row with its login; tokens decrypted only if ``decrypt`` (see the repository)."""
+        with self.engine.connect() as conn:
+            return TokenRepository(conn).list_tokens(decrypt)
+
     def mark_tokens_expired(self, user_id: int, *, token_type: str = "bot") -> None:
         """Flag the tokens of ``user_id`` as needing reauthorisation."""
         with self._writer.begin() as conn:
@@ -191,6 +209,11 @@ class DatabaseManager:
         """Running instances."""
         with self.engine.connect() as conn:
             return InstanceRepository(conn).get_active_instances()
+
+    def list_instances(self) -> list[dict[str, Any]]:
+        """Every instance, whatever its status, with the channel and bot logins."""
+        with self.engine.connect() as conn:
+            return InstanceRepository(conn).list_instances()
 
     # --- audit ---------------------------------------------------------------------------------
 
@@ -240,6 +263,11 @@ class DatabaseManager:
         """Set a setting."""
         with self._writer.begin() as conn:
             ConfigRepository(conn).set_config(key, value, description)
+
+    def list_config(self) -> list[dict[str, Any]]:
+        """Every setting (key, typed value, description, updated_at), by key."""
+        with self.engine.connect() as conn:
+            return ConfigRepository(conn).list_config()
 
     # --- stats ---------------------------------------------------------------------------------
 

@@ -16,8 +16,8 @@ from sqlalchemy import inspect
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from kissbot.engine import connect_read_only, sqlite_path, writer
-from kissbot.errors import DatabaseError, SchemaError, UnversionedDatabase
+from kissbot.engine import connect_sqlite_query_only, sqlite_path, writer
+from kissbot.errors import DatabaseError, NoDatabase, OutdatedSchema, SchemaError, UnversionedDatabase
 
 HEAD = "0002"
 """The newest revision this version of kissbot knows (checked against the scripts by the tests)."""
@@ -80,8 +80,8 @@ def _probe_sqlite_file(path: Path) -> tuple[str | None, set[str]]:
     # engine's connect event switches the file to WAL, which would modify a
     # database that kissbot is about to refuse.
     try:
-        conn = connect_read_only(path)
-    except (sqlite3.Error, OSError) as exc:
+        conn = connect_sqlite_query_only(path)
+    except sqlite3.Error as exc:
         raise DatabaseError(f"cannot open database {path}: {exc}") from exc
     try:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -123,17 +123,22 @@ def downgrade(engine: Engine, revision: str) -> None:
         command.downgrade(alembic_config(conn), revision)
 
 
-def ensure_schema(engine: Engine) -> None:
+def ensure_schema(engine: Engine, *, create: bool = True) -> None:
     """Bring the database to :data:`HEAD`, refusing what kissbot must not touch.
 
     An empty database is created; one at an older revision is upgraded; one
     with kissbot's tables but no Alembic version raises
     :class:`~kissbot.errors.UnversionedDatabase`; one at a revision this
     version does not know raises :class:`~kissbot.errors.SchemaError`.
+    With ``create=False`` the schema is never written: an empty database
+    raises :class:`~kissbot.errors.NoDatabase` and an older one
+    :class:`~kissbot.errors.OutdatedSchema`, both pointing at ``kissbot init-db``.
     """
     revision, tables = _state(engine)
     if revision == HEAD:
         return
+    if not create and revision is None and not tables & KISSBOT_TABLES:
+        raise NoDatabase(f"database {engine.url.database} has no kissbot tables; create them with kissbot init-db")
     if revision is None and tables & KISSBOT_TABLES:
         raise UnversionedDatabase(
             f"database {engine.url.database} has kissbot tables but no migration version: run `kissbot adopt` first"
@@ -148,4 +153,9 @@ def ensure_schema(engine: Engine) -> None:
             known = False
         if not known:
             raise SchemaError(f"database is at migration {revision}, which this kissbot version does not know; upgrade kissbot")
+    if not create:
+        raise OutdatedSchema(
+            f"database {engine.url.database} is at migration {revision}, this kissbot needs {HEAD}: "
+            "migrate it with kissbot init-db"
+        )
     upgrade(engine)

@@ -10,7 +10,7 @@ where the caller asked for them.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, Union
 
 from sqlalchemy import bindparam, delete, func, insert, select, update
@@ -195,6 +195,21 @@ _TOKENS_DUE = (
     .where(oauth_tokens.c.expires_at <= bindparam("p_cutoff"))
     .order_by(oauth_tokens.c.expires_at)
 )
+_TOKEN_LIST = (
+    select(
+        oauth_tokens.c.user_id,
+        users.c.twitch_login,
+        oauth_tokens.c.token_type,
+        oauth_tokens.c.status,
+        oauth_tokens.c.scopes,
+        oauth_tokens.c.expires_at,
+        oauth_tokens.c.needs_reauth,
+        oauth_tokens.c.refresh_failures,
+        oauth_tokens.c.updated_at,
+    )
+    .join(users, users.c.id == oauth_tokens.c.user_id)
+    .order_by(users.c.twitch_login, oauth_tokens.c.token_type)
+)
 _MARK_EXPIRED = (
     update(oauth_tokens)
     .where(_ROW)
@@ -373,6 +388,33 @@ class TokenRepository:
         params = {"p_user_id": user_id, "p_type": token_type, "p_owner": owner}
         return self.db.execute(_RELEASE, params).rowcount == 1
 
+    def list_tokens(self, decrypt: bool = False) -> list[dict[str, Any]]:
+        """Every token row (each user, each token type) with its login; nothing decrypted unless ``decrypt``.
+
+        With ``decrypt``, each row also holds ``access_token`` and
+        ``refresh_token``; a row whose tokens do not decrypt holds None for
+        both and ``decrypt_error`` True instead of failing the whole list.
+        """
+        rows = [
+            {
+                **r._asdict(),
+                "scopes": _decode_scopes(r.scopes),
+                "needs_reauth": bool(r.needs_reauth),
+                "refresh_failures": r.refresh_failures or 0,
+            }
+            for r in self.db.execute(_TOKEN_LIST)
+        ]
+        if decrypt:
+            for row in rows:
+                try:
+                    tokens = self.get_tokens(row["user_id"], token_type=row["token_type"]) or {}
+                except DecryptionError:
+                    row.update(access_token=None, refresh_token=None, decrypt_error=True)
+                else:
+                    row.update(access_token=tokens.get("access_token"), refresh_token=tokens.get("refresh_token"))
+                    row["decrypt_error"] = False
+        return rows
+
     def count(self) -> int:
         """Number of token rows."""
         return self.db.execute(select(func.count()).select_from(oauth_tokens)).scalar_one()
@@ -509,8 +551,15 @@ class InstanceRepository:
         return [r._asdict() for r in self.db.execute(stmt)]
 
     def list_instances(self) -> list[dict[str, Any]]:
-        """Every instance, whatever its status."""
-        return [r._asdict() for r in self.db.execute(select(*_INSTANCE_COLUMNS).order_by(instances.c.id))]
+        """Every instance, whatever its status, with the channel and bot logins."""
+        channel, bot = users.alias("channel"), users.alias("bot")
+        stmt = (
+            select(*_INSTANCE_COLUMNS, channel.c.twitch_login.label("channel_login"), bot.c.twitch_login.label("bot_login"))
+            .join(channel, channel.c.id == instances.c.channel_id)
+            .join(bot, bot.c.id == instances.c.bot_user_id)
+            .order_by(instances.c.id)
+        )
+        return [r._asdict() for r in self.db.execute(stmt)]
 
     def count_active(self) -> int:
         """Number of running instances."""

@@ -8,9 +8,12 @@ Commands are a thin layer over the public API: they open a store with
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,11 +36,18 @@ class StoreTarget:
         """The URL if given, else the SQLite path."""
         return self.url or os.fspath(self.db_path)
 
-    def open(self):  # -> kissbot.DatabaseManager
-        """Open the store (creating or migrating it, loading the key)."""
+    def open(self, create: bool = True):  # -> kissbot.DatabaseManager
+        """Open the store (migrating it, loading the key).
+
+        With ``create`` (the default) a missing database and key file are
+        created and an old schema is migrated; read-only commands pass
+        ``create=False`` so that a wrong path gives ``Error: database … does
+        not exist; create it with kissbot init-db`` instead of a new empty
+        store, and an old database is left as it is.
+        """
         from kissbot.manager import DatabaseManager
 
-        return DatabaseManager(self.db_path, self.key_file, url=self.url)
+        return DatabaseManager(self.db_path, self.key_file, url=self.url, create=create)
 
 
 class KissbotGroup(click.Group):
@@ -56,13 +66,44 @@ class KissbotGroup(click.Group):
             raise click.ClickException(f"{exc.filename or 'file'}: {exc.strerror}") from exc
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes each record to the ``sys.stderr`` of the moment (CliRunner swaps it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def _set_verbosity(_ctx: click.Context, _param: click.Parameter, verbose: int) -> None:
-    if verbose:
-        logging.basicConfig(
-            level=logging.DEBUG if verbose > 1 else logging.INFO,
-            format="%(asctime)s %(levelname)-8s %(message)s",
-            datefmt="%Y-%m-%d %H:%M:%S",
-        )
+    """``-v``: kissbot's INFO logs on stderr; ``-vv``: DEBUG, with each SQL statement (never its parameters)."""
+    root = logging.getLogger()
+    # Undo an earlier command's setting (several commands can run in one process, e.g. under CliRunner).
+    for handler in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(handler)
+        logging.getLogger("kissbot").setLevel(logging.NOTSET)
+    if not verbose:
+        return
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-8s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    root.addHandler(handler)
+    logging.getLogger("kissbot").setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+
+
+def echo_json(data: Any) -> None:
+    """Print ``data`` as indented JSON (datetimes in ISO 8601)."""
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Path):
+        return os.fspath(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def store_options(fn: Callable[..., Any]) -> Callable[..., Any]:

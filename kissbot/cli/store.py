@@ -53,7 +53,7 @@ def stats(store: StoreTarget, as_json: bool) -> None:
     Example:
         kissbot stats --db kissbot.db --json
     """
-    with store.open() as mgr:
+    with store.open(create=False) as mgr:
         figures = mgr.get_stats()
     if as_json:
         click.echo(json.dumps(figures, indent=2))

@@ -1,0 +1,278 @@
+"""Inspection commands: ``users``, ``tokens``, ``instances``, ``audit``, ``config``.
+
+They open the store with ``create=False``: pointed at a database that does not
+exist, they say so instead of creating an empty store and a key.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from kissbot.cli.main import StoreTarget, cli, echo_json, store_options
+from kissbot.crypto import mask_secret
+from kissbot.errors import UserNotFound
+
+_JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+_STORE_PARAMS = ("db_path", "url", "key_file", "verbose")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds")
+    return str(value)
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> None:
+    """Print rows under headers in aligned columns, or "(none)"."""
+    if not rows:
+        click.echo("(none)")
+        return
+    cells = [headers, *[[_cell(v) for v in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+# --- users -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@_JSON
+@store_options
+def users(store: StoreTarget, as_json: bool) -> None:
+    """List the users (bots and channels), by login.
+
+    \b
+    Example:
+        kissbot users --db kissbot.db --json
+    """
+    with store.open(create=False) as mgr:
+        rows = mgr.list_users()
+    if as_json:
+        echo_json(rows)
+        return
+    _table(
+        ["id", "login", "display_name", "twitch_user_id", "bot", "created_at"],
+        [[u["id"], u["twitch_login"], u["display_name"], u["twitch_user_id"], bool(u["is_bot"]), u["created_at"]] for u in rows],
+    )
+
+
+# --- tokens ------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--reveal", is_flag=True, help="Print the full token values (a warning goes to stderr).")
+@_JSON
+@store_options
+def tokens(store: StoreTarget, reveal: bool, as_json: bool) -> None:
+    """List each user's tokens: expiry, needs_reauth, refresh failures.
+
+    Token values are masked to their first 4 characters unless --reveal.
+
+    \b
+    Example:
+        kissbot tokens --db kissbot.db
+        kissbot tokens --json
+    """
+    with store.open(create=False) as mgr:
+        rows = mgr.list_tokens(decrypt=True)
+    if reveal:
+        click.echo("Warning: printing full OAuth tokens; anyone who sees them can act as these users.", err=True)
+    for row in rows:
+        for key in ("access_token", "refresh_token"):
+            if row[key] is not None and not reveal:
+                row[key] = mask_secret(row[key])
+    if as_json:
+        echo_json(rows)
+        return
+    _table(
+        ["login", "type", "expires_at", "needs_reauth", "failures", "access_token", "refresh_token"],
+        [
+            [
+                r["twitch_login"],
+                r["token_type"],
+                r["expires_at"],
+                r["needs_reauth"],
+                r["refresh_failures"],
+                "(does not decrypt)" if r["decrypt_error"] else r["access_token"],
+                "(does not decrypt)" if r["decrypt_error"] else r["refresh_token"],
+            ]
+            for r in rows
+        ],
+    )
+
+
+# --- instances ---------------------------------------------------------------------------------
+
+
+def _refuse_group_store_options(ctx: click.Context) -> None:
+    # `kissbot instances --db x reset 3` would reset instance 3 of the default database.
+    if ctx.invoked_subcommand and any(ctx.get_parameter_source(p) is ParameterSource.COMMANDLINE for p in _STORE_PARAMS):
+        raise click.UsageError(
+            f"give --db/--url/--key-file/-v after the subcommand: kissbot {ctx.info_name} {ctx.invoked_subcommand} … --db PATH"
+        )
+
+
+@cli.group(invoke_without_command=True)
+@_JSON
+@store_options
+@click.pass_context
+def instances(ctx: click.Context, store: StoreTarget, as_json: bool) -> None:
+    """List the bot instances (alone), or act on one (subcommands).
+
+    \b
+    Example:
+        kissbot instances --db kissbot.db
+        kissbot instances reset 3 --db kissbot.db
+    """
+    _refuse_group_store_options(ctx)
+    if ctx.invoked_subcommand:
+        return
+    with store.open(create=False) as mgr:
+        rows = mgr.list_instances()
+    if as_json:
+        echo_json(rows)
+        return
+    _table(
+        ["id", "channel", "bot", "status", "pid", "last_heartbeat", "crashes"],
+        [[i["id"], i["channel_login"], i["bot_login"], i["status"], i["pid"], i["last_heartbeat"], i["crash_count"]] for i in rows],
+    )
+
+
+@instances.command("reset")
+@click.argument("instance_id", metavar="ID", type=int)
+@store_options
+def instances_reset(store: StoreTarget, instance_id: int) -> None:
+    """Re-enable an instance disabled after too many crashes.
+
+    \b
+    Example:
+        kissbot instances reset 3 --db kissbot.db
+    """
+    with store.open(create=False) as mgr:
+        mgr.reset_instance(instance_id)
+    click.echo(f"Instance {instance_id} reset: status stopped, crash count 0")
+
+
+# --- audit -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Newest events to show.")
+@click.option("--event-type", help="Only events of this type, e.g. tokens_refreshed.")
+@click.option("--user", "login", metavar="LOGIN", help="Only events of this user.")
+@_JSON
+@store_options
+def audit(store: StoreTarget, limit: int, event_type: str | None, login: str | None, as_json: bool) -> None:
+    """Show the audit log, newest first.
+
+    \b
+    Example:
+        kissbot audit --limit 20 --event-type tokens_migrated
+        kissbot audit --user serda_bot --json
+    """
+    with store.open(create=False) as mgr:
+        logins = {u["id"]: u["twitch_login"] for u in mgr.list_users()}
+        user_id = None
+        if login is not None:
+            user_id = next((uid for uid, name in logins.items() if name == login.lower()), None)
+            if user_id is None:
+                raise UserNotFound(f"no user with login {login!r}")
+        events = mgr.get_audit_log(limit=limit, event_type=event_type, user_id=user_id)
+    for event in events:
+        event["user_login"] = logins.get(event["user_id"])
+        event["channel_login"] = logins.get(event["channel_id"])
+    if as_json:
+        echo_json(events)
+        return
+    if not events:
+        click.echo("(none)")
+    for e in events:
+        who = f" user={e['user_login']}" if e["user_login"] else ""
+        where = f" channel={e['channel_login']}" if e["channel_login"] else ""
+        details = f" {json.dumps(e['details'], ensure_ascii=False)}" if e["details"] is not None else ""
+        click.echo(f"{_cell(e['timestamp'])} {e['severity']:<7} {e['event_type']}{who}{where}{details}")
+
+
+# --- config ------------------------------------------------------------------------------------
+
+
+def _shown(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+@cli.group()
+def config() -> None:
+    """Read and change the system settings (config table).
+
+    \b
+    Example:
+        kissbot config list
+        kissbot config set log_retention_days 60 --description "Audit log retention"
+    """
+
+
+@config.command("get")
+@click.argument("key")
+@_JSON
+@store_options
+def config_get(store: StoreTarget, key: str, as_json: bool) -> None:
+    """Print the value of one setting.
+
+    \b
+    Example:
+        kissbot config get max_crash_count --db kissbot.db
+    """
+    missing = object()
+    with store.open(create=False) as mgr:
+        value = mgr.get_config(key, default=missing)
+    if value is missing:
+        raise click.ClickException(f"no config key {key!r}; see kissbot config list")
+    if as_json:
+        echo_json({"key": key, "value": value})
+    else:
+        click.echo(_shown(value))
+
+
+@config.command("set")
+@click.argument("key")
+@click.argument("value")
+@click.option("--description", help="What the setting is for.")
+@store_options
+def config_set(store: StoreTarget, key: str, value: str, description: str | None) -> None:
+    """Set a setting (the value is stored as text; "60" reads back as 60).
+
+    \b
+    Example:
+        kissbot config set log_retention_days 60 --db kissbot.db
+    """
+    with store.open(create=False) as mgr:
+        mgr.set_config(key, value, description)
+    click.echo(f"{key} = {value}")
+
+
+@config.command("list")
+@_JSON
+@store_options
+def config_list(store: StoreTarget, as_json: bool) -> None:
+    """List every setting with its description.
+
+    \b
+    Example:
+        kissbot config list --json
+    """
+    with store.open(create=False) as mgr:
+        rows = mgr.list_config()
+    if as_json:
+        echo_json(rows)
+        return
+    _table(["key", "value", "description"], [[r["key"], _shown(r["value"]), r["description"]] for r in rows])

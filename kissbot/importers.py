@@ -1,0 +1,438 @@
+"""Import plaintext tokens into the encrypted store.
+
+Three sources are read into one :class:`TokenBatch`:
+
+* a bot's ``config.yaml`` (:func:`read_yaml_tokens`): ``twitch.tokens.<login>``
+  with ``user_id``, ``access_token``, ``refresh_token`` and optional
+  ``scopes``; users are created or updated;
+* TwitchIO's ``.tio.tokens.json`` (:func:`read_token_file`):
+  ``{"<user_id>": {"user_id", "token", "refresh", "last_validated"}}``;
+  tokens go to existing users matched by Twitch user id;
+* pyTwitchAPI's ``user_token.json`` (``{"token", "refresh"}``), for the
+  existing user named by ``login``.
+
+:func:`import_tokens` then validates every entry against the store and writes
+them in one transaction, after a backup of an existing SQLite database, or
+only computes the figures (``dry_run``) without writing anything at all.
+Problems name the entry but never show a token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kissbot.backup import backup_sqlite, default_backup_path
+from kissbot.crypto import DEFAULT_KEY_FILE
+from kissbot.engine import DEFAULT_DB_PATH, sqlite_path, to_url
+from kissbot.errors import ImportSourceError, InvalidImport, NoDatabase, OutdatedSchema
+from kissbot.repo import AuditRepository, Executor, TokenRepository, UserRepository
+
+log = logging.getLogger(__name__)
+
+OAUTH_PREFIX = "oauth:"
+YAML_EXPIRES_IN = 0
+"""YAML tokens have an unknown age: by default they are due for refresh at once."""
+TIO_EXPIRES_IN = 14400
+"""Tokens from a live token file: the specification's 4 hours."""
+
+
+@dataclass(frozen=True)
+class TokenEntry:
+    """One user's tokens read from a file. ``where`` names it in problems (never a token)."""
+
+    where: str
+    twitch_user_id: str | None
+    login: str | None
+    access_token: str = field(repr=False)
+    refresh_token: str = field(repr=False)
+    display_name: str | None = None
+    scopes: list[str] | None = None
+    is_bot: bool = False
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """What a token file holds: valid entries, one line per invalid one, and how to apply them.
+
+    With ``create_users`` the entries create or update users (config.yaml);
+    without, they only go to users that already exist (live token files).
+    """
+
+    source: str
+    entries: list[TokenEntry]
+    problems: list[str]
+    create_users: bool
+    audit_event: str
+
+
+@dataclass
+class ImportReport:
+    """The figures of an import; ``errors`` are human lines naming each entry at fault."""
+
+    users_created: int = 0
+    users_updated: int = 0
+    tokens_stored: int = 0
+    errors: list[str] = field(default_factory=list)
+    dry_run: bool = False
+    backup: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data."""
+        return {
+            "users_created": self.users_created,
+            "users_updated": self.users_updated,
+            "tokens_stored": self.tokens_stored,
+            "errors": list(self.errors),
+            "dry_run": self.dry_run,
+            "backup": self.backup,
+            "notes": list(self.notes),
+        }
+
+
+# --- reading files -----------------------------------------------------------------------------
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ImportSourceError(f"{what} {path} not found") from None
+    except IsADirectoryError:
+        raise ImportSourceError(f"{what} {path} is a directory") from None
+    except UnicodeDecodeError:
+        raise ImportSourceError(f"{what} {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise ImportSourceError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def _token_field(data: dict[str, Any], key: str, where: str, problems: list[str]) -> str | None:
+    value = data.get(key)
+    if value is None:
+        problems.append(f"{where}: {key} is missing")
+        return None
+    if not isinstance(value, str):
+        problems.append(f"{where}: {key} must be a string")
+        return None
+    value = value.strip()
+    if value.lower().startswith(OAUTH_PREFIX):
+        value = value[len(OAUTH_PREFIX):].strip()
+    if not value:
+        problems.append(f"{where}: {key} is empty")
+        return None
+    return value
+
+
+def _user_id_field(value: Any, where: str, problems: list[str]) -> str | None:
+    if value is None or value == "":
+        problems.append(f"{where}: user_id is missing")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        problems.append(f"{where}: user_id must be a number or a string of digits")
+        return None
+    text = str(value).strip()
+    if not (text.isascii() and text.isdigit()):
+        problems.append(f"{where}: user_id must be a number or a string of digits")
+        return None
+    return text
+
+
+def _scopes_field(value: Any, where: str, problems: list[str]) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value.split()
+    if isinstance(value, list) and all(isinstance(s, str) and s for s in value):
+        return list(value)
+    problems.append(f"{where}: scopes must be a list of strings")
+    return None
+
+
+def read_yaml_tokens(path: str | os.PathLike[str]) -> TokenBatch:
+    """Read ``twitch.tokens`` from a bot's ``config.yaml`` (other sections are ignored).
+
+    Logins are the keys, matched case-insensitively: the entry is stored
+    under the lowercase login with the key's spelling as ``display_name``.
+    ``user_id`` may be a number or a string; an ``oauth:`` prefix is stripped
+    from tokens; ``scopes`` (a list or a space-separated string) and
+    ``is_bot`` are optional, and a user whose id is ``twitch.bot_id`` is a bot.
+    Raises :class:`~kissbot.errors.ImportSourceError` if the file is missing,
+    is not YAML or has no ``twitch.tokens``; entry problems (missing, empty or
+    non-string fields, duplicate logins or user ids) are listed in the batch.
+    """
+    path = Path(path)
+    text = _read_text(path, "config file")
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        # Only the position and the parser's complaint: the snippet could hold a secret.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "cannot be parsed"
+        raise ImportSourceError(f"{path} is not valid YAML: {problem}{where}") from None
+    twitch = config.get("twitch") if isinstance(config, dict) else None
+    tokens = twitch.get("tokens") if isinstance(twitch, dict) else None
+    if tokens is None:
+        raise ImportSourceError(f"{path} has no twitch.tokens section: nothing to migrate")
+    if not isinstance(tokens, dict):
+        raise ImportSourceError(f"{path}: twitch.tokens must map each login to its tokens")
+    if not tokens:
+        raise ImportSourceError(f"{path}: twitch.tokens is empty: nothing to migrate")
+    bot_id = twitch.get("bot_id")
+    bot_id = str(bot_id) if isinstance(bot_id, (int, str)) and not isinstance(bot_id, bool) else None
+
+    problems: list[str] = []
+    parsed: list[TokenEntry] = []
+    spellings: dict[str, list[str]] = {}
+    for key in tokens:
+        if isinstance(key, str):
+            spellings.setdefault(key.strip().lower(), []).append(key)
+    for key, data in tokens.items():
+        where = f"twitch.tokens.{key}"
+        if not isinstance(key, str) or not key.strip():
+            problems.append(f"{where}: the login must be a non-empty string")
+            continue
+        # Which of two entries for one login is right cannot be known: every copy is refused.
+        others = [k for k in spellings[key.strip().lower()] if k != key]
+        if others:
+            problems.append(f"{where}: duplicate login (also given as {', '.join(others)})")
+            continue
+        if not isinstance(data, dict):
+            problems.append(f"{where}: expected user_id, access_token and refresh_token")
+            continue
+        entry_problems: list[str] = []
+        user_id = _user_id_field(data.get("user_id"), where, entry_problems)
+        access = _token_field(data, "access_token", where, entry_problems)
+        refresh = _token_field(data, "refresh_token", where, entry_problems)
+        scopes = _scopes_field(data.get("scopes"), where, entry_problems)
+        is_bot = data.get("is_bot")
+        if is_bot is not None and not isinstance(is_bot, bool):
+            entry_problems.append(f"{where}: is_bot must be true or false")
+        if entry_problems:
+            problems.extend(entry_problems)
+            continue
+        display = key.strip()
+        parsed.append(
+            TokenEntry(
+                where=where,
+                twitch_user_id=user_id,
+                login=display.lower(),
+                access_token=access,
+                refresh_token=refresh,
+                display_name=display,
+                scopes=scopes,
+                is_bot=is_bot if is_bot is not None else user_id == bot_id,
+            )
+        )
+    entries = _drop_duplicate_ids(parsed, problems)
+    return TokenBatch(path.name, entries, problems, create_users=True, audit_event="tokens_migrated")
+
+
+def _drop_duplicate_ids(entries: list[TokenEntry], problems: list[str]) -> list[TokenEntry]:
+    ids = Counter(e.twitch_user_id for e in entries)
+    kept = []
+    for e in entries:
+        if ids[e.twitch_user_id] > 1:
+            others = [o.display_name for o in entries if o.twitch_user_id == e.twitch_user_id and o is not e]
+            problems.append(f"{e.where}: user_id {e.twitch_user_id} is also given for {', '.join(others)}")
+        else:
+            kept.append(e)
+    return kept
+
+
+def read_token_file(path: str | os.PathLike[str], login: str | None = None) -> TokenBatch:
+    """Read a live token file: TwitchIO's ``.tio.tokens.json`` or, with ``login``, pyTwitchAPI's ``user_token.json``.
+
+    TwitchIO's file maps each Twitch user id to ``{"user_id", "token",
+    "refresh", "last_validated"}``; its entries go to the existing users with
+    those ids. pyTwitchAPI's file is one ``{"token", "refresh"}`` for the
+    existing user ``login``. Raises :class:`~kissbot.errors.ImportSourceError`
+    if the file is missing, is not JSON, or is neither format.
+    """
+    path = Path(path)
+    text = _read_text(path, "token file")
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        lineno = getattr(exc, "lineno", None)
+        where = f" (line {lineno}, column {exc.colno})" if lineno is not None else ""
+        raise ImportSourceError(f"{path} is not valid JSON{where}") from None
+    if not isinstance(data, dict) or not data:
+        raise ImportSourceError(f"{path} holds no tokens")
+    problems: list[str] = []
+    entries: list[TokenEntry] = []
+    if "token" in data or "refresh" in data:
+        if login is None:
+            raise ImportSourceError(f"{path} is a pyTwitchAPI token file: name its user with --login")
+        access = _token_field(data, "token", path.name, problems)
+        refresh = _token_field(data, "refresh", path.name, problems)
+        if not problems:
+            entries.append(TokenEntry(path.name, None, login.strip().lower(), access, refresh))
+        return TokenBatch(path.name, entries, problems, create_users=False, audit_event="tokens_imported")
+    if login is not None:
+        raise ImportSourceError(f"{path} is a TwitchIO token file: its users are named by id, drop --login")
+    for key, value in data.items():
+        where = f"{path.name}[{key}]"
+        entry_problems: list[str] = []
+        user_id = _user_id_field(key, where, entry_problems)
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected token and refresh")
+            continue
+        access = _token_field(value, "token", where, entry_problems)
+        refresh = _token_field(value, "refresh", where, entry_problems)
+        inner = value.get("user_id")
+        if inner is not None and user_id is not None and str(inner).strip() != user_id:
+            entry_problems.append(f"{where}: user_id {inner} does not match its key")
+        if entry_problems:
+            problems.extend(entry_problems)
+            continue
+        entries.append(TokenEntry(where, user_id, None, access, refresh))
+    return TokenBatch(path.name, entries, problems, create_users=False, audit_event="tokens_imported")
+
+
+# --- applying a batch --------------------------------------------------------------------------
+
+
+def _match(users: UserRepository | None, entry: TokenEntry, create_users: bool) -> tuple[dict[str, Any] | None, str | None]:
+    """The existing user of ``entry`` (None: to be created), or a problem line."""
+    by_id = users.get_user(entry.twitch_user_id) if users is not None and entry.twitch_user_id else None
+    by_login = users.get_user_by_login(entry.login) if users is not None and entry.login else None
+    if create_users:
+        if by_id is not None and by_id["twitch_login"] != entry.login:
+            return None, f"{entry.where}: user_id {entry.twitch_user_id} already belongs to login {by_id['twitch_login']!r} in the database"
+        if by_login is not None and by_login["twitch_user_id"] != entry.twitch_user_id:
+            return None, (
+                f"{entry.where}: login {entry.login!r} belongs to Twitch user id {by_login['twitch_user_id']} "
+                f"in the database, not {entry.twitch_user_id}"
+            )
+        return by_id, None
+    user = by_id if entry.twitch_user_id else by_login
+    if user is None:
+        what = f"Twitch user id {entry.twitch_user_id}" if entry.twitch_user_id else f"login {entry.login!r}"
+        return None, f"{entry.where}: no user with {what} in the database; skipped"
+    return user, None
+
+
+def apply_batch(
+    db: Executor | None, batch: TokenBatch, *, expires_in: int, skip_invalid: bool = False, dry_run: bool = False
+) -> ImportReport:
+    """Validate ``batch`` against the store ``db`` and store its tokens.
+
+    ``db`` is a session or connection (None: an empty store, for a dry run of
+    a database that does not exist yet). Entries that clash with the store (a
+    user id owned by another login, a login owned by another user id) join the
+    batch's problems: unless ``skip_invalid``, any problem raises
+    :class:`~kissbot.errors.InvalidImport` before anything is written. Entries
+    for users that do not exist (live token files) are reported and skipped.
+    Each user gets one ``batch.audit_event`` without secrets. The caller owns
+    the transaction; with ``dry_run`` nothing is written.
+    """
+    users = UserRepository(db) if db is not None else None
+    problems = list(batch.problems)
+    skipped: list[str] = []
+    ready: list[tuple[TokenEntry, dict[str, Any] | None]] = []
+    for entry in batch.entries:
+        user, problem = _match(users, entry, batch.create_users)
+        if problem is None:
+            ready.append((entry, user))
+        elif batch.create_users:
+            problems.append(problem)
+        else:
+            skipped.append(problem)
+    if problems and not skip_invalid:
+        raise InvalidImport(problems)
+    report = ImportReport(errors=problems + skipped, dry_run=dry_run)
+    for entry, user in ready:
+        if user is None:
+            report.users_created += 1
+        else:
+            report.users_updated += 1
+        report.tokens_stored += 1
+        if dry_run or db is None:
+            continue
+        if user is None:
+            user_id = users.create_user(entry.twitch_user_id, entry.login, entry.display_name, entry.is_bot)
+        else:
+            user_id = user["id"]
+            if entry.display_name and user["display_name"] != entry.display_name:
+                users.update_user(user_id, display_name=entry.display_name)
+        TokenRepository(db).store_tokens(user_id, entry.access_token, entry.refresh_token, expires_in, entry.scopes)
+        AuditRepository(db).log_event(
+            batch.audit_event,
+            user_id=user_id,
+            details={"login": entry.login or user["twitch_login"], "source": batch.source, "user_created": user is None},
+        )
+        log.info("stored the tokens of %s from %s", entry.login or user["twitch_login"], batch.source)
+    return report
+
+
+def import_tokens(
+    batch: TokenBatch,
+    *,
+    db_path: str | os.PathLike[str] = DEFAULT_DB_PATH,
+    key_file: str | os.PathLike[str] = DEFAULT_KEY_FILE,
+    url: str | None = None,
+    expires_in: int = YAML_EXPIRES_IN,
+    skip_invalid: bool = False,
+    dry_run: bool = False,
+    backup: bool = True,
+) -> ImportReport:
+    """Apply ``batch`` to a store (see :func:`apply_batch`): the whole run, safely.
+
+    Every entry is checked first, on a read-only look at the store (for a
+    database at an older migration, inside the write transaction); an invalid
+    batch (unless ``skip_invalid``) raises
+    :class:`~kissbot.errors.InvalidImport` with nothing written. Then, if the
+    store is an existing SQLite file and ``backup`` is true, a consistent
+    backup ``<db>.backup_YYYYMMDD_HHMMSS`` is taken; the database (and key)
+    are created if needed (only for ``config.yaml`` batches: live token files
+    need existing users, so a missing database raises
+    :class:`~kissbot.errors.NoDatabase`), and the entries are written in ONE
+    transaction. With ``dry_run`` the same figures are computed and nothing at
+    all is written: no database, no key file, no backup.
+    """
+    from kissbot.manager import DatabaseManager
+
+    def open_store(create: bool) -> DatabaseManager:
+        return DatabaseManager(db_path, key_file, url=url, create=create)
+
+    log.info("%s: %d entries to import, %d invalid", batch.source, len(batch.entries), len(batch.problems))
+    planned: ImportReport | None = None
+    try:
+        probe = open_store(create=False)
+    except NoDatabase:
+        if not batch.create_users:
+            raise
+        planned = apply_batch(None, batch, expires_in=expires_in, skip_invalid=skip_invalid, dry_run=True)
+    except OutdatedSchema:
+        # Only the real run may migrate it, after the backup; the entries are
+        # then checked inside the write transaction.
+        if dry_run:
+            raise
+    else:
+        with probe, probe.engine.connect() as conn:
+            planned = apply_batch(conn, batch, expires_in=expires_in, skip_invalid=skip_invalid, dry_run=True)
+    if planned is not None and (dry_run or planned.tokens_stored == 0):
+        planned.dry_run = dry_run
+        return planned
+
+    notes: list[str] = []
+    taken: str | None = None
+    path = sqlite_path(to_url(url if url is not None else db_path))
+    if backup and path is None:
+        notes.append("backup skipped: kissbot backs up SQLite files only; back this database up with its own tools")
+    elif backup and path.exists():
+        taken = os.fspath(backup_sqlite(path, default_backup_path(path)))
+    with open_store(create=True) as mgr, mgr.session() as session:
+        report = apply_batch(session, batch, expires_in=expires_in, skip_invalid=skip_invalid)
+    report.backup, report.notes = taken, notes
+    return report
+
