@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from kissbot.crypto import DEFAULT_KEY_FILE, TokenCipher, create_key_file, read_key_file
 from kissbot.engine import DEFAULT_DB_PATH, create_engine, sqlite_path, to_url, writer
-from kissbot.errors import KeyFileError, NoDatabase, UserNotFound
+from kissbot.errors import KeyFileError, NoDatabase
 from kissbot.migrations import ensure_schema
 from kissbot.repo import AuditRepository, ConfigRepository, InstanceRepository, TokenRepository, UserRepository
 from kissbot.types import attach_cipher
