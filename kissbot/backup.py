@@ -1,4 +1,4 @@
-"""Consistent online backups of a SQLite store.
+"""Consistent online backups of a SQLite store, and restoring one.
 
 A live SQLite database in WAL mode is spread over ``kissbot.db``,
 ``kissbot.db-wal`` and ``kissbot.db-shm``; copying the files while bots write
@@ -6,18 +6,28 @@ can give a torn copy. :func:`backup_sqlite` instead reads the database through
 SQLite's online backup API in one step (one consistent snapshot, while other
 processes keep writing), checks the copy with ``PRAGMA integrity_check``, and
 only then puts it in place, with mode 0600, as one complete file. The key file
-is never copied beside it.
+is never copied beside it unless asked (:func:`backup_key`).
+:func:`restore_sqlite` checks a backup thoroughly before it swaps it in for
+the current database.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sqlite3
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+from kissbot.crypto import TokenCheck, TokenCipher, read_key_file, verify_tokens
 from kissbot.engine import connect_sqlite_query_only
-from kissbot.errors import BackupError, NoDatabase
+from kissbot.errors import BackupError, DatabaseBusy, NoDatabase
+from kissbot.maintenance import integrity_problems
+from kissbot.migrations import KISSBOT_TABLES, is_known_revision
 from kissbot.types import utcnow
 
 log = logging.getLogger(__name__)
@@ -53,57 +63,225 @@ def backup_sqlite(src_path: str | os.PathLike[str], dest: str | os.PathLike[str]
     src_path, dest = Path(src_path), Path(dest)
     if not src_path.is_file():
         raise NoDatabase(f"database {src_path} does not exist")
-    if dest.exists() or dest.is_symlink():
-        raise BackupError(f"backup {dest} already exists")
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    except OSError as exc:
-        raise BackupError(f"cannot create backup {dest}: {exc.strerror}") from None
-    os.close(fd)
-    try:
-        _copy(src_path, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, dest)
-        except FileExistsError:
-            raise BackupError(f"backup {dest} already exists") from None
-        except OSError as exc:
-            raise BackupError(f"cannot create backup {dest}: {exc.strerror}") from None
-        _fsync_dir(dest.parent)
-    finally:
-        for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm"), Path(f"{tmp}-journal")):
-            leftover.unlink(missing_ok=True)
-    log.info("backed up %s to %s", src_path, dest)
-    return dest
-
-
-def _copy(src_path: Path, tmp: Path) -> None:
+    _refuse_existing(dest)
     try:
         src = connect_sqlite_query_only(src_path, timeout=BUSY_TIMEOUT_S)
     except sqlite3.Error as exc:
         raise BackupError(f"cannot open database {src_path}: {exc}") from None
     try:
-        dst = sqlite3.connect(tmp)
-        try:
-            src.backup(dst)
-            # A self-contained file: opening the backup later makes no -wal/-shm beside it.
-            dst.execute("PRAGMA journal_mode = DELETE")
-            result = [row[0] for row in dst.execute("PRAGMA integrity_check")]
-        finally:
-            dst.close()
-    except sqlite3.Error as exc:
-        raise BackupError(f"backup of {src_path} failed: {exc}") from None
+        _backup_connection(src, dest, src_path)
     finally:
         src.close()
-    if result != ["ok"]:
-        raise BackupError(f"backup of {src_path} failed its integrity check: {result[0]}")
+    log.info("backed up %s to %s", src_path, dest)
+    return dest
+
+
+def _backup_connection(src: sqlite3.Connection, dest: Path, source: Path) -> None:
+    # backup_sqlite's body, for a caller already holding a connection (and a lock) on the source.
+    _refuse_existing(dest)
+    tmp = _private_temp_file(dest)
+    try:
+        try:
+            copy = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                # pages=-1: one step, so one read transaction and one snapshot; copying
+                # page by page would restart whenever another process commits.
+                src.backup(copy, pages=-1)
+                # A self-contained file: opening the backup later makes no -wal/-shm beside it.
+                copy.execute("PRAGMA journal_mode = DELETE")
+                problems = integrity_problems(copy)
+            finally:
+                copy.close()
+        except sqlite3.Error as exc:
+            raise BackupError(f"backup of {source} failed: {exc}") from None
+        if problems:
+            raise BackupError(f"backup of {source} failed its integrity check: {problems[0]}")
+        _fsync_file(tmp)
+        _install_new(tmp, dest)
+    finally:
+        _remove_sqlite_files(tmp)
+
+
+def backup_key(key_file: Path, backup_path: Path) -> Path:
+    """Copy the key beside a backup, as ``<backup>.key`` with mode 0600; return its path.
+
+    Anyone holding both files can read every token: keep them apart unless
+    you mean to move them together to a safe place.
+    """
+    dest = Path(f"{backup_path}.key")
+    key = read_key_file(key_file)
+    _refuse_existing(dest)
+    tmp = _private_temp_file(dest)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(key + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        _install_new(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+@dataclass(frozen=True)
+class RestoreReport:
+    """What :func:`restore_sqlite` did."""
+
+    tokens_checked: int
+    """Users whose tokens were decrypted with the current key before restoring."""
+    previous_backup: Path | None
+    """The backup of the database that was replaced (None if there was none)."""
+
+
+def restore_sqlite(
+    backup: Path, db_path: Path, cipher: TokenCipher, *, busy_timeout: float = 1.0
+) -> RestoreReport:
+    """Replace the SQLite database ``db_path`` with the backup file ``backup``.
+
+    The backup is refused (:class:`~kissbot.errors.BackupError`, nothing
+    changed) if it fails ``integrity_check``, is not a kissbot database, is at
+    a migration this version does not know, or holds a token that ``cipher``
+    cannot decrypt. Every bot must be stopped first: if another connection
+    holds ``db_path`` within ``busy_timeout`` seconds,
+    :class:`~kissbot.errors.DatabaseBusy` is raised. The current database is
+    backed up to :func:`default_backup_path` first, then replaced atomically:
+    a kill at any moment leaves the old or the new database, whole.
+    """
+    backup, db_path = Path(backup), Path(db_path)
+    if not backup.is_file():
+        raise BackupError(f"backup {backup} not found")
+    wal = Path(f"{backup}-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        raise BackupError(
+            f"{backup} has a {wal.name} beside it: it is a copy of a live database, not a backup; "
+            "make one with `kissbot backup`"
+        )
+    # The backup is checked and sealed in a private copy beside the target, so
+    # the backup file is never modified and what was checked is what is swapped in.
+    staged = _private_temp_file(db_path)
+    try:
+        shutil.copyfile(backup, staged)
+        conn = sqlite3.connect(staged, isolation_level=None)
+        try:
+            check = _check_backup(conn, backup, cipher)
+            conn.execute("PRAGMA journal_mode = DELETE")
+        except sqlite3.DatabaseError as exc:
+            raise BackupError(f"{backup} is not a usable SQLite database ({exc}); nothing restored") from None
+        finally:
+            conn.close()
+        _fsync_file(staged)
+        previous = None
+        if db_path.exists():
+            os.chmod(staged, stat.S_IMODE(db_path.stat().st_mode))
+            with _exclusive(db_path, busy_timeout) as guard:
+                previous = default_backup_path(db_path)
+                _backup_connection(guard, previous, db_path)
+                # SQLite replays any -wal it finds beside a database, whatever the
+                # file's header says, so a -wal of the OLD database left beside the
+                # NEW file would write old pages into it. Holding the exclusive lock
+                # (no other connection can add a frame), the old database is
+                # checkpointed and switched to rollback-journal mode: SQLite folds the
+                # -wal into the file and deletes it. From then on both files are
+                # standalone and os.replace swaps one whole database for the other; a
+                # kill before it leaves the old database (in WAL or rollback mode, both
+                # complete), after it the new one. The -shm holds no data (it is
+                # rebuilt from the -wal), but a stale one is removed too.
+                guard.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                mode = guard.execute("PRAGMA journal_mode = DELETE").fetchone()[0]
+                if mode != "delete":
+                    raise BackupError(f"cannot take {db_path} out of WAL mode (journal mode {mode}); nothing restored")
+                for suffix in ("-wal", "-shm"):
+                    Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+                os.replace(staged, db_path)
+        else:
+            os.replace(staged, db_path)
+        _fsync_dir(db_path.parent)
+    finally:
+        _remove_sqlite_files(staged)
+    return RestoreReport(tokens_checked=check.checked, previous_backup=previous)
+
+
+def _check_backup(conn: sqlite3.Connection, backup: Path, cipher: TokenCipher) -> TokenCheck:
+    problems = integrity_problems(conn)
+    if problems:
+        raise BackupError(f"{backup} fails integrity_check ({len(problems)} problems, first: {problems[0]}); nothing restored")
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not KISSBOT_TABLES <= tables or "alembic_version" not in tables:
+        raise BackupError(f"{backup} is not a kissbot database (no kissbot tables or no alembic_version); nothing restored")
+    row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+    if row is None or not is_known_revision(row[0]):
+        raise BackupError(
+            f"{backup} is at migration {row[0] if row else None}, which this kissbot version does not know; nothing restored"
+        )
+    check = verify_tokens(
+        conn.execute("SELECT user_id, access_token_encrypted, refresh_token_encrypted FROM oauth_tokens"), cipher
+    )
+    if check.failed_user_ids:
+        raise BackupError(
+            f"{backup}: tokens of {len(check.failed_user_ids)} of {check.checked} users do not decrypt with "
+            "the current key (made with another key?); nothing restored"
+        )
+    return check
+
+
+@contextmanager
+def _exclusive(db_path: Path, timeout: float) -> Iterator[sqlite3.Connection]:
+    # In EXCLUSIVE locking mode the first access takes an exclusive lock on the
+    # file and keeps it until close. Every WAL connection holds a shared lock for
+    # as long as it is open, so this fails while any bot is connected, even idle.
+    try:
+        conn = sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=rw", uri=True, timeout=timeout, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise BackupError(f"cannot open the current database {db_path}: {exc}; nothing restored") from None
+    try:
+        conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+        try:
+            conn.execute("BEGIN EXCLUSIVE")
+            conn.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise DatabaseBusy(
+                    f"database {db_path} is in use by another process: stop every bot using it, then restore"
+                ) from None
+            raise BackupError(f"cannot open the current database {db_path}: {exc}; nothing restored") from None
+        yield conn
+    finally:
+        conn.close()
+
+
+def _private_temp_file(beside: Path) -> Path:
+    """Create an empty mode-0600 file in ``beside``'s folder under a hidden, unique name."""
+    tmp = beside.with_name(f".{beside.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except OSError as exc:
+        raise BackupError(f"cannot create {beside}: {exc.strerror}") from None
+    os.close(fd)
+    return tmp
+
+
+def _install_new(tmp: Path, dest: Path) -> None:
+    """Give the complete file ``tmp`` the name ``dest``, refusing to replace anything."""
+    try:
+        os.link(tmp, dest)
+    except FileExistsError:
+        raise BackupError(f"backup {dest} already exists") from None
+    except OSError as exc:
+        raise BackupError(f"cannot create backup {dest}: {exc.strerror}") from None
+    _fsync_dir(dest.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(directory: Path) -> None:
     try:
-        fd = os.open(directory, os.O_RDONLY)
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
         return
     try:
@@ -112,3 +290,13 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _remove_sqlite_files(path: Path) -> None:
+    for suffix in ("", "-journal", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def _refuse_existing(dest: Path) -> None:
+    if dest.exists() or dest.is_symlink():
+        raise BackupError(f"backup {dest} already exists")

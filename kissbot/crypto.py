@@ -9,7 +9,10 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
@@ -113,3 +116,31 @@ def mask_secret(value: str | None) -> str:
     if not value:
         return ""
     return f"{value[:4]}…"
+
+
+@dataclass(frozen=True)
+class TokenCheck:
+    """How many users' tokens were tried, and whose failed to decrypt."""
+
+    checked: int
+    """Distinct users with at least one token row."""
+    failed_user_ids: list[int] = field(default_factory=list)
+    """Users with a token (access or refresh, any token type) that does not decrypt, ascending."""
+
+
+def verify_tokens(rows: Iterable[tuple[Any, str | None, str | None]], cipher: TokenCipher) -> TokenCheck:
+    """Try to decrypt every ``(user_id, access_ciphertext, refresh_ciphertext)`` row with ``cipher``.
+
+    Plaintexts are dropped at once; only the ids of users with a token that
+    does not decrypt are returned.
+    """
+    users, failed = set(), set()
+    for user_id, access, refresh in rows:
+        users.add(user_id)
+        try:
+            for value in (access, refresh):
+                if value is not None:
+                    cipher.decrypt(value)
+        except DecryptionError:
+            failed.add(user_id)
+    return TokenCheck(len(users), sorted(failed))

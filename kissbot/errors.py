@@ -78,7 +78,7 @@ class OutdatedSchema(SchemaError):
 
 
 class BackupError(KissbotError):
-    """A backup could not be taken or did not pass its integrity check."""
+    """A backup could not be taken or did not pass its integrity check, or was refused for restoring."""
 
 
 class ImportSourceError(KissbotError):
@@ -91,3 +91,11 @@ class InvalidImport(KissbotError):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = list(problems)
+
+
+class DatabaseBusy(KissbotError):
+    """Another process holds the database, so it cannot be replaced now."""
+
+
+class UnsupportedBackend(KissbotError):
+    """The operation exists on another database backend only (e.g. SQLite's WAL checkpoint)."""

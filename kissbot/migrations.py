@@ -107,6 +107,17 @@ def _state(engine: Engine) -> tuple[str | None, set[str]]:
         raise DatabaseError(f"cannot open database {engine.url.database}: {exc.orig or exc}") from exc
 
 
+def is_known_revision(revision: str) -> bool:
+    """True if ``revision`` is one of this version's migrations."""
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    try:
+        return ScriptDirectory.from_config(alembic_config()).get_revision(revision) is not None
+    except CommandError:
+        return False
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Migrate ``engine``'s database up to ``revision`` in one transaction."""
     from alembic import command
@@ -143,16 +154,8 @@ def ensure_schema(engine: Engine, *, create: bool = True) -> None:
         raise UnversionedDatabase(
             f"database {engine.url.database} has kissbot tables but no migration version: run `kissbot adopt` first"
         )
-    if revision is not None:
-        from alembic.script import ScriptDirectory
-        from alembic.util import CommandError
-
-        try:
-            known = ScriptDirectory.from_config(alembic_config()).get_revision(revision) is not None
-        except CommandError:
-            known = False
-        if not known:
-            raise SchemaError(f"database is at migration {revision}, which this kissbot version does not know; upgrade kissbot")
+    if revision is not None and not is_known_revision(revision):
+        raise SchemaError(f"database is at migration {revision}, which this kissbot version does not know; upgrade kissbot")
     if not create:
         raise OutdatedSchema(
             f"database {engine.url.database} is at migration {revision}, this kissbot needs {HEAD}: "

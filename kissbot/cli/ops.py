@@ -1,0 +1,227 @@
+"""Day-to-day operations: ``cleanup-logs``, ``backup``, ``restore``, ``maintenance``, ``doctor``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from kissbot.cli.main import StoreTarget, cli, store_options
+from kissbot.errors import DatabaseError, UnsupportedBackend
+
+
+def _sqlite_file(store: StoreTarget, command: str, postgres_tool: str) -> Path:
+    from kissbot.engine import sqlite_path, to_url
+
+    url = to_url(store.target)
+    path = sqlite_path(url)
+    if path is None:
+        if url.get_backend_name() == "postgresql":
+            raise UnsupportedBackend(f"`kissbot {command}` works on SQLite files; for PostgreSQL use {postgres_tool}")
+        raise DatabaseError(f"`kissbot {command}` needs a SQLite database file")
+    return path
+
+
+@cli.command("cleanup-logs")
+@click.option("--days", type=click.IntRange(min=0), help="Keep this many days (default: config log_retention_days).")
+@store_options
+def cleanup_logs(store: StoreTarget, days: int | None) -> None:
+    """Delete audit log entries older than N days and print how many went.
+
+    \b
+    Example:
+        kissbot cleanup-logs --db kissbot.db --days 30
+    """
+    with store.open(create=False) as mgr:
+        if days is None:
+            days = int(mgr.get_config("log_retention_days", default=30))
+        deleted = mgr.cleanup_old_logs(days)
+    click.echo(f"Deleted {deleted} audit log entries older than {days} days")
+
+
+@cli.command()
+@click.argument("dest", required=False, type=click.Path(path_type=Path))
+@click.option("--with-key", is_flag=True, help="Also copy the key beside the backup as DEST.key (mode 0600).")
+@store_options
+def backup(store: StoreTarget, dest: Path | None, with_key: bool) -> None:
+    """Copy the live SQLite database consistently to DEST while bots keep writing.
+
+    DEST defaults to <db>.backup_YYYYMMDD_HHMMSS (UTC) beside the database; a
+    folder gets that name inside it. The copy is checked with integrity_check
+    and has mode 0600. The key is not copied unless --with-key.
+
+    \b
+    Example:
+        kissbot backup --db kissbot.db
+        kissbot backup --db kissbot.db /mnt/backups/
+    """
+    from kissbot.backup import backup_key, backup_sqlite, default_backup_path
+    from kissbot.crypto import read_key_file
+
+    db = _sqlite_file(store, "backup", "pg_dump, e.g. `pg_dump -Fc -f kissbot.dump DBNAME`")
+    if dest is None:
+        dest = default_backup_path(db)
+    elif dest.is_dir():
+        dest = dest / default_backup_path(db).name
+    if with_key:
+        read_key_file(store.key_file)  # a missing key fails before anything is written
+    backup_sqlite(db, dest)
+    click.echo(f"Backed up {db} to {dest} (integrity_check: ok)")
+    if with_key:
+        key_copy = backup_key(store.key_file, dest)
+        click.echo(f"Copied the key to {key_copy}")
+        click.echo(
+            f"Warning: {key_copy} decrypts every token in {dest}; store the two apart, or both somewhere only you can read",
+            err=True,
+        )
+
+
+@cli.command()
+@click.argument("backup_file", metavar="BACKUP", type=click.Path(path_type=Path))
+@store_options
+def restore(store: StoreTarget, backup_file: Path) -> None:
+    """Replace the SQLite database with BACKUP, after checking it thoroughly.
+
+    BACKUP is refused if it fails integrity_check, is not a kissbot database,
+    is at a migration this version does not know, or holds tokens the current
+    key cannot decrypt. Stop every bot first: restore refuses a database in
+    use. The current database is backed up (<db>.backup_YYYYMMDD_HHMMSS) and
+    then replaced atomically.
+
+    \b
+    Example:
+        kissbot restore --db kissbot.db kissbot.db.backup_20251105_004608
+    """
+    from kissbot.backup import restore_sqlite
+    from kissbot.crypto import TokenCipher, read_key_file
+
+    db = _sqlite_file(store, "restore", "pg_restore")
+    cipher = TokenCipher(read_key_file(store.key_file))
+    report = restore_sqlite(backup_file, db, cipher)
+    if report.previous_backup is not None:
+        click.echo(f"Backed up the current database to {report.previous_backup}")
+    click.echo(f"Restored {db} from {backup_file} (tokens of {report.tokens_checked} users decrypt with {store.key_file})")
+
+
+@cli.group()
+def maintenance() -> None:
+    """Compact, analyze, checkpoint or check the database.
+
+    \b
+    Example:
+        kissbot maintenance checkpoint --db kissbot.db --mode TRUNCATE
+        kissbot maintenance vacuum --db kissbot.db
+    """
+
+
+@maintenance.command("vacuum")
+@store_options
+def maintenance_vacuum(store: StoreTarget) -> None:
+    """Rebuild the database to reclaim free space (VACUUM).
+
+    \b
+    Example:
+        kissbot maintenance vacuum --db kissbot.db
+    """
+    from kissbot.maintenance import open_existing, vacuum
+
+    engine = open_existing(store.target)
+    try:
+        vacuum(engine)
+    finally:
+        engine.dispose()
+    click.echo("VACUUM: done")
+
+
+@maintenance.command("analyze")
+@store_options
+def maintenance_analyze(store: StoreTarget) -> None:
+    """Refresh the query planner's statistics (ANALYZE).
+
+    \b
+    Example:
+        kissbot maintenance analyze --db kissbot.db
+    """
+    from kissbot.maintenance import analyze, open_existing
+
+    engine = open_existing(store.target)
+    try:
+        analyze(engine)
+    finally:
+        engine.dispose()
+    click.echo("ANALYZE: done")
+
+
+@maintenance.command("checkpoint")
+@click.option(
+    "--mode", type=click.Choice(["PASSIVE", "FULL", "RESTART", "TRUNCATE"], case_sensitive=False),
+    default="PASSIVE", show_default=True, help="TRUNCATE also empties the -wal file.",
+)
+@store_options
+def maintenance_checkpoint(store: StoreTarget, mode: str) -> None:
+    """Copy the WAL back into the database file (PRAGMA wal_checkpoint); SQLite only.
+
+    \b
+    Example:
+        kissbot maintenance checkpoint --db kissbot.db --mode TRUNCATE
+    """
+    from kissbot.maintenance import checkpoint, open_existing
+
+    _sqlite_file(store, "maintenance checkpoint", "nothing: PostgreSQL checkpoints by itself")
+    engine = open_existing(store.target)
+    try:
+        result = checkpoint(engine, mode)
+    finally:
+        engine.dispose()
+    click.echo(
+        f"wal_checkpoint({mode.upper()}): busy={int(result.busy)} log={result.log_frames} "
+        f"checkpointed={result.checkpointed_frames}"
+    )
+
+
+@maintenance.command("integrity")
+@store_options
+def maintenance_integrity(store: StoreTarget) -> None:
+    """Check every page and index (PRAGMA integrity_check); SQLite only. Exit 1 on a problem.
+
+    \b
+    Example:
+        kissbot maintenance integrity --db kissbot.db
+    """
+    from kissbot.maintenance import integrity_check, open_existing
+
+    _sqlite_file(store, "maintenance integrity", "`amcheck` or pg_dump to a scratch file")
+    engine = open_existing(store.target)
+    try:
+        problems = integrity_check(engine)
+    finally:
+        engine.dispose()
+    if problems:
+        raise click.ClickException(f"integrity_check found {len(problems)} problems, first: {problems[0]}")
+    click.echo("integrity_check: ok")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+@store_options
+def doctor(store: StoreTarget, as_json: bool) -> None:
+    """Diagnose the store: key file, decryption, WAL, migration, integrity, tokens, instances.
+
+    Prints one line per finding with its fix; exits 1 if any is an error.
+    Creates and changes nothing.
+
+    \b
+    Example:
+        kissbot doctor --db kissbot.db --key-file .kissbot.key
+    """
+    from kissbot.doctor import diagnose
+
+    findings = diagnose(store.target, store.key_file)
+    if as_json:
+        click.echo(json.dumps([f.as_dict() for f in findings], indent=2, ensure_ascii=False))
+    else:
+        for f in findings:
+            click.echo(f"[{f.level}] {f.message}" + (f"; fix: {f.fix}" if f.fix else ""))
+    if any(f.level == "error" for f in findings):
+        click.get_current_context().exit(1)

@@ -1,0 +1,242 @@
+"""``kissbot doctor``: the specification's Troubleshooting as one diagnosis.
+
+:func:`diagnose` looks at a store without changing it (a SQLite file is
+opened read-only; a missing database or key file is reported, never created)
+and returns :class:`Finding` objects, each with the fix an operator should
+apply. Token values are never read into a finding, only user ids and logins.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy
+from sqlalchemy import Text, select, type_coerce
+from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import NullPool
+
+from kissbot.crypto import TokenCipher, read_key_file, verify_tokens
+from kissbot.engine import connect_sqlite_query_only, create_engine, is_memory, sqlite_path, to_url
+from kissbot.errors import KeyFileError
+from kissbot.maintenance import integrity_problems
+from kissbot.migrations import HEAD, KISSBOT_TABLES, current_revision, is_known_revision
+from kissbot.models import instances, oauth_tokens, users
+from kissbot.repo import ConfigRepository
+from kissbot.types import utcnow
+
+STALE_HEARTBEATS = 3
+"""An instance is stale after this many ``health_check_interval`` periods without a heartbeat."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One result of :func:`diagnose`."""
+
+    level: str
+    """``ok``, ``warning`` or ``error``."""
+    check: str
+    """What was checked: ``key-file``, ``database``, ``integrity``, ``journal-mode``,
+    ``migration``, ``decryption``, ``reauth`` or ``instances``."""
+    message: str
+    fix: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The finding as a JSON-ready dict."""
+        return asdict(self)
+
+
+def diagnose(target: str | os.PathLike[str] | URL, key_file: str | os.PathLike[str]) -> list[Finding]:
+    """Check the store at ``target`` (a SQLite path or a URL) with the key in ``key_file``.
+
+    Findings come in this order: key file (present, mode 0600, a Fernet key),
+    database (opens), ``integrity_check`` and journal mode (SQLite),
+    migration at head, every token decrypts with the key, tokens needing
+    reauthorisation or with ``max_crash_count`` refresh failures, running
+    instances without a recent heartbeat. Nothing is created or changed.
+    """
+    url = to_url(target)
+    key_path = Path(key_file)
+    findings: list[Finding] = []
+    cipher = _check_key_file(key_path, findings)
+    path = sqlite_path(url)
+    shown = str(path) if path is not None else url.render_as_string(hide_password=True)
+    if path is not None and not path.is_file():
+        findings.append(Finding("error", "database", f"database {path} does not exist", f"create it with `kissbot init-db --db {path}`"))
+        return findings
+    if is_memory(url):
+        findings.append(Finding("error", "database", "an in-memory database has nothing to diagnose", "pass --db PATH or --url URL"))
+        return findings
+    engine = _read_only_engine(url, path)
+    try:
+        with engine.connect() as conn:
+            _check_database(conn, path, shown, key_path, cipher, findings)
+    except (SQLAlchemyError, sqlite3.Error, OSError) as exc:
+        findings.append(
+            Finding("error", "database", f"cannot read database {shown}: {getattr(exc, 'orig', None) or exc}",
+                    "check the path or URL; restore the latest backup with `kissbot restore BACKUP` if the file is damaged")
+        )
+    finally:
+        engine.dispose()
+    return findings
+
+
+def _read_only_engine(url: URL, path: Path | None) -> Engine:
+    if path is None:
+        return create_engine(url, poolclass=NullPool)
+    # kissbot's own engine would switch the file to WAL on connect (hiding a
+    # wrong journal mode) and could create it; a read-only connection does neither.
+    return sqlalchemy.create_engine("sqlite://", creator=lambda: connect_sqlite_query_only(path), poolclass=NullPool)
+
+
+def _check_key_file(key_path: Path, findings: list[Finding]) -> TokenCipher | None:
+    if not key_path.exists():
+        findings.append(
+            Finding("warning", "key-file", f"key file {key_path} not found",
+                    "if tokens are stored, restore it from your backup; otherwise it is created with the first token")
+        )
+        return None
+    mode = stat.S_IMODE(key_path.stat().st_mode)
+    if mode & 0o077:
+        findings.append(
+            Finding("error", "key-file", f"key file {key_path} is readable by group or others (mode {mode:04o})", f"chmod 600 {key_path}")
+        )
+    try:
+        cipher = TokenCipher(read_key_file(key_path))
+    except KeyFileError as exc:
+        findings.append(Finding("error", "key-file", str(exc), f"restore {key_path} from your backup"))
+        return None
+    if not mode & 0o077:
+        findings.append(Finding("ok", "key-file", f"key file {key_path} is present with mode {mode:04o}"))
+    return cipher
+
+
+def _check_database(
+    conn: Connection, path: Path | None, shown: str, key_path: Path, cipher: TokenCipher | None, findings: list[Finding]
+) -> None:
+    if path is not None:
+        problems = integrity_problems(conn.connection.driver_connection)
+        if not problems:
+            findings.append(Finding("ok", "integrity", "integrity_check: ok"))
+        else:
+            findings.append(
+                Finding("error", "integrity", f"integrity_check found {len(problems)} problems, first: {problems[0]}",
+                        "stop the bots and restore the latest backup with `kissbot restore BACKUP`")
+            )
+        mode = conn.exec_driver_sql("PRAGMA journal_mode").scalar_one()
+        if mode == "wal":
+            findings.append(Finding("ok", "journal-mode", "journal mode: wal"))
+        else:
+            findings.append(
+                Finding("warning", "journal-mode", f"journal mode is {mode}, not wal: bots will block each other",
+                        f"`kissbot init-db --db {shown}` (any kissbot connection switches it to WAL)")
+            )
+    tables = set(sqlalchemy.inspect(conn).get_table_names())
+    revision = current_revision(conn)
+    if not tables & KISSBOT_TABLES:
+        findings.append(Finding("error", "migration", f"{shown} has no kissbot tables", "create them with `kissbot init-db`"))
+        return
+    if revision is None:
+        findings.append(Finding("error", "migration", "kissbot tables without a migration version", "run `kissbot adopt`"))
+        return
+    if revision == HEAD:
+        findings.append(Finding("ok", "migration", f"migration at head ({HEAD})"))
+    elif is_known_revision(revision):
+        findings.append(
+            Finding("warning", "migration", f"migration {revision}, not head ({HEAD})", "migrate with `kissbot init-db` (bots also migrate on start)")
+        )
+    else:
+        findings.append(
+            Finding("error", "migration", f"migration {revision} is unknown to this kissbot version (head {HEAD})", "upgrade kissbot")
+        )
+        return
+    _check_tokens(conn, key_path, cipher, findings)
+    _check_instances(conn, findings)
+
+
+def _check_tokens(conn: Connection, key_path: Path, cipher: TokenCipher | None, findings: list[Finding]) -> None:
+    rows = conn.execute(
+        select(
+            oauth_tokens.c.user_id,
+            type_coerce(oauth_tokens.c.access_token_encrypted, Text),
+            type_coerce(oauth_tokens.c.refresh_token_encrypted, Text),
+        ).order_by(oauth_tokens.c.user_id)
+    ).all()
+    if cipher is not None:
+        check = verify_tokens(rows, cipher)
+        if check.failed_user_ids:
+            ids = ", ".join(str(i) for i in check.failed_user_ids)
+            findings.append(
+                Finding("error", "decryption",
+                        f"tokens of {len(check.failed_user_ids)} of {check.checked} users do not decrypt with {key_path} (user ids {ids})",
+                        "use the key file these tokens were stored with (from your backup); without it, reauthorize those users")
+            )
+        else:
+            findings.append(Finding("ok", "decryption", f"tokens of all {check.checked} users decrypt with {key_path}"))
+    elif rows:
+        findings.append(
+            Finding("error", "decryption", f"{len(rows)} users have tokens but there is no usable key to decrypt them",
+                    f"restore {key_path} from your backup")
+        )
+    config = ConfigRepository(conn)
+    max_failures = int(config.get_config("max_crash_count", default=3))
+    unhealthy = conn.execute(
+        select(
+            oauth_tokens.c.user_id,
+            users.c.twitch_login,
+            oauth_tokens.c.token_type,
+            oauth_tokens.c.status,
+            oauth_tokens.c.needs_reauth,
+            oauth_tokens.c.refresh_failures,
+        )
+        .join(users, users.c.id == oauth_tokens.c.user_id)
+        .where(oauth_tokens.c.needs_reauth.is_(True) | (oauth_tokens.c.refresh_failures >= max_failures))
+        .order_by(users.c.twitch_login, oauth_tokens.c.token_type)
+    ).all()
+    for row in unhealthy:
+        reasons = []
+        if row.needs_reauth:
+            reasons.append(f"needs reauthorization (status {row.status})")
+        if (row.refresh_failures or 0) >= max_failures:
+            reasons.append(f"{row.refresh_failures} refresh failures (max_crash_count {max_failures})")
+        findings.append(
+            Finding("warning", "reauth", f"user {row.twitch_login} (id {row.user_id}), {row.token_type} token: {', '.join(reasons)}",
+                    f"reauthorize {row.twitch_login} via the Twitch OAuth flow and store the new tokens")
+        )
+    if not unhealthy:
+        findings.append(Finding("ok", "reauth", "no token needs reauthorization"))
+
+
+def _check_instances(conn: Connection, findings: list[Finding]) -> None:
+    interval = float(ConfigRepository(conn).get_config("health_check_interval", default=30))
+    limit = timedelta(seconds=STALE_HEARTBEATS * interval)
+    now = utcnow()
+    channel, bot = users.alias("channel"), users.alias("bot")
+    running = conn.execute(
+        select(instances.c.id, instances.c.pid, instances.c.last_heartbeat, channel.c.twitch_login.label("channel"),
+               bot.c.twitch_login.label("bot"))
+        .join(channel, channel.c.id == instances.c.channel_id)
+        .join(bot, bot.c.id == instances.c.bot_user_id)
+        .where(instances.c.status == "running")
+        .order_by(instances.c.id)
+    ).all()
+    stale = 0
+    for row in running:
+        if row.last_heartbeat is not None and now - row.last_heartbeat <= limit:
+            continue
+        stale += 1
+        age = "never" if row.last_heartbeat is None else f"{int((now - row.last_heartbeat).total_seconds())} s ago"
+        findings.append(
+            Finding("warning", "instances",
+                    f"instance {row.id} ({row.bot} on {row.channel}, pid {row.pid}) is running but its last heartbeat was {age} "
+                    f"(limit {limit.total_seconds():g} s)",
+                    f"check whether pid {row.pid} is alive; if not, restart the bot (registering again marks it running)")
+        )
+    if not stale:
+        findings.append(Finding("ok", "instances", f"{len(running)} running instances, none stale"))
