@@ -91,3 +91,11 @@ class InvalidImport(KissbotError):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = list(problems)
+
+
+class DatabaseBusy(DatabaseError):
+    """Another connection held the database's lock for longer than ``busy_timeout``."""
+
+
+class ConfigurationError(KissbotError, ValueError):
+    """A setting (argument or environment variable) has a value kissbot does not accept."""
