@@ -88,9 +88,9 @@ def _check_sqlite_header(path: Path) -> None:
     except OSError as exc:
         raise DatabaseError(f"cannot open database {path}: {exc.strerror}") from exc
     if not header.startswith(_SQLITE_MAGIC):
-        raise DatabaseError(f"{path} is not a SQLite database")
+        raise DatabaseError(f"cannot open database {path}: not a SQLite database")
     if len(header) < 100:
-        raise DatabaseError(f"database {path} is truncated ({len(header)} bytes); restore it from a backup")
+        raise DatabaseError(f"cannot open database {path}: truncated to {len(header)} bytes; restore it from a backup")
     page_size = int.from_bytes(header[16:18], "big")
     page_size = 65536 if page_size == 1 else page_size
     pages = int.from_bytes(header[28:32], "big")
@@ -100,7 +100,7 @@ def _check_sqlite_header(path: Path) -> None:
         size = path.stat().st_size
         if size < pages * page_size:
             raise DatabaseError(
-                f"database {path} is truncated: it holds {size} bytes of its {pages * page_size}; "
+                f"cannot open database {path}: truncated, it holds {size} of its {pages * page_size} bytes; "
                 "restore it from a backup"
             )
 
