@@ -28,7 +28,9 @@ def contention_worker(
 ) -> dict[str, Any]:
     """Mix store_tokens / get_tokens / heartbeat / log_event on one store from ``start_at`` for ``seconds``.
 
-    Every process stores the same user's tokens (one hot row). Returns the
+    Every process stores the same user's tokens (one hot row), and goes on
+    past the deadline until it has done each operation once (a process that
+    started late still takes part). Returns the
     count of each committed operation and every error met (as text); a read
     whose access and refresh tokens come from different writes is an error.
     """
@@ -39,7 +41,7 @@ def contention_worker(
         time.sleep(max(0.0, start_at - time.time()))
         deadline = time.monotonic() + seconds
         n = 0
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline or not all(counts.values()):
             n += 1
             op = rng.choice(("stores", "reads", "reads", "heartbeats", "events"))
             try:

@@ -71,7 +71,7 @@ def store(store_url: str, key: bytes):
 @pytest.mark.slow
 def test_eight_processes_mixing_writes_and_reads_see_no_error_and_lose_nothing(store):
     url, key, mgr, bot = store
-    workers, seconds = 8, 3.0
+    workers, seconds = 8, 2.0
     instance_ids = []
     for w in range(workers):
         mgr.create_user(str(100 + w), f"channel{w}")
