@@ -312,9 +312,20 @@ class TokenRepository:
                         f"not {expected_version}: another process stored newer tokens"
                     )
             try:
-                self.db.execute(_INSERT_TOKENS, params)
+                with self.db.begin_nested():
+                    self.db.execute(_INSERT_TOKENS, params)
             except IntegrityError as exc:
-                raise UserNotFound(f"no user with id {user_id}") from exc
+                # Either the user does not exist, or (PostgreSQL: SQLite writers
+                # are serialised) another transaction inserted the row first.
+                if UserRepository(self.db).get_user_by_id(user_id) is None:
+                    raise UserNotFound(f"no user with id {user_id}") from exc
+                if expected_version is not None:
+                    raise StaleTokens(
+                        f"tokens of user {user_id} ({token_type}) were just created by another process, "
+                        f"not at version {expected_version}"
+                    ) from exc
+                self.db.execute(_UPDATE_TOKENS, params)
+                created = False
         AuditRepository(self.db).log_event(
             "tokens_created" if created else "tokens_refreshed",
             user_id=user_id,

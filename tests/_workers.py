@@ -41,7 +41,7 @@ def contention_worker(
         time.sleep(max(0.0, start_at - time.time()))
         deadline = time.monotonic() + seconds
         n = 0
-        while time.monotonic() < deadline or not all(counts.values()):
+        while (time.monotonic() < deadline or not all(counts.values())) and len(errors) < 100:
             n += 1
             op = rng.choice(("stores", "reads", "reads", "heartbeats", "events"))
             try:
@@ -126,3 +126,28 @@ def forked_user(mgr: DatabaseManager, user_id: int, writes: int) -> None:
         tokens = mgr.get_tokens(user_id)
         if tokens["refresh_token"] != f"refresh-{i}":
             raise AssertionError(f"child read {tokens['refresh_token']!r} after writing refresh-{i}")
+
+
+def first_store_worker(
+    url: str, key: bytes, user_ids: list[int], owner: str, compare_and_set: bool, barrier: Any, results: Any
+) -> None:
+    """Store the first tokens of each of ``user_ids`` at the same time as the other workers.
+
+    With ``compare_and_set`` the store expects version 0 (no row yet). Reports
+    ``(user_id, owner, "stored" | "stale" | error text)`` for each.
+    """
+    with open_store(url, key) as mgr:
+        for user_id in user_ids:
+            barrier.wait()
+            try:
+                with mgr.session() as session:
+                    TokenRepository(session).store_tokens(
+                        user_id, f"access-{owner}", f"refresh-{owner}", 3600,
+                        expected_version=0 if compare_and_set else None,
+                    )
+                outcome = "stored"
+            except StaleTokens:
+                outcome = "stale"
+            except Exception as exc:  # reported, asserted on by the parent
+                outcome = f"{type(exc).__name__}: {exc}"
+            results.put((user_id, owner, outcome))

@@ -245,3 +245,24 @@ def test_batched_audit_cleanup_reads_a_range_of_the_timestamp_index(sqlite_url, 
             plan = [row[3] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)]
     assert "SEARCH audit_log USING COVERING INDEX idx_audit_timestamp (timestamp<?)" in plan
     assert not [step for step in plan if step.startswith("SCAN")], plan
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compare_and_set", [False, True], ids=["plain", "expected_version=0"])
+def test_two_processes_storing_a_users_first_tokens_at_once(store, compare_and_set):
+    url, key, mgr, _ = store
+    user_ids = [mgr.create_user(str(500 + i), f"newcomer{i}") for i in range(6)]
+    barrier, results = SPAWN.Barrier(2, timeout=TIMEOUT), SPAWN.Queue()
+    procs = [
+        SPAWN.Process(target=_workers.first_store_worker, args=(url, key, user_ids, owner, compare_and_set, barrier, results))
+        for owner in ("bot-a", "bot-b")
+    ]
+    received = _run(procs, results, expected=2 * len(user_ids))
+    for uid in user_ids:
+        outcomes = sorted(r[2] for r in received if r[0] == uid)
+        assert outcomes == (["stale", "stored"] if compare_and_set else ["stored", "stored"])
+        tokens = mgr.get_tokens(uid)
+        assert tokens["version"] == (1 if compare_and_set else 2)
+        if compare_and_set:
+            (winner,) = [r[1] for r in received if r[0] == uid and r[2] == "stored"]
+            assert tokens["refresh_token"] == f"refresh-{winner}"
