@@ -8,6 +8,7 @@ writer engine (``BEGIN IMMEDIATE``).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,8 @@ from kissbot.repo import AuditRepository, ConfigRepository, InstanceRepository, 
 from kissbot.types import attach_cipher
 
 CLEANUP_BATCH_SIZE = 5000
+CLEANUP_PAUSE_RATIO = 0.5
+"""On SQLite, ``cleanup_old_logs`` rests this fraction of a batch's time before the next one."""
 
 
 class DatabaseManager:
@@ -254,18 +257,25 @@ class DatabaseManager:
     def cleanup_old_logs(self, days: int | None = None) -> int:
         """Delete audit events older than ``days`` (default: config ``log_retention_days``).
 
-        Deletes in batches, one short transaction each, so concurrent writers
-        are never blocked for long. Returns the number deleted.
+        Deletes in batches of :data:`CLEANUP_BATCH_SIZE` (oldest first, along
+        ``idx_audit_timestamp``), one short transaction each with a pause
+        between them on SQLite, so concurrent writers wait at most about one
+        batch. Returns the number deleted.
         """
         if days is None:
             days = int(self.get_config("log_retention_days", default=30))
         deleted = 0
         while True:
+            started = time.monotonic()
             with self._writer.begin() as conn:
                 batch = AuditRepository(conn).cleanup_old_logs(days, batch_size=CLEANUP_BATCH_SIZE)
             deleted += batch
             if batch < CLEANUP_BATCH_SIZE:
                 return deleted
+            if self.engine.dialect.name == "sqlite":
+                # SQLite's busy handler polls: without a gap, the next batch
+                # takes the lock again before a waiting writer wakes up.
+                time.sleep(CLEANUP_PAUSE_RATIO * (time.monotonic() - started))
 
     # --- config --------------------------------------------------------------------------------
 
