@@ -128,16 +128,15 @@ def forked_user(mgr: DatabaseManager, user_id: int, writes: int) -> None:
             raise AssertionError(f"child read {tokens['refresh_token']!r} after writing refresh-{i}")
 
 
-def first_store_worker(
-    url: str, key: bytes, user_ids: list[int], owner: str, compare_and_set: bool, barrier: Any, results: Any
-) -> None:
-    """Store the first tokens of each of ``user_ids`` at the same time as the other workers.
+def first_store_worker(url: str, key: bytes, users: list[tuple[int, bool]], owner: str, barrier: Any, results: Any) -> None:
+    """Store the first tokens of each user at the same time as the other workers.
 
-    With ``compare_and_set`` the store expects version 0 (no row yet). Reports
-    ``(user_id, owner, "stored" | "stale" | error text)`` for each.
+    ``users`` holds ``(user_id, compare_and_set)`` pairs; with compare-and-set
+    the store expects version 0 (no row yet). Reports ``(user_id, owner,
+    "stored" | "stale" | error text)`` for each.
     """
     with open_store(url, key) as mgr:
-        for user_id in user_ids:
+        for user_id, compare_and_set in users:
             barrier.wait()
             try:
                 with mgr.session() as session:
