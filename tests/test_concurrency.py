@@ -44,6 +44,7 @@ def _integrity(url: str) -> str:
 def _run(processes: list, results=None, expected: int = 0) -> list:
     """Start ``processes``, collect ``expected`` items from ``results``, join them all (bounded)."""
     for proc in processes:
+        proc.daemon = True  # never outlives the test run
         proc.start()
     received = [results.get(timeout=TIMEOUT) for _ in range(expected)]
     for proc in processes:
