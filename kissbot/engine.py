@@ -4,14 +4,24 @@ On SQLite, a ``connect`` event sets the specification's pragmas and turns off
 the driver's own transaction handling; a ``begin`` event then emits ``BEGIN``
 (reads, which never take the write lock) or ``BEGIN IMMEDIATE`` on the
 :func:`writer` engine, so concurrent writers wait up to ``busy_timeout``
-instead of failing with SQLITE_BUSY when they upgrade a read lock.
+instead of failing with SQLITE_BUSY when they upgrade a read lock. SQLite
+errors a caller can act on (a lock held past ``busy_timeout``, a file that
+cannot be opened or is not a database) become one-line :class:`DatabaseError`
+subclasses raised from the driver's error.
+
+An engine made before ``os.fork()`` stays usable in the child: the child drops
+the pooled connections it inherited and opens its own (SQLAlchemy's
+``dispose(close=False)`` pattern; on SQLite the inherited handles are closed
+in the child so SQLite's per-process lock bookkeeping starts afresh).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sqlite3
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +31,14 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
 from kissbot.crypto import TokenCipher
-from kissbot.errors import KissbotError
+from kissbot.errors import ConfigurationError, DatabaseBusy, DatabaseError, KissbotError
 from kissbot.types import attach_cipher
 
 DEFAULT_DB_PATH = "kissbot.db"
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+SYNCHRONOUS_ENV = "KISSBOT_SQLITE_SYNCHRONOUS"
+DEFAULT_SYNCHRONOUS = "NORMAL"
+DEFAULT_BUSY_TIMEOUT_MS = 5000
 _IMMEDIATE = "kissbot_begin_immediate"
 SQL_LOG = logging.getLogger("kissbot.sql")
 
@@ -81,8 +94,8 @@ def create_engine(
     *,
     cipher: TokenCipher | None = None,
     echo: bool = False,
-    synchronous: str = "NORMAL",
-    busy_timeout_ms: int = 5000,
+    synchronous: str | None = None,
+    busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
     **kwargs: Any,
 ) -> Engine:
     """Create the engine of a store.
@@ -90,23 +103,31 @@ def create_engine(
     ``target`` is a SQLite file path or any SQLAlchemy URL. ``cipher`` is the
     store's key; without one, token columns cannot be read or written.
     In-memory SQLite shares one connection so every session sees one database.
+
+    On SQLite, ``synchronous`` (default: ``$KISSBOT_SQLITE_SYNCHRONOUS``, else
+    ``NORMAL``) trades durability for speed: with ``NORMAL`` a power loss can
+    drop the last commits (a just-rotated refresh token then needs a reauth),
+    ``FULL`` syncs every commit. A write waits up to ``busy_timeout_ms`` for
+    the lock before raising :class:`~kissbot.errors.DatabaseBusy`.
     """
     url = to_url(target)
-    synchronous = synchronous.upper()
-    if synchronous not in SYNCHRONOUS_MODES:
-        raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}, not {synchronous!r}")
+    synchronous = synchronous_mode(synchronous)
     kwargs.setdefault("hide_parameters", True)
     if url.get_backend_name() == "sqlite":
-        if is_memory(url):
+        memory = is_memory(url)
+        if memory:
             kwargs.setdefault("poolclass", StaticPool)
             kwargs.setdefault("connect_args", {"check_same_thread": False})
         engine = sqlalchemy.create_engine(url, echo=echo, **kwargs)
         _install_sqlite_events(engine, synchronous, busy_timeout_ms)
     else:
+        memory = False
         engine = sqlalchemy.create_engine(url, echo=echo, **kwargs)
-    event.listen(engine, "handle_error", _reraise_kissbot_errors)
+        event.listen(engine, "handle_error", _reraise_kissbot_errors)
     if SQL_LOG.isEnabledFor(logging.DEBUG):
         event.listen(engine, "before_cursor_execute", _log_statement)
+    if not memory and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=functools.partial(_drop_inherited_connections, weakref.ref(engine)))
     if cipher is not None:
         attach_cipher(engine, cipher)
     return engine
@@ -117,6 +138,32 @@ def _log_statement(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> Non
     # SQLAlchemy's own logger stays at WARNING unless echo is set; this logs
     # statements only, never their parameters.
     SQL_LOG.debug("%s", statement)
+
+
+def synchronous_mode(value: str | None = None) -> str:
+    """The SQLite ``synchronous`` mode to use: ``value``, else ``$KISSBOT_SQLITE_SYNCHRONOUS``, else NORMAL.
+
+    Raises :class:`~kissbot.errors.ConfigurationError` for a mode SQLite does not know.
+    """
+    source = "synchronous"
+    if value is None:
+        value, source = os.environ.get(SYNCHRONOUS_ENV) or DEFAULT_SYNCHRONOUS, SYNCHRONOUS_ENV
+    mode = value.strip().upper()
+    if mode not in SYNCHRONOUS_MODES:
+        raise ConfigurationError(f"{source} must be one of {', '.join(SYNCHRONOUS_MODES)}, not {value!r}")
+    return mode
+
+
+def _drop_inherited_connections(ref: weakref.ref[Engine]) -> None:
+    # Runs in a freshly forked child: the pooled connections belong to the
+    # parent. PostgreSQL ones are only dereferenced (closing them would end
+    # the parent's sessions; psycopg does not close them on garbage
+    # collection in another process). SQLite ones are closed: SQLite keeps its
+    # file-lock state per process, and a copy inherited from the parent would
+    # make the child's own connections skip taking real locks.
+    engine = ref()
+    if engine is not None:
+        engine.dispose(close=engine.dialect.name == "sqlite")
 
 
 def _reraise_kissbot_errors(context: Any) -> BaseException | None:
@@ -135,7 +182,61 @@ def writer(engine: Engine) -> Engine:
     return engine.execution_options(**{_IMMEDIATE: True})
 
 
+# SQLite primary result codes (sqlite3 only names them from Python 3.11).
+_PERM, _BUSY, _LOCKED, _READONLY, _CORRUPT, _CANTOPEN, _NOTADB = 3, 5, 6, 8, 11, 14, 26
+_SQLITE_BUSY_CODES = frozenset({_BUSY, _LOCKED})
+_SQLITE_OPEN_CODES = frozenset({_CANTOPEN, _READONLY, _PERM})
+_SQLITE_DAMAGE_CODES = frozenset({_CORRUPT, _NOTADB})
+_SQLITE_MESSAGES = {
+    "database is locked": _BUSY,
+    "database table is locked": _LOCKED,
+    "unable to open database file": _CANTOPEN,
+    "attempt to write a readonly database": _READONLY,
+    "file is not a database": _NOTADB,
+    "database disk image is malformed": _CORRUPT,
+}
+
+
+def sqlite_error(exc: BaseException, path: Path | None, busy_timeout_ms: int | None = None) -> DatabaseError | None:
+    """The :class:`DatabaseError` a SQLite driver error means for ``path``, or None.
+
+    A lock held past the busy timeout becomes :class:`DatabaseBusy` with the
+    specification's troubleshooting hint; a file that cannot be opened (a
+    read-only directory, where WAL cannot create its ``-wal``/``-shm`` files) or
+    that is not an intact SQLite database gets a message naming it. Other
+    errors (constraints, SQL errors) are left alone.
+    """
+    if not isinstance(exc, sqlite3.Error) or isinstance(exc, sqlite3.IntegrityError):
+        return None
+    code = getattr(exc, "sqlite_errorcode", None)
+    code = _SQLITE_MESSAGES.get(str(exc)) if code is None else code & 0xFF
+    where = str(path) if path is not None else "in memory"
+    if code in _SQLITE_BUSY_CODES:
+        waited = f" for more than {busy_timeout_ms} ms" if busy_timeout_ms is not None else ""
+        return DatabaseBusy(
+            f"database {where} is locked: another connection held it{waited}; check the bot processes with "
+            f'`ps aux | grep "main.py\\|supervisor"` and force a WAL checkpoint with '
+            f'`sqlite3 {where} "PRAGMA wal_checkpoint(RESTART);"`'
+        )
+    if code in _SQLITE_OPEN_CODES:
+        if path is not None and not os.access(path.parent, os.W_OK):
+            return DatabaseError(
+                f"cannot open database {where}: its directory is not writable, and SQLite's WAL mode must create "
+                f"{path.name}-wal and {path.name}-shm beside it"
+            )
+        return DatabaseError(f"cannot open database {where}: {exc}")
+    if code in _SQLITE_DAMAGE_CODES:
+        return DatabaseError(f"database {where} is damaged or not a SQLite database ({exc}); restore it from a backup")
+    return None
+
+
 def _install_sqlite_events(engine: Engine, synchronous: str, busy_timeout_ms: int) -> None:
+    path = sqlite_path(engine.url)
+
+    @event.listens_for(engine, "handle_error")
+    def _on_error(context: Any) -> BaseException | None:
+        return _reraise_kissbot_errors(context) or sqlite_error(context.original_exception, path, busy_timeout_ms)
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None

@@ -93,8 +93,12 @@ class InvalidImport(KissbotError):
         self.problems = list(problems)
 
 
-class DatabaseBusy(KissbotError):
-    """Another process holds the database, so it cannot be replaced now."""
+class DatabaseBusy(DatabaseError):
+    """Another process holds the database's lock: longer than ``busy_timeout``, or while it must be replaced."""
+
+
+class ConfigurationError(KissbotError, ValueError):
+    """A setting (argument or environment variable) has a value kissbot does not accept."""
 
 
 class UnsupportedBackend(KissbotError):

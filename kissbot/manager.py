@@ -8,6 +8,7 @@ writer engine (``BEGIN IMMEDIATE``).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,13 +19,15 @@ from sqlalchemy.engine import URL, Engine
 from sqlalchemy.orm import Session
 
 from kissbot.crypto import DEFAULT_KEY_FILE, TokenCipher, create_key_file, read_key_file
-from kissbot.engine import DEFAULT_DB_PATH, create_engine, sqlite_path, to_url, writer
+from kissbot.engine import DEFAULT_BUSY_TIMEOUT_MS, DEFAULT_DB_PATH, create_engine, sqlite_path, to_url, writer
 from kissbot.errors import KeyFileError, NoDatabase
 from kissbot.migrations import ensure_schema
 from kissbot.repo import AuditRepository, ConfigRepository, InstanceRepository, TokenRepository, UserRepository
 from kissbot.types import attach_cipher
 
 CLEANUP_BATCH_SIZE = 5000
+CLEANUP_PAUSE_RATIO = 0.5
+"""On SQLite, ``cleanup_old_logs`` rests this fraction of a batch's time before the next one."""
 
 
 class DatabaseManager:
@@ -34,7 +37,8 @@ class DatabaseManager:
     creates or migrates) the database, then loads the key, creating it with
     mode 0600 only when the database holds no tokens yet. ``url`` selects
     another database (``postgresql+psycopg://…``); ``key`` gives the Fernet key
-    directly instead of a key file.
+    directly instead of a key file. ``synchronous`` and ``busy_timeout_ms``
+    tune SQLite (see :func:`kissbot.engine.create_engine`).
 
     With ``create=False`` nothing is created or migrated: a missing database
     (a SQLite file that does not exist, or a database without kissbot's
@@ -42,6 +46,8 @@ class DatabaseManager:
     migration raises :class:`~kissbot.errors.OutdatedSchema`, and a missing key
     file is not made (a store without tokens then opens without a key:
     reading or writing tokens raises :class:`~kissbot.errors.KeyFileError`).
+
+    A manager may be created before ``os.fork()`` and used in the children.
     """
 
     def __init__(
@@ -52,7 +58,8 @@ class DatabaseManager:
         url: str | URL | None = None,
         key: bytes | str | None = None,
         echo: bool = False,
-        synchronous: str = "NORMAL",
+        synchronous: str | None = None,
+        busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
         create: bool = True,
     ) -> None:
         self.url = to_url(url if url is not None else db_path)
@@ -60,7 +67,9 @@ class DatabaseManager:
         path = sqlite_path(self.url)
         if not create and path is not None and not path.exists():
             raise NoDatabase(f"database {path} does not exist; create it with kissbot init-db")
-        self.engine: Engine = create_engine(self.url, echo=echo, synchronous=synchronous)
+        self.engine: Engine = create_engine(
+            self.url, echo=echo, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms
+        )
         try:
             ensure_schema(self.engine, create=create)
             cipher = TokenCipher(key) if key is not None else self._load_key(create)
@@ -206,7 +215,7 @@ class DatabaseManager:
             InstanceRepository(conn).reset_instance(instance_id)
 
     def get_active_instances(self) -> list[dict[str, Any]]:
-        """Running instances."""
+        """Running instances whose heartbeat is fresh (see :meth:`reap_stale_instances`)."""
         with self.engine.connect() as conn:
             return InstanceRepository(conn).get_active_instances()
 
@@ -214,6 +223,15 @@ class DatabaseManager:
         """Every instance, whatever its status, with the channel and bot logins."""
         with self.engine.connect() as conn:
             return InstanceRepository(conn).list_instances()
+
+    def reap_stale_instances(self) -> list[dict[str, Any]]:
+        """Mark running instances silent for three ``health_check_interval`` as crashed; return them.
+
+        Each counts as a crash toward ``max_crash_count`` (``disabled`` at the
+        limit) and is audited.
+        """
+        with self._writer.begin() as conn:
+            return InstanceRepository(conn).reap_stale_instances()
 
     # --- audit ---------------------------------------------------------------------------------
 
@@ -239,18 +257,25 @@ class DatabaseManager:
     def cleanup_old_logs(self, days: int | None = None) -> int:
         """Delete audit events older than ``days`` (default: config ``log_retention_days``).
 
-        Deletes in batches, one short transaction each, so concurrent writers
-        are never blocked for long. Returns the number deleted.
+        Deletes in batches of :data:`CLEANUP_BATCH_SIZE` (oldest first, along
+        ``idx_audit_timestamp``), one short transaction each with a pause
+        between them on SQLite, so concurrent writers wait at most about one
+        batch. Returns the number deleted.
         """
         if days is None:
             days = int(self.get_config("log_retention_days", default=30))
         deleted = 0
         while True:
+            started = time.monotonic()
             with self._writer.begin() as conn:
                 batch = AuditRepository(conn).cleanup_old_logs(days, batch_size=CLEANUP_BATCH_SIZE)
             deleted += batch
             if batch < CLEANUP_BATCH_SIZE:
                 return deleted
+            if self.engine.dialect.name == "sqlite":
+                # SQLite's busy handler polls: without a gap, the next batch
+                # takes the lock again before a waiting writer wakes up.
+                time.sleep(CLEANUP_PAUSE_RATIO * (time.monotonic() - started))
 
     # --- config --------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from sqlalchemy import inspect
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from kissbot.engine import connect_sqlite_query_only, sqlite_path, writer
+from kissbot.engine import connect_sqlite_query_only, sqlite_error, sqlite_path, writer
 from kissbot.errors import DatabaseError, NoDatabase, OutdatedSchema, SchemaError, UnversionedDatabase
 
 HEAD = "0002"
@@ -75,14 +75,45 @@ def current_revision(conn: Connection) -> str | None:
     return conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
 
 
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _check_sqlite_header(path: Path) -> None:
+    # A file that is not SQLite, or shorter than its header says, is refused
+    # before SQLite opens it: SQLite would create -wal/-shm files beside it.
+    # Without a -wal file, the database file holds every page it counts.
+    try:
+        with path.open("rb") as f:
+            header = f.read(100)
+    except OSError as exc:
+        raise DatabaseError(f"cannot open database {path}: {exc.strerror}") from exc
+    if not header.startswith(_SQLITE_MAGIC):
+        raise DatabaseError(f"cannot open database {path}: not a SQLite database")
+    if len(header) < 100:
+        raise DatabaseError(f"cannot open database {path}: truncated to {len(header)} bytes; restore it from a backup")
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    header_valid = header[24:28] == header[92:96]
+    wal = Path(f"{path}-wal")
+    if header_valid and not (wal.exists() and wal.stat().st_size > 0):
+        size = path.stat().st_size
+        if size < pages * page_size:
+            raise DatabaseError(
+                f"cannot open database {path}: truncated, it holds {size} of its {pages * page_size} bytes; "
+                "restore it from a backup"
+            )
+
+
 def _probe_sqlite_file(path: Path) -> tuple[str | None, set[str]]:
     # Read-only look at an existing file before any engine connects: the
     # engine's connect event switches the file to WAL, which would modify a
     # database that kissbot is about to refuse.
+    _check_sqlite_header(path)
     try:
         conn = connect_sqlite_query_only(path)
     except sqlite3.Error as exc:
-        raise DatabaseError(f"cannot open database {path}: {exc}") from exc
+        raise sqlite_error(exc, path) or DatabaseError(f"cannot open database {path}: {exc}") from exc
     try:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         revision = None
@@ -91,7 +122,7 @@ def _probe_sqlite_file(path: Path) -> tuple[str | None, set[str]]:
             revision = revision[0] if revision else None
         return revision, tables
     except sqlite3.DatabaseError as exc:
-        raise DatabaseError(f"cannot open database {path}: {exc}") from exc
+        raise sqlite_error(exc, path) or DatabaseError(f"cannot open database {path}: {exc}") from exc
     finally:
         conn.close()
 

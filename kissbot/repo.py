@@ -312,9 +312,20 @@ class TokenRepository:
                         f"not {expected_version}: another process stored newer tokens"
                     )
             try:
-                self.db.execute(_INSERT_TOKENS, params)
+                with self.db.begin_nested():
+                    self.db.execute(_INSERT_TOKENS, params)
             except IntegrityError as exc:
-                raise UserNotFound(f"no user with id {user_id}") from exc
+                # Either the user does not exist, or (PostgreSQL: SQLite writers
+                # are serialised) another transaction inserted the row first.
+                if UserRepository(self.db).get_user_by_id(user_id) is None:
+                    raise UserNotFound(f"no user with id {user_id}") from exc
+                if expected_version is not None:
+                    raise StaleTokens(
+                        f"tokens of user {user_id} ({token_type}) were just created by another process, "
+                        f"not at version {expected_version}"
+                    ) from exc
+                self.db.execute(_UPDATE_TOKENS, params)
+                created = False
         AuditRepository(self.db).log_event(
             "tokens_created" if created else "tokens_refreshed",
             user_id=user_id,
@@ -440,9 +451,21 @@ _LATEST_INSTANCE = (
 )
 _HEARTBEAT = (
     update(instances)
-    .where(instances.c.id == bindparam("p_id"))
+    .where(instances.c.id == bindparam("p_id"), instances.c.status != "disabled")
     .values(last_heartbeat=bindparam("p_now"), status=bindparam("p_status"), updated_at=bindparam("p_now"))
 )
+STALE_HEARTBEATS = 3
+"""A running instance whose last heartbeat is older than this many ``health_check_interval`` is stale."""
+
+
+def _fresh(cutoff: datetime) -> Any:
+    return (instances.c.status == "running") & (instances.c.last_heartbeat >= cutoff)
+
+
+def _stale(cutoff: datetime) -> Any:
+    return (instances.c.status == "running") & (
+        instances.c.last_heartbeat.is_(None) | (instances.c.last_heartbeat < cutoff)
+    )
 
 
 class InstanceRepository:
@@ -484,10 +507,18 @@ class InstanceRepository:
         return instance_id
 
     def update_instance_heartbeat(self, instance_id: int, status: str = "running") -> None:
-        """Record a heartbeat (and status) for ``instance_id``."""
+        """Record a heartbeat (and status) for ``instance_id``.
+
+        Raises :class:`InstanceDisabled` for a disabled instance: a late
+        heartbeat does not bring back an instance that crashed too often.
+        """
         result = self.db.execute(_HEARTBEAT, {"p_id": instance_id, "p_now": utcnow(), "p_status": status})
         if result.rowcount == 0:
-            raise InstanceNotFound(f"no instance with id {instance_id}")
+            if self.get_instance(instance_id) is None:
+                raise InstanceNotFound(f"no instance with id {instance_id}")
+            raise InstanceDisabled(
+                f"instance {instance_id} is disabled; reset it with `kissbot instances reset {instance_id}`"
+            )
 
     def stop_instance(self, instance_id: int, crash: bool = False) -> str:
         """Stop ``instance_id`` and return its new status.
@@ -495,13 +526,60 @@ class InstanceRepository:
         A crash counts toward ``max_crash_count``; at that count the instance
         becomes ``disabled``.
         """
-        row = self.db.execute(
-            select(instances.c.crash_count, instances.c.channel_id, instances.c.bot_user_id).where(
-                instances.c.id == instance_id
+        stopped = self._stop(instance_id, crash=crash)
+        if stopped is None:
+            raise InstanceNotFound(f"no instance with id {instance_id}")
+        return stopped["status"]
+
+    def reap_stale_instances(self) -> list[dict[str, Any]]:
+        """Count the silent running instances as crashed and return them.
+
+        An instance is silent when its last heartbeat is older than
+        :data:`STALE_HEARTBEATS` times the config ``health_check_interval``
+        (seconds). Each one becomes ``crashed`` (``disabled`` once it reaches
+        ``max_crash_count``), with an ``instance_crashed``/``instance_disabled``
+        audit event. Returned dicts hold ``id``, ``channel_login``,
+        ``bot_login``, ``pid``, ``last_heartbeat``, ``status`` and ``crash_count``.
+        """
+        cutoff = self._stale_cutoff()
+        channel, bot = users.alias("channel"), users.alias("bot")
+        stale = self.db.execute(
+            select(
+                instances.c.id,
+                instances.c.pid,
+                instances.c.last_heartbeat,
+                channel.c.twitch_login.label("channel_login"),
+                bot.c.twitch_login.label("bot_login"),
             )
+            .join(channel, channel.c.id == instances.c.channel_id)
+            .join(bot, bot.c.id == instances.c.bot_user_id)
+            .where(_stale(cutoff))
+            .order_by(instances.c.id)
+        ).all()
+        reaped = []
+        for row in stale:
+            stopped = self._stop(row.id, crash=True, stale_before=cutoff)
+            if stopped is not None:
+                reaped.append({**row._asdict(), **stopped})
+        return reaped
+
+    def _stale_cutoff(self) -> datetime:
+        interval = float(ConfigRepository(self.db).get_config("health_check_interval", default=30))
+        return utcnow() - timedelta(seconds=STALE_HEARTBEATS * interval)
+
+    def _stop(self, instance_id: int, *, crash: bool, stale_before: datetime | None = None) -> dict[str, Any] | None:
+        # With ``stale_before``, only a running instance still silent since
+        # then is stopped (a heartbeat may have come in meanwhile): None if not.
+        where = instances.c.id == instance_id
+        if stale_before is not None:
+            where &= _stale(stale_before)
+        row = self.db.execute(
+            select(instances.c.crash_count, instances.c.channel_id, instances.c.bot_user_id, instances.c.last_heartbeat)
+            .where(where)
+            .with_for_update()
         ).first()
         if row is None:
-            raise InstanceNotFound(f"no instance with id {instance_id}")
+            return None
         crash_count = (row.crash_count or 0) + (1 if crash else 0)
         status = "stopped"
         if crash:
@@ -513,14 +591,18 @@ class InstanceRepository:
             .where(instances.c.id == instance_id)
             .values(status=status, stop_time=now, crash_count=crash_count, pid=None, updated_at=now)
         )
+        details: dict[str, Any] = {"instance_id": instance_id, "crash_count": crash_count}
+        if stale_before is not None:
+            details["reason"] = "no heartbeat"
+            details["last_heartbeat"] = row.last_heartbeat.isoformat() if row.last_heartbeat else None
         AuditRepository(self.db).log_event(
             f"instance_{status}",
             user_id=row.bot_user_id,
             channel_id=row.channel_id,
-            details={"instance_id": instance_id, "crash_count": crash_count},
+            details=details,
             severity="info" if status == "stopped" else ("error" if status == "disabled" else "warning"),
         )
-        return status
+        return {"status": status, "crash_count": crash_count}
 
     def reset_instance(self, instance_id: int) -> None:
         """Clear the crash count of ``instance_id`` so it can be registered again."""
@@ -539,13 +621,17 @@ class InstanceRepository:
         return row._asdict() if row else None
 
     def get_active_instances(self) -> list[dict[str, Any]]:
-        """Running instances, with the channel and bot logins."""
+        """Running instances whose heartbeat is fresh, with the channel and bot logins.
+
+        An instance silent for more than :data:`STALE_HEARTBEATS` health-check
+        intervals is left out even before :meth:`reap_stale_instances` marks it.
+        """
         channel, bot = users.alias("channel"), users.alias("bot")
         stmt = (
             select(*_INSTANCE_COLUMNS, channel.c.twitch_login.label("channel_login"), bot.c.twitch_login.label("bot_login"))
             .join(channel, channel.c.id == instances.c.channel_id)
             .join(bot, bot.c.id == instances.c.bot_user_id)
-            .where(instances.c.status == "running")
+            .where(_fresh(self._stale_cutoff()))
             .order_by(instances.c.id)
         )
         return [r._asdict() for r in self.db.execute(stmt)]
@@ -562,8 +648,8 @@ class InstanceRepository:
         return [r._asdict() for r in self.db.execute(stmt)]
 
     def count_active(self) -> int:
-        """Number of running instances."""
-        stmt = select(func.count()).select_from(instances).where(instances.c.status == "running")
+        """Number of running instances with a fresh heartbeat (as :meth:`get_active_instances`)."""
+        stmt = select(func.count()).select_from(instances).where(_fresh(self._stale_cutoff()))
         return self.db.execute(stmt).scalar_one()
 
 
@@ -648,7 +734,11 @@ class AuditRepository:
         cutoff = utcnow() - timedelta(days=days)
         condition = audit_log.c.timestamp < cutoff
         if batch_size is not None:
-            oldest = select(audit_log.c.id).where(condition).order_by(audit_log.c.id).limit(batch_size)
+            # Ordered by the indexed column so the batch is a range of idx_audit_timestamp,
+            # not a scan of the whole table under the write lock.
+            oldest = (
+                select(audit_log.c.id).where(condition).order_by(audit_log.c.timestamp, audit_log.c.id).limit(batch_size)
+            )
             condition = audit_log.c.id.in_(oldest.scalar_subquery())
         return self.db.execute(delete(audit_log).where(condition)).rowcount
 

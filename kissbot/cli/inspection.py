@@ -18,7 +18,7 @@ from kissbot.crypto import mask_secret
 from kissbot.errors import UserNotFound
 
 _JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-_STORE_PARAMS = ("db_path", "url", "key_file", "verbose")
+_STORE_PARAMS = ("db_path", "url", "key_file", "synchronous", "verbose")
 
 
 def _cell(value: Any) -> str:
@@ -133,6 +133,7 @@ def instances(ctx: click.Context, store: StoreTarget, as_json: bool) -> None:
     Example:
         kissbot instances --db kissbot.db
         kissbot instances reset 3 --db kissbot.db
+        kissbot instances reap --db kissbot.db
     """
     _refuse_group_store_options(ctx)
     if ctx.invoked_subcommand:
@@ -161,6 +162,30 @@ def instances_reset(store: StoreTarget, instance_id: int) -> None:
     with store.open(create=False) as mgr:
         mgr.reset_instance(instance_id)
     click.echo(f"Instance {instance_id} reset: status stopped, crash count 0")
+
+
+@instances.command("reap")
+@store_options
+def instances_reap(store: StoreTarget) -> None:
+    """Mark running instances without a heartbeat for 3 health-check intervals as crashed.
+
+    Each one counts toward max_crash_count and is disabled at that count.
+    Run it from the supervisor or cron, e.g. every health_check_interval.
+
+    \b
+    Example:
+        kissbot instances reap --db kissbot.db
+    """
+    with store.open(create=False) as mgr:
+        reaped = mgr.reap_stale_instances()
+    for inst in reaped:
+        heartbeat = inst["last_heartbeat"]
+        since = heartbeat.strftime("%Y-%m-%d %H:%M:%S UTC") if heartbeat is not None else "never"
+        click.echo(
+            f"Instance {inst['id']} ({inst['bot_login']} on {inst['channel_login']}, pid {inst['pid']}): "
+            f"last heartbeat {since}, now {inst['status']} (crash {inst['crash_count']})"
+        )
+    click.echo(f"Reaped {len(reaped)} stale instance{'' if len(reaped) == 1 else 's'}.")
 
 
 # --- audit -------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ class StoreTarget:
     db_path: Path
     url: str | None
     key_file: Path
+    synchronous: str | None = None
 
     @property
     def target(self) -> str:
@@ -47,7 +48,9 @@ class StoreTarget:
         """
         from kissbot.manager import DatabaseManager
 
-        return DatabaseManager(self.db_path, self.key_file, url=self.url, create=create)
+        return DatabaseManager(
+            self.db_path, self.key_file, url=self.url, synchronous=self.synchronous, create=create
+        )
 
 
 class KissbotGroup(click.Group):
@@ -107,11 +110,13 @@ def _json_default(value: Any) -> Any:
 
 
 def store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Add ``--db``, ``--url``, ``--key-file`` and ``-v`` to a command; pass a :class:`StoreTarget`."""
+    """Add ``--db``, ``--url``, ``--key-file``, ``--synchronous`` and ``-v`` to a command; pass a :class:`StoreTarget`."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, db_path: Path, url: str | None, key_file: Path, **kwargs: Any) -> Any:
-        return fn(*args, store=StoreTarget(db_path, url, key_file), **kwargs)
+    def wrapper(
+        *args: Any, db_path: Path, url: str | None, key_file: Path, synchronous: str | None, **kwargs: Any
+    ) -> Any:
+        return fn(*args, store=StoreTarget(db_path, url, key_file, synchronous), **kwargs)
 
     options = [
         click.option(
@@ -125,6 +130,11 @@ def store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--key-file", type=click.Path(dir_okay=False, path_type=Path), default=Path(".kissbot.key"),
             envvar="KISSBOT_KEY_FILE", show_envvar=True, show_default=True, help="Fernet key file.",
+        ),
+        click.option(
+            "--synchronous", metavar="OFF|NORMAL|FULL|EXTRA",
+            help="SQLite durability (default: env KISSBOT_SQLITE_SYNCHRONOUS, else NORMAL, which may lose the "
+            "last commits on power loss; FULL does not).",
         ),
         click.option(
             "-v", "--verbose", count=True, expose_value=False, callback=_set_verbosity,

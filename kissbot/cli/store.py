@@ -29,7 +29,7 @@ def init_db(store: StoreTarget) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
     click.echo(f"📦 {'Opening' if path is not None and path.exists() else 'Creating'} database: {shown}")
-    engine = create_engine(url)
+    engine = create_engine(url, synchronous=store.synchronous)
     try:
         ensure_schema(engine)
         with engine.connect() as conn:
