@@ -10,7 +10,7 @@ where the caller asked for them.
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Union
 
 from sqlalchemy import bindparam, delete, func, insert, select, update
