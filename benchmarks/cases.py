@@ -1,0 +1,549 @@
+"""The benchmark cases: each measures kissbot and its raw floor in the same run.
+
+A case takes the :class:`Sizes` and a work directory and returns table
+:class:`Row` objects. Timings use ``time.perf_counter_ns``; the contenders of a
+case run interleaved (kissbot, floor, seed style, kissbot, …) after a warm-up,
+and each figure is the median over the repeats.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography.fernet import Fernet
+
+from benchmarks import raw
+
+
+@dataclass
+class Sizes:
+    """Every size the benchmarks use; ``--quick`` and ``--smoke`` shrink them."""
+
+    users: int = 1000
+    calls: int = 2000
+    repeats: int = 7
+    scan_rows: int = 100_000
+    scan_due: int = 100
+    scan_calls: int = 200
+    procs: int = 8
+    proc_ops: int = 2000
+    audit_rows: int = 1_000_000
+    writer_pause_ms: float = 2.0
+    migrate_users: int = 10_000
+    rotation_rows: int = 100_000
+    cold_runs: int = 9
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(users=300, calls=500, repeats=5, scan_calls=50, proc_ops=400, audit_rows=200_000,
+                   migrate_users=2000, rotation_rows=20_000, cold_runs=5)
+
+    @classmethod
+    def smoke(cls) -> Sizes:
+        return cls(users=20, calls=10, repeats=2, scan_rows=500, scan_due=10, scan_calls=3, procs=2, proc_ops=10,
+                   audit_rows=2000, migrate_users=20, rotation_rows=200, cold_runs=1)
+
+
+@dataclass
+class Row:
+    """One line of the results table. Ratios are kissbot ÷ floor (time), lower is better."""
+
+    name: str
+    kissbot: str
+    floor: str
+    ratio: float | None
+    target: str
+    met: bool | None
+    seed: str = ""
+    speedup: float | None = None
+    ratio_label: str = "x"
+
+
+@dataclass
+class Context:
+    """What every case gets: the sizes, a scratch directory, and extra text for the results file."""
+
+    sizes: Sizes
+    workdir: Path
+    notes: list[str] = field(default_factory=list)
+
+
+def ns() -> int:
+    return time.perf_counter_ns()
+
+
+def interleaved(contenders: dict[str, Callable[[int], Any]], calls: int, repeats: int) -> dict[str, float]:
+    """Median µs per call of each contender; ``fn(i)`` is called ``calls`` times per repeat.
+
+    One warm-up round runs first; then the contenders take turns each repeat
+    so drift (other load, WAL growth) hits them alike.
+    """
+    for fn in contenders.values():
+        for i in range(min(calls, 50)):
+            fn(i)
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            t0 = ns()
+            for i in range(calls):
+                fn(i)
+            samples[name].append((ns() - t0) / calls / 1000)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def us(value: float) -> str:
+    return f"{value:,.1f} µs" if value < 1000 else f"{value / 1000:,.2f} ms"
+
+
+def open_store(path: Path, key_file: Path):  # -> DatabaseManager
+    from kissbot import DatabaseManager
+
+    return DatabaseManager(path, key_file)
+
+
+def fernet_of(key_file: Path) -> Fernet:
+    return Fernet(key_file.read_bytes().strip())
+
+
+def hot_store(ctx: Context, name: str) -> tuple[Any, sqlite3.Connection, raw.Schema, Fernet, list[int], Path]:
+    """A store with ``sizes.users`` users holding tokens, a raw held connection on it, and their ids."""
+    path, key_file = ctx.workdir / f"{name}.db", ctx.workdir / f"{name}.key"
+    mgr = open_store(path, key_file)
+    conn = raw.connect(str(path))
+    schema = raw.Schema(conn)
+    fernet = fernet_of(key_file)
+    ids = raw.bulk_users_and_tokens(conn, schema, fernet, ctx.sizes.users, due=0)
+    return mgr, conn, schema, fernet, ids, path
+
+
+# --- get_tokens / store_tokens -------------------------------------------------------------------
+
+
+def bench_get_tokens(ctx: Context) -> list[Row]:
+    from sqlalchemy.orm import Session
+
+    from kissbot.repo import TokenRepository
+
+    s = ctx.sizes
+    mgr, conn, schema, fernet, ids, path = hot_store(ctx, "get")
+    n = len(ids)
+    session = Session(mgr.engine)
+    repo = TokenRepository(session)
+    try:
+        expected = raw.get_tokens(conn, schema, fernet, ids[0])[0]
+        assert repo.get_tokens(ids[0])["access_token"] == expected
+        assert mgr.get_tokens(ids[0])["access_token"] == expected
+        t = interleaved(
+            {
+                "repo": lambda i: repo.get_tokens(ids[i % n]),
+                "mgr": lambda i: mgr.get_tokens(ids[i % n]),
+                "floor": lambda i: raw.get_tokens(conn, schema, fernet, ids[i % n]),
+                "seed": lambda i: raw.seed_get_tokens(str(path), schema, fernet, ids[i % n]),
+            },
+            s.calls,
+            s.repeats,
+        )
+    finally:
+        session.close()
+        conn.close()
+        mgr.close()
+    return [
+        Row("get_tokens: TokenRepository, warm Session", us(t["repo"]), us(t["floor"]), t["repo"] / t["floor"],
+            "≤ 2x floor, ≥ 3x faster than seed", t["repo"] <= 2 * t["floor"] and t["seed"] >= 3 * t["repo"],
+            seed=us(t["seed"]), speedup=t["seed"] / t["repo"]),
+        Row("get_tokens: DatabaseManager", us(t["mgr"]), us(t["floor"]), t["mgr"] / t["floor"],
+            "≤ 2x floor, ≥ 3x faster than seed", t["mgr"] <= 2 * t["floor"] and t["seed"] >= 3 * t["mgr"],
+            seed=us(t["seed"]), speedup=t["seed"] / t["mgr"]),
+    ]
+
+
+def bench_store_tokens(ctx: Context) -> list[Row]:
+    s = ctx.sizes
+    mgr, conn, schema, fernet, ids, path = hot_store(ctx, "store")
+    n = len(ids)
+    access, refresh = "a" * 30, "r" * 50
+    try:
+        t = interleaved(
+            {
+                "mgr": lambda i: mgr.store_tokens(ids[i % n], access, refresh, 14400, scopes=["chat:read"]),
+                "floor": lambda i: raw.store_tokens(conn, schema, fernet, ids[i % n], access, refresh, 14400),
+                "seed": lambda i: raw.seed_store_tokens(str(path), schema, fernet, ids[i % n], access, refresh, 14400),
+            },
+            s.calls,
+            s.repeats,
+        )
+        assert mgr.get_tokens(ids[0])["refresh_token"] == refresh
+    finally:
+        conn.close()
+        mgr.close()
+    return [
+        Row("store_tokens + audit row: DatabaseManager", us(t["mgr"]), us(t["floor"]), t["mgr"] / t["floor"],
+            "≤ 2x floor, ≥ 3x faster than seed", t["mgr"] <= 2 * t["floor"] and t["seed"] >= 3 * t["mgr"],
+            seed=us(t["seed"]), speedup=t["seed"] / t["mgr"]),
+    ]
+
+
+# --- due-token scan -------------------------------------------------------------------------------
+
+
+def bench_due_scan(ctx: Context) -> list[Row]:
+    from sqlalchemy import event
+
+    from kissbot.types import utcnow
+
+    s = ctx.sizes
+    path, key_file = ctx.workdir / "scan.db", ctx.workdir / "scan.key"
+    mgr = open_store(path, key_file)
+    conn = raw.connect(str(path))
+    schema = raw.Schema(conn)
+    raw.bulk_users_and_tokens(conn, schema, fernet_of(key_file), s.scan_rows, due=s.scan_due)
+    conn.execute("ANALYZE")
+    emitted: list[tuple[str, Any]] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
+        emitted.append((statement, parameters))
+
+    try:
+        event.listen(mgr.engine, "before_cursor_execute", capture)
+        due = mgr.get_tokens_needing_refresh(10)
+        event.remove(mgr.engine, "before_cursor_execute", capture)
+        statement, parameters = next((st, p) for st, p in emitted if "expires_at <=" in st)
+        plan = [r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {statement}", parameters)]
+        floor_plan = [r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {schema.due_scan}", ("2000-01-01",))]
+        assert len(due) == s.scan_due == len(raw.due_scan(conn, schema, utcnow() + timedelta(minutes=10)))
+        t = interleaved(
+            {
+                "mgr": lambda i: mgr.get_tokens_needing_refresh(10),
+                "floor": lambda i: raw.due_scan(conn, schema, utcnow() + timedelta(minutes=10)),
+            },
+            s.scan_calls,
+            s.repeats,
+        )
+    finally:
+        conn.close()
+        mgr.close()
+    uses_index = any("idx_oauth_expires" in line for line in plan)
+    ctx.notes.append(
+        "### Query plan of the due-token scan\n\n"
+        f"kissbot's statement (as emitted by `get_tokens_needing_refresh`):\n\n```sql\n{statement}\n```\n\n"
+        "`EXPLAIN QUERY PLAN`:\n\n```\n" + "\n".join(plan) + "\n```\n\n"
+        "The raw floor's plan:\n\n```\n" + "\n".join(floor_plan) + "\n```\n"
+    )
+    return [
+        Row(f"due-token scan: {s.scan_due} due of {s.scan_rows:,} rows (plan uses idx_oauth_expires: "
+            f"{'yes' if uses_index else 'NO'})", us(t["mgr"]), us(t["floor"]), t["mgr"] / t["floor"],
+            "≤ 3x floor, uses idx_oauth_expires", t["mgr"] <= 3 * t["floor"] and uses_index),
+    ]
+
+
+# --- many processes -------------------------------------------------------------------------------
+
+
+def mixed_worker(path: str, key_file: str, ids: list[int], ops: int, seed: int, barrier: Any, results: Any) -> None:
+    """One bot process: 70% get_tokens, 20% store_tokens, 10% log_event; report (ops, errors, t0, t1, first error)."""
+    mgr = open_store(Path(path), Path(key_file))
+    rng = random.Random(seed)
+    errors, first_error = 0, ""
+    barrier.wait(timeout=120)
+    t0 = ns()
+    for _ in range(ops):
+        user_id = rng.choice(ids)
+        roll = rng.random()
+        try:
+            if roll < 0.7:
+                mgr.get_tokens(user_id)
+            elif roll < 0.9:
+                mgr.store_tokens(user_id, f"access-{rng.random()}", f"refresh-{rng.random()}", 14400)
+            else:
+                mgr.log_event("bench_event", user_id=user_id, details={"n": roll})
+        except Exception as exc:  # counted and reported, never swallowed silently
+            errors += 1
+            first_error = first_error or f"{type(exc).__name__}: {exc}"
+    t1 = ns()
+    mgr.close()
+    results.put((ops, errors, t0, t1, first_error))
+
+
+def run_processes(path: Path, key_file: Path, ids: list[int], procs: int, ops: int) -> tuple[float, int, str]:
+    """Run ``procs`` mixed workers at once; return (ops per second overall, errors, first error)."""
+    mp = multiprocessing.get_context("spawn")
+    barrier = mp.Barrier(procs + 1)
+    results = mp.Queue()
+    workers = [
+        mp.Process(target=mixed_worker, args=(str(path), str(key_file), ids, ops, n, barrier, results))
+        for n in range(procs)
+    ]
+    for w in workers:
+        w.start()
+    try:
+        barrier.wait(timeout=120)
+        reports = [results.get(timeout=600) for _ in workers]
+    finally:
+        for w in workers:
+            w.join(timeout=60)
+            if w.is_alive():
+                w.kill()
+    total = sum(r[0] for r in reports)
+    elapsed = (max(r[3] for r in reports) - min(r[2] for r in reports)) / 1e9
+    errors = sum(r[1] for r in reports)
+    return total / elapsed, errors, next((r[4] for r in reports if r[4]), "")
+
+
+def bench_processes(ctx: Context) -> list[Row]:
+    s = ctx.sizes
+    mgr, conn, _schema, _fernet, ids, path = hot_store(ctx, "procs")
+    conn.close()
+    mgr.close()
+    key_file = ctx.workdir / "procs.key"
+    one, one_errors, _ = run_processes(path, key_file, ids, 1, s.proc_ops)
+    many, errors, first = run_processes(path, key_file, ids, s.procs, s.proc_ops)
+    errors += one_errors
+    if first:
+        ctx.notes.append(f"First error in the {s.procs}-process run: `{first}`")
+    return [
+        Row(f"{s.procs} processes, mixed ops on one file (70% get, 20% store, 10% audit)",
+            f"{many:,.0f} ops/s, {errors} errors", f"{one:,.0f} ops/s (1 process)", many / one,
+            "0 errors", errors == 0, ratio_label="x throughput"),
+    ]
+
+
+# --- cleanup under a concurrent writer --------------------------------------------------------------
+
+
+def writer_worker(path: str, key_file: str, user_id: int, pause_ms: float, ready: Any, stop: Any, results: Any) -> None:
+    """Refresh one user's tokens in a loop until ``stop``; report [(start_ns, latency_ns)]."""
+    mgr = open_store(Path(path), Path(key_file))
+    samples: list[tuple[int, int]] = []
+    ready.set()
+    n = 0
+    while not stop.is_set():
+        t0 = ns()
+        mgr.store_tokens(user_id, f"access-{n}", f"refresh-{n}", 14400)
+        samples.append((t0, ns() - t0))
+        n += 1
+        time.sleep(pause_ms / 1000)
+    mgr.close()
+    results.put(samples)
+
+
+def with_writer(path: Path, key_file: Path, user_id: int, pause_ms: float, work: Callable[[], int]) -> tuple[float, list[int], int]:
+    """Run ``work`` while another process writes; return (work seconds, writer latencies during it in ns, result)."""
+    mp = multiprocessing.get_context("spawn")
+    ready, stop, results = mp.Event(), mp.Event(), mp.Queue()
+    writer = mp.Process(target=writer_worker, args=(str(path), str(key_file), user_id, pause_ms, ready, stop, results))
+    writer.start()
+    try:
+        if not ready.wait(timeout=120):
+            raise RuntimeError("writer process did not start")
+        time.sleep(0.3)
+        t0 = ns()
+        result = work()
+        t1 = ns()
+        stop.set()
+        samples = results.get(timeout=120)
+    finally:
+        stop.set()
+        writer.join(timeout=60)
+        if writer.is_alive():
+            writer.kill()
+    during = [lat for start, lat in samples if t0 <= start <= t1]
+    return (t1 - t0) / 1e9, during, result
+
+
+def percentile(values: list[int], q: float) -> float:
+    """The ``q`` quantile (0–1) of ``values`` in ms (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))] / 1e6
+
+
+def bench_cleanup(ctx: Context) -> list[Row]:
+    from kissbot.manager import CLEANUP_BATCH_SIZE
+
+    s = ctx.sizes
+    path, key_file = ctx.workdir / "audit.db", ctx.workdir / "audit.key"
+    mgr = open_store(path, key_file)
+    conn = raw.connect(str(path))
+    schema = raw.Schema(conn)
+    (user_id,) = raw.bulk_users_and_tokens(conn, schema, fernet_of(key_file), 1, due=0)
+    raw.bulk_audit(conn, schema, s.audit_rows, age=timedelta(days=100))
+    mgr.close()
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    raw_path = ctx.workdir / "audit_raw.db"
+    shutil.copyfile(path, raw_path)
+
+    def kissbot_cleanup() -> int:
+        with open_store(path, key_file) as store:
+            return store.cleanup_old_logs(days=30)
+
+    def raw_cleanup() -> int:
+        held = raw.connect(str(raw_path))
+        try:
+            return raw.cleanup_audit(held, 30, CLEANUP_BATCH_SIZE)
+        finally:
+            held.close()
+
+    k_secs, k_lat, k_deleted = with_writer(path, key_file, user_id, s.writer_pause_ms, kissbot_cleanup)
+    r_secs, r_lat, r_deleted = with_writer(raw_path, key_file, user_id, s.writer_pause_ms, raw_cleanup)
+    assert k_deleted == r_deleted == s.audit_rows, (k_deleted, r_deleted)
+    k50, k99 = (percentile(k_lat, 0.5), percentile(k_lat, 0.99)) if k_lat else (float("nan"),) * 2
+    r50, r99 = (percentile(r_lat, 0.5), percentile(r_lat, 0.99)) if r_lat else (float("nan"),) * 2
+    return [
+        Row(f"cleanup_old_logs of {s.audit_rows:,} audit rows (batches of {CLEANUP_BATCH_SIZE}), writer running",
+            f"{k_secs:,.2f} s", f"{r_secs:,.2f} s", k_secs / r_secs, "(duration, no target)", None),
+        Row(f"  concurrent writer's store_tokens latency during that cleanup ({len(k_lat)} / {len(r_lat)} samples)",
+            f"p50 {k50:.1f} ms, p99 {k99:.1f} ms", f"p50 {r50:.1f} ms, p99 {r99:.1f} ms",
+            k99 / r99 if r_lat and k_lat else None, "p99 ≤ 250 ms", k99 <= 250 if k_lat else None,
+            ratio_label="x (p99)"),
+    ]
+
+
+# --- migrate-yaml ---------------------------------------------------------------------------------
+
+
+def cli_command(*names: str) -> Any:
+    """The click command at ``names`` (e.g. ``("key", "rotate")``), or None if kissbot has none yet."""
+    import click
+
+    from kissbot.cli import cli
+
+    command: Any = cli
+    for name in names:
+        if not isinstance(command, click.Group) or name not in command.commands:
+            return None
+        command = command.commands[name]
+    return command
+
+
+def invoke(args: list[str]) -> None:
+    """Run the kissbot CLI in this process; raise with its output if it fails."""
+    from click.testing import CliRunner
+
+    from kissbot.cli import cli
+
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    if result.exit_code != 0:
+        raise RuntimeError(f"kissbot {' '.join(args)} failed ({result.exit_code}): {result.output.strip()}")
+
+
+NOT_LANDED = "n/a (not yet landed)"
+
+
+def bench_migrate_yaml(ctx: Context) -> list[Row]:
+    import yaml
+
+    s = ctx.sizes
+    entries = [
+        {"login": f"Bench_User_{i}", "user_id": 500_000 + i,
+         "access_token": f"access{i:06d}abcdefghijklmnopqrstu", "refresh_token": f"refresh{i:06d}abcdefghijklmnopqrstuvwxyz0123"}
+        for i in range(s.migrate_users)
+    ]
+    floor_path, floor_key = ctx.workdir / "migrate_raw.db", ctx.workdir / "migrate_raw.key"
+    open_store(floor_path, floor_key).close()
+    conn = raw.connect(str(floor_path))
+    t0 = ns()
+    raw.migrate_stores(conn, raw.Schema(conn), fernet_of(floor_key), entries)
+    floor_secs = (ns() - t0) / 1e9
+    conn.close()
+    name = f"migrate-yaml of {s.migrate_users:,} users vs {s.migrate_users:,} raw stores (one transaction)"
+    floor = f"{floor_secs:,.2f} s"
+    if cli_command("migrate-yaml") is None:
+        return [Row(name, NOT_LANDED, floor, None, "≤ 2x floor", None)]
+    config = ctx.workdir / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "bot": {"prefix": "!"},
+        "twitch": {"tokens": {e["login"]: {k: e[k] for k in ("user_id", "access_token", "refresh_token")} for e in entries}},
+    }))
+    path, key_file = ctx.workdir / "migrate.db", ctx.workdir / "migrate.key"
+    open_store(path, key_file).close()
+    t0 = ns()
+    invoke(["migrate-yaml", str(config), "--db", str(path), "--key-file", str(key_file), "--no-backup"])
+    secs = (ns() - t0) / 1e9
+    with open_store(path, key_file) as mgr:
+        assert mgr.get_stats()["tokens_count"] == s.migrate_users
+    return [Row(name, f"{secs:,.2f} s", floor, secs / floor_secs, "≤ 2x floor", secs <= 2 * floor_secs)]
+
+
+# --- key rotation ---------------------------------------------------------------------------------
+
+
+def bench_rotation(ctx: Context) -> list[Row]:
+    s = ctx.sizes
+    floor_path, floor_key = ctx.workdir / "rotate_raw.db", ctx.workdir / "rotate_raw.key"
+    open_store(floor_path, floor_key).close()
+    conn = raw.connect(str(floor_path))
+    old = fernet_of(floor_key)
+    raw.bulk_users_and_tokens(conn, raw.Schema(conn), old, s.rotation_rows, due=0)
+    t0 = ns()
+    done = raw.rotate(conn, old, Fernet(Fernet.generate_key()))
+    floor_secs = (ns() - t0) / 1e9
+    conn.close()
+    assert done == s.rotation_rows
+    name = f"key rotation of {s.rotation_rows:,} token rows vs raw decrypt + encrypt"
+    floor = f"{floor_secs:,.2f} s ({s.rotation_rows / floor_secs:,.0f} rows/s)"
+    if cli_command("key", "rotate") is None:
+        return [Row(name, NOT_LANDED, floor, None, "≥ 50% of raw rate (≤ 2x time)", None)]
+    path, key_file = ctx.workdir / "rotate.db", ctx.workdir / "rotate.key"
+    open_store(path, key_file).close()
+    conn = raw.connect(str(path))
+    raw.bulk_users_and_tokens(conn, raw.Schema(conn), fernet_of(key_file), s.rotation_rows, due=0)
+    conn.close()
+    t0 = ns()
+    invoke(["key", "rotate", "--db", str(path), "--key-file", str(key_file)])
+    secs = (ns() - t0) / 1e9
+    return [Row(name, f"{secs:,.2f} s ({s.rotation_rows / secs:,.0f} rows/s)", floor, secs / floor_secs,
+                "≥ 50% of raw rate (≤ 2x time)", secs <= 2 * floor_secs)]
+
+
+# --- cold start -----------------------------------------------------------------------------------
+
+
+def bench_cold_stats(ctx: Context) -> list[Row]:
+    s = ctx.sizes
+    path, key_file = ctx.workdir / "stats.db", ctx.workdir / "stats.key"
+    with open_store(path, key_file) as mgr:
+        uid = mgr.create_user("1", "serda_bot", is_bot=True)
+        mgr.store_tokens(uid, "access", "refresh", 14400)
+    script = Path(sys.executable).with_name("kissbot")
+    kissbot = [str(script)] if script.exists() else [sys.executable, "-c", "import sys; from kissbot.cli import cli; sys.exit(cli())"]
+    commands = {
+        "kissbot": [*kissbot, "stats", "--db", str(path), "--key-file", str(key_file)],
+        "floor": [sys.executable, "-c", "import sqlalchemy"],
+    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KISSBOT_")}
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(s.cold_runs + 1):  # the first round only warms the page cache
+        for name, command in commands.items():
+            t0 = ns()
+            subprocess.run(command, check=True, capture_output=True, env=env, timeout=120)
+            times[name].append((ns() - t0) / 1e6)
+    k, f = (statistics.median(times[n][1:]) for n in ("kissbot", "floor"))
+    return [
+        Row(f"cold `kissbot stats` process vs `python -c \"import sqlalchemy\"` (median of {s.cold_runs})",
+            f"{k:,.0f} ms", f"{f:,.0f} ms", k / f, "≤ 1.5x", k <= 1.5 * f),
+    ]
+
+
+CASES: dict[str, Callable[[Context], list[Row]]] = {
+    "get": bench_get_tokens,
+    "store": bench_store_tokens,
+    "scan": bench_due_scan,
+    "procs": bench_processes,
+    "cleanup": bench_cleanup,
+    "migrate": bench_migrate_yaml,
+    "rotation": bench_rotation,
+    "cold": bench_cold_stats,
+}
