@@ -118,15 +118,14 @@ def fernet_of(key_file: Path) -> Fernet:
     return Fernet(key_file.read_bytes().strip())
 
 
-def hot_store(ctx: Context, name: str) -> tuple[Any, sqlite3.Connection, raw.Schema, Fernet, list[int], Path]:
+def hot_store(ctx: Context, name: str) -> tuple[Any, sqlite3.Connection, Fernet, list[int], Path]:
     """A store with ``sizes.users`` users holding tokens, a raw held connection on it, and their ids."""
     path, key_file = ctx.workdir / f"{name}.db", ctx.workdir / f"{name}.key"
     mgr = open_store(path, key_file)
     conn = raw.connect(str(path))
-    schema = raw.Schema(conn)
     fernet = fernet_of(key_file)
-    ids = raw.bulk_users_and_tokens(conn, schema, fernet, ctx.sizes.users, due=0)
-    return mgr, conn, schema, fernet, ids, path
+    ids = raw.bulk_users_and_tokens(conn, fernet, ctx.sizes.users, due=0)
+    return mgr, conn, fernet, ids, path
 
 
 # --- get_tokens / store_tokens -------------------------------------------------------------------
@@ -138,20 +137,20 @@ def bench_get_tokens(ctx: Context) -> list[Row]:
     from kissbot.repo import TokenRepository
 
     s = ctx.sizes
-    mgr, conn, schema, fernet, ids, path = hot_store(ctx, "get")
+    mgr, conn, fernet, ids, path = hot_store(ctx, "get")
     n = len(ids)
     session = Session(mgr.engine)
     repo = TokenRepository(session)
     try:
-        expected = raw.get_tokens(conn, schema, fernet, ids[0])[0]
+        expected = raw.get_tokens(conn, fernet, ids[0])[0]
         assert repo.get_tokens(ids[0])["access_token"] == expected
         assert mgr.get_tokens(ids[0])["access_token"] == expected
         t = interleaved(
             {
                 "repo": lambda i: repo.get_tokens(ids[i % n]),
                 "mgr": lambda i: mgr.get_tokens(ids[i % n]),
-                "floor": lambda i: raw.get_tokens(conn, schema, fernet, ids[i % n]),
-                "seed": lambda i: raw.seed_get_tokens(str(path), schema, fernet, ids[i % n]),
+                "floor": lambda i: raw.get_tokens(conn, fernet, ids[i % n]),
+                "seed": lambda i: raw.seed_get_tokens(str(path), fernet, ids[i % n]),
             },
             s.calls,
             s.repeats,
@@ -172,15 +171,15 @@ def bench_get_tokens(ctx: Context) -> list[Row]:
 
 def bench_store_tokens(ctx: Context) -> list[Row]:
     s = ctx.sizes
-    mgr, conn, schema, fernet, ids, path = hot_store(ctx, "store")
+    mgr, conn, fernet, ids, path = hot_store(ctx, "store")
     n = len(ids)
     access, refresh = "a" * 30, "r" * 50
     try:
         t = interleaved(
             {
                 "mgr": lambda i: mgr.store_tokens(ids[i % n], access, refresh, 14400, scopes=["chat:read"]),
-                "floor": lambda i: raw.store_tokens(conn, schema, fernet, ids[i % n], access, refresh, 14400),
-                "seed": lambda i: raw.seed_store_tokens(str(path), schema, fernet, ids[i % n], access, refresh, 14400),
+                "floor": lambda i: raw.store_tokens(conn, fernet, ids[i % n], access, refresh, 14400),
+                "seed": lambda i: raw.seed_store_tokens(str(path), fernet, ids[i % n], access, refresh, 14400),
             },
             s.calls,
             s.repeats,
@@ -208,8 +207,7 @@ def bench_due_scan(ctx: Context) -> list[Row]:
     path, key_file = ctx.workdir / "scan.db", ctx.workdir / "scan.key"
     mgr = open_store(path, key_file)
     conn = raw.connect(str(path))
-    schema = raw.Schema(conn)
-    raw.bulk_users_and_tokens(conn, schema, fernet_of(key_file), s.scan_rows, due=s.scan_due)
+    raw.bulk_users_and_tokens(conn, fernet_of(key_file), s.scan_rows, due=s.scan_due)
     conn.execute("ANALYZE")
     emitted: list[tuple[str, Any]] = []
 
@@ -222,12 +220,12 @@ def bench_due_scan(ctx: Context) -> list[Row]:
         event.remove(mgr.engine, "before_cursor_execute", capture)
         statement, parameters = next((st, p) for st, p in emitted if "expires_at <=" in st)
         plan = [r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {statement}", parameters)]
-        floor_plan = [r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {schema.due_scan}", ("2000-01-01",))]
-        assert len(due) == s.scan_due == len(raw.due_scan(conn, schema, utcnow() + timedelta(minutes=10)))
+        floor_plan = [r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {raw.DUE_SCAN}", ("2000-01-01",))]
+        assert len(due) == s.scan_due == len(raw.due_scan(conn, utcnow() + timedelta(minutes=10)))
         t = interleaved(
             {
                 "mgr": lambda i: mgr.get_tokens_needing_refresh(10),
-                "floor": lambda i: raw.due_scan(conn, schema, utcnow() + timedelta(minutes=10)),
+                "floor": lambda i: raw.due_scan(conn, utcnow() + timedelta(minutes=10)),
             },
             s.scan_calls,
             s.repeats,
@@ -304,7 +302,7 @@ def run_processes(path: Path, key_file: Path, ids: list[int], procs: int, ops: i
 
 def bench_processes(ctx: Context) -> list[Row]:
     s = ctx.sizes
-    mgr, conn, _schema, _fernet, ids, path = hot_store(ctx, "procs")
+    mgr, conn, __fernet, ids, path = hot_store(ctx, "procs")
     conn.close()
     mgr.close()
     key_file = ctx.workdir / "procs.key"
@@ -323,8 +321,10 @@ def bench_processes(ctx: Context) -> list[Row]:
 # --- cleanup under a concurrent writer --------------------------------------------------------------
 
 
-def writer_worker(path: str, key_file: str, user_id: int, pause_ms: float, ready: Any, stop: Any, results: Any) -> None:
-    """Refresh one user's tokens in a loop until ``stop``; report [(start_ns, latency_ns)]."""
+def writer_worker(
+    path: str, key_file: str, user_id: int, pause_ms: float, ready: Any, stop: Any, written: Any, results: Any
+) -> None:
+    """Refresh one user's tokens in a loop until ``stop``, counting in ``written``; report [(start_ns, latency_ns)]."""
     mgr = open_store(Path(path), Path(key_file))
     samples: list[tuple[int, int]] = []
     ready.set()
@@ -334,6 +334,7 @@ def writer_worker(path: str, key_file: str, user_id: int, pause_ms: float, ready
         mgr.store_tokens(user_id, f"access-{n}", f"refresh-{n}", 14400)
         samples.append((t0, ns() - t0))
         n += 1
+        written.value = n
         time.sleep(pause_ms / 1000)
     mgr.close()
     results.put(samples)
@@ -342,16 +343,21 @@ def writer_worker(path: str, key_file: str, user_id: int, pause_ms: float, ready
 def with_writer(path: Path, key_file: Path, user_id: int, pause_ms: float, work: Callable[[], int]) -> tuple[float, list[int], int]:
     """Run ``work`` while another process writes; return (work seconds, writer latencies during it in ns, result)."""
     mp = multiprocessing.get_context("spawn")
-    ready, stop, results = mp.Event(), mp.Event(), mp.Queue()
-    writer = mp.Process(target=writer_worker, args=(str(path), str(key_file), user_id, pause_ms, ready, stop, results))
+    ready, stop, results, written = mp.Event(), mp.Event(), mp.Queue(), mp.Value("q", 0)
+    writer = mp.Process(
+        target=writer_worker, args=(str(path), str(key_file), user_id, pause_ms, ready, stop, written, results)
+    )
     writer.start()
     try:
         if not ready.wait(timeout=120):
             raise RuntimeError("writer process did not start")
         time.sleep(0.3)
+        before = written.value
         t0 = ns()
         result = work()
         t1 = ns()
+        while written.value < before + 2 and writer.is_alive():  # so one write began after the work did
+            time.sleep(0.001)
         stop.set()
         samples = results.get(timeout=120)
     finally:
@@ -360,6 +366,8 @@ def with_writer(path: Path, key_file: Path, user_id: int, pause_ms: float, work:
         if writer.is_alive():
             writer.kill()
     during = [lat for start, lat in samples if t0 <= start <= t1]
+    if not during:  # a tiny run can finish between two writes: take the write that came next
+        during = [lat for start, lat in samples if start >= t0][:1]
     return (t1 - t0) / 1e9, during, result
 
 
@@ -376,9 +384,8 @@ def bench_cleanup(ctx: Context) -> list[Row]:
     path, key_file = ctx.workdir / "audit.db", ctx.workdir / "audit.key"
     mgr = open_store(path, key_file)
     conn = raw.connect(str(path))
-    schema = raw.Schema(conn)
-    (user_id,) = raw.bulk_users_and_tokens(conn, schema, fernet_of(key_file), 1, due=0)
-    raw.bulk_audit(conn, schema, s.audit_rows, age=timedelta(days=100))
+    (user_id,) = raw.bulk_users_and_tokens(conn, fernet_of(key_file), 1, due=0)
+    raw.bulk_audit(conn, s.audit_rows, age=timedelta(days=100))
     mgr.close()
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
@@ -455,7 +462,7 @@ def bench_migrate_yaml(ctx: Context) -> list[Row]:
     open_store(floor_path, floor_key).close()
     conn = raw.connect(str(floor_path))
     t0 = ns()
-    raw.migrate_stores(conn, raw.Schema(conn), fernet_of(floor_key), entries)
+    raw.migrate_stores(conn, fernet_of(floor_key), entries)
     floor_secs = (ns() - t0) / 1e9
     conn.close()
     name = f"migrate-yaml of {s.migrate_users:,} users vs {s.migrate_users:,} raw stores (one transaction)"
@@ -486,7 +493,7 @@ def bench_rotation(ctx: Context) -> list[Row]:
     open_store(floor_path, floor_key).close()
     conn = raw.connect(str(floor_path))
     old = fernet_of(floor_key)
-    raw.bulk_users_and_tokens(conn, raw.Schema(conn), old, s.rotation_rows, due=0)
+    raw.bulk_users_and_tokens(conn, old, s.rotation_rows, due=0)
     t0 = ns()
     done = raw.rotate(conn, old, Fernet(Fernet.generate_key()))
     floor_secs = (ns() - t0) / 1e9
@@ -499,7 +506,7 @@ def bench_rotation(ctx: Context) -> list[Row]:
     path, key_file = ctx.workdir / "rotate.db", ctx.workdir / "rotate.key"
     open_store(path, key_file).close()
     conn = raw.connect(str(path))
-    raw.bulk_users_and_tokens(conn, raw.Schema(conn), fernet_of(key_file), s.rotation_rows, due=0)
+    raw.bulk_users_and_tokens(conn, fernet_of(key_file), s.rotation_rows, due=0)
     conn.close()
     t0 = ns()
     invoke(["key", "rotate", "--db", str(path), "--key-file", str(key_file)])

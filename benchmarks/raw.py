@@ -37,77 +37,64 @@ def connect(path: str) -> sqlite3.Connection:
     return conn
 
 
-def columns(conn: sqlite3.Connection, table: str) -> set[str]:
-    """Column names of ``table``."""
-    return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+# The raw SQL of the benchmarked operations on kissbot's schema (v2: one row per user and token
+# type). Each statement reads or writes what kissbot's own does: the ``bot`` row, its status,
+# version and refresh time.
+SELECT_TOKENS = (
+    "SELECT user_id, token_type, access_token_encrypted, refresh_token_encrypted, scopes, expires_at, "
+    "needs_reauth, refresh_failures, status, version, last_refresh, last_validated, created_at, updated_at "
+    "FROM oauth_tokens WHERE user_id = ? AND token_type = 'bot'"
+)
+UPDATE_TOKENS = (
+    "UPDATE oauth_tokens SET access_token_encrypted = ?, refresh_token_encrypted = ?, scopes = ?, "
+    "expires_at = ?, needs_reauth = 0, status = 'valid', refresh_failures = 0, updated_at = ?, "
+    "version = version + 1, last_refresh = ? WHERE user_id = ? AND token_type = 'bot'"
+)
+INSERT_AUDIT = (
+    "INSERT INTO audit_log (event_type, user_id, channel_id, details, severity, timestamp) VALUES (?, ?, ?, ?, ?, ?)"
+)
+DUE_SCAN = (
+    "SELECT t.user_id, t.token_type, u.twitch_login, t.expires_at, t.needs_reauth, t.refresh_failures "
+    "FROM oauth_tokens t JOIN users u ON u.id = t.user_id WHERE t.expires_at <= ? ORDER BY t.expires_at"
+)
+INSERT_TOKEN = (
+    "INSERT INTO oauth_tokens (user_id, access_token_encrypted, refresh_token_encrypted, scopes, expires_at, "
+    "needs_reauth, refresh_failures, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+INSERT_USER = (
+    "INSERT INTO users (twitch_user_id, twitch_login, display_name, is_bot, created_at, updated_at) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
 
 
-class Schema:
-    """The raw SQL of the benchmarked operations, adapted to the columns present.
-
-    Schema v2 adds ``oauth_tokens.token_type``; when it is there the raw
-    statements select and write the ``bot`` row, as kissbot does by default.
-    """
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.token_type = "token_type" in columns(conn, "oauth_tokens")
-        where = "user_id = ?" + (" AND token_type = 'bot'" if self.token_type else "")
-        self.select_tokens = (
-            "SELECT user_id, access_token_encrypted, refresh_token_encrypted, scopes, expires_at, needs_reauth, "
-            f"refresh_failures, created_at, updated_at FROM oauth_tokens WHERE {where}"
-        )
-        self.update_tokens = (
-            "UPDATE oauth_tokens SET access_token_encrypted = ?, refresh_token_encrypted = ?, scopes = ?, "
-            f"expires_at = ?, needs_reauth = 0, refresh_failures = 0, updated_at = ? WHERE {where}"
-        )
-        self.insert_audit = (
-            "INSERT INTO audit_log (event_type, user_id, channel_id, details, severity, timestamp) "
-            "VALUES (?, ?, ?, ?, ?, ?)"
-        )
-        self.due_scan = (
-            "SELECT t.user_id, u.twitch_login, t.expires_at, t.needs_reauth, t.refresh_failures "
-            "FROM oauth_tokens t JOIN users u ON u.id = t.user_id WHERE t.expires_at <= ? "
-            + ("AND t.token_type = 'bot' " if self.token_type else "")
-            + "ORDER BY t.expires_at"
-        )
-        token_cols = ["user_id", "access_token_encrypted", "refresh_token_encrypted", "scopes", "expires_at",
-                      "needs_reauth", "refresh_failures", "created_at", "updated_at"]
-        self.insert_token = (
-            f"INSERT INTO oauth_tokens ({', '.join(token_cols)}) VALUES ({', '.join('?' * len(token_cols))})"
-        )
-        self.insert_user = (
-            "INSERT INTO users (twitch_user_id, twitch_login, display_name, is_bot, created_at, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?)"
-        )
-
-
-def get_tokens(conn: sqlite3.Connection, schema: Schema, fernet: Fernet, user_id: int) -> tuple[str, str, Any]:
+def get_tokens(conn: sqlite3.Connection, fernet: Fernet, user_id: int) -> tuple[str, str, Any]:
     """Select one user's token row and decrypt both tokens."""
-    row = conn.execute(schema.select_tokens, (user_id,)).fetchone()
-    return fernet.decrypt(row[1].encode()).decode(), fernet.decrypt(row[2].encode()).decode(), row
+    row = conn.execute(SELECT_TOKENS, (user_id,)).fetchone()
+    return fernet.decrypt(row[2].encode()).decode(), fernet.decrypt(row[3].encode()).decode(), row
 
 
 def store_tokens(
-    conn: sqlite3.Connection, schema: Schema, fernet: Fernet, user_id: int, access: str, refresh: str, expires_in: int
+    conn: sqlite3.Connection, fernet: Fernet, user_id: int, access: str, refresh: str, expires_in: int
 ) -> None:
     """Encrypt both tokens, update the row and append the audit event, in one write transaction."""
     now = datetime.now(timezone.utc)
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute(
-            schema.update_tokens,
+            UPDATE_TOKENS,
             (
                 fernet.encrypt(access.encode()).decode(),
                 fernet.encrypt(refresh.encode()).decode(),
                 '["chat:read"]',
                 sqlite_time(now + timedelta(seconds=expires_in)),
                 sqlite_time(now),
+                sqlite_time(now),
                 user_id,
             ),
         )
         conn.execute(
-            schema.insert_audit,
-            ("tokens_refreshed", user_id, None, json.dumps({"expires_in": expires_in, "scopes": ["chat:read"]}),
+            INSERT_AUDIT,
+            ("tokens_refreshed", user_id, None, json.dumps({"token_type": "bot", "expires_in": expires_in, "scopes": ["chat:read"]}),
              "info", sqlite_time(now)),
         )
         conn.execute("COMMIT")
@@ -116,34 +103,33 @@ def store_tokens(
         raise
 
 
-def seed_get_tokens(path: str, schema: Schema, fernet: Fernet, user_id: int) -> tuple[str, str, Any]:
+def seed_get_tokens(path: str, fernet: Fernet, user_id: int) -> tuple[str, str, Any]:
     """The seed's style: a fresh connection with the four pragmas for each read."""
     conn = connect(path)
     try:
-        return get_tokens(conn, schema, fernet, user_id)
+        return get_tokens(conn, fernet, user_id)
     finally:
         conn.close()
 
 
 def seed_store_tokens(
-    path: str, schema: Schema, fernet: Fernet, user_id: int, access: str, refresh: str, expires_in: int
+    path: str, fernet: Fernet, user_id: int, access: str, refresh: str, expires_in: int
 ) -> None:
     """The seed's style: a fresh connection with the four pragmas for each write."""
     conn = connect(path)
     try:
-        store_tokens(conn, schema, fernet, user_id, access, refresh, expires_in)
+        store_tokens(conn, fernet, user_id, access, refresh, expires_in)
     finally:
         conn.close()
 
 
-def due_scan(conn: sqlite3.Connection, schema: Schema, cutoff: datetime) -> list[tuple[Any, ...]]:
+def due_scan(conn: sqlite3.Connection, cutoff: datetime) -> list[tuple[Any, ...]]:
     """The indexed scan for tokens expiring before ``cutoff``."""
-    return conn.execute(schema.due_scan, (sqlite_time(cutoff),)).fetchall()
+    return conn.execute(DUE_SCAN, (sqlite_time(cutoff),)).fetchall()
 
 
 def bulk_users_and_tokens(
     conn: sqlite3.Connection,
-    schema: Schema,
     fernet: Fernet,
     count: int,
     due: int,
@@ -159,7 +145,7 @@ def bulk_users_and_tokens(
     conn.execute("BEGIN IMMEDIATE")
     first = (conn.execute("SELECT COALESCE(MAX(id), 0) FROM users").fetchone()[0]) + 1
     conn.executemany(
-        schema.insert_user,
+        INSERT_USER,
         ((f"{login_prefix}-{i}", f"{login_prefix}_{i}", f"{login_prefix}_{i}", 1, stamp, stamp) for i in range(count)),
     )
     ids = list(range(first, first + count))
@@ -179,12 +165,12 @@ def bulk_users_and_tokens(
                 stamp,
             )
 
-    conn.executemany(schema.insert_token, token_rows())
+    conn.executemany(INSERT_TOKEN, token_rows())
     conn.execute("COMMIT")
     return ids
 
 
-def bulk_audit(conn: sqlite3.Connection, schema: Schema, count: int, age: timedelta, batch: int = 50_000) -> None:
+def bulk_audit(conn: sqlite3.Connection, count: int, age: timedelta, batch: int = 50_000) -> None:
     """Append ``count`` audit events dated ``age`` ago, in batches of one transaction each."""
     stamp = sqlite_time(datetime.now(timezone.utc) - age)
     details = json.dumps({"expires_in": 14400, "scopes": ["chat:read"]})
@@ -192,7 +178,7 @@ def bulk_audit(conn: sqlite3.Connection, schema: Schema, count: int, age: timede
     while done < count:
         n = min(batch, count - done)
         conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(schema.insert_audit, (("tokens_refreshed", None, None, details, "info", stamp) for _ in range(n)))
+        conn.executemany(INSERT_AUDIT, (("tokens_refreshed", None, None, details, "info", stamp) for _ in range(n)))
         conn.execute("COMMIT")
         done += n
 
@@ -242,17 +228,17 @@ def rotate(conn: sqlite3.Connection, old: Fernet, new: Fernet, batch_size: int =
         last = rows[-1][0]
 
 
-def migrate_stores(conn: sqlite3.Connection, schema: Schema, fernet: Fernet, entries: list[dict[str, Any]]) -> None:
+def migrate_stores(conn: sqlite3.Connection, fernet: Fernet, entries: list[dict[str, Any]]) -> None:
     """What migrate-yaml must do at least, per entry: a user, two encrypts, a token row, an audit event; one transaction."""
     now = datetime.now(timezone.utc)
     stamp = sqlite_time(now)
     conn.execute("BEGIN IMMEDIATE")
     for e in entries:
         user_id = conn.execute(
-            schema.insert_user, (str(e["user_id"]), e["login"].lower(), e["login"], 1, stamp, stamp)
+            INSERT_USER, (str(e["user_id"]), e["login"].lower(), e["login"], 1, stamp, stamp)
         ).lastrowid
         conn.execute(
-            schema.insert_token,
+            INSERT_TOKEN,
             (
                 user_id,
                 fernet.encrypt(e["access_token"].encode()).decode(),
@@ -266,7 +252,7 @@ def migrate_stores(conn: sqlite3.Connection, schema: Schema, fernet: Fernet, ent
             ),
         )
         conn.execute(
-            schema.insert_audit,
+            INSERT_AUDIT,
             ("tokens_created", user_id, None, json.dumps({"source": "yaml"}), "info", stamp),
         )
     conn.execute("COMMIT")
