@@ -252,4 +252,6 @@ def _install_sqlite_events(engine: Engine, synchronous: str, busy_timeout_ms: in
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         immediate = conn.get_execution_options().get(_IMMEDIATE, False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        # Straight to the driver: a SQLAlchemy execution of BEGIN (events, result
+        # set-up) costs more than the statement on every manager call.
+        conn.connection.driver_connection.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")

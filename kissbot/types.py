@@ -79,6 +79,27 @@ class UTCDateTime(TypeDecorator[datetime]):
             return value.replace(tzinfo=timezone.utc)
         return value.astimezone(timezone.utc)
 
+    def result_processor(self, dialect: Dialect, coltype: object) -> Any:
+        if dialect.name != "sqlite":
+            return super().result_processor(dialect, coltype)
+        # SQLite stores naive UTC text ("2026-11-25 15:10:00.123456"). Parsing it
+        # with its UTC offset appended gives the aware value in one C call, about
+        # eight times cheaper than parsing and then datetime.replace(tzinfo=...),
+        # which matters on scans returning many rows. Any other text takes the
+        # general path.
+        parse = self.impl_instance.result_processor(dialect, coltype)
+        fromisoformat = datetime.fromisoformat
+
+        def process(value: str | None) -> datetime | None:
+            if value is None:
+                return None
+            try:
+                return fromisoformat(value + "+00:00")
+            except (TypeError, ValueError):
+                return self.process_result_value(parse(value), dialect)
+
+        return process
+
 
 def utcnow() -> datetime:
     """The current time as an aware UTC datetime."""
