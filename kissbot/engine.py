@@ -27,7 +27,7 @@ from typing import Any
 
 import sqlalchemy
 from sqlalchemy import event
-from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
 from kissbot.crypto import TokenCipher
@@ -40,6 +40,7 @@ SYNCHRONOUS_ENV = "KISSBOT_SQLITE_SYNCHRONOUS"
 DEFAULT_SYNCHRONOUS = "NORMAL"
 DEFAULT_BUSY_TIMEOUT_MS = 5000
 _IMMEDIATE = "kissbot_begin_immediate"
+_READ_CACHE = "kissbot_read_cache"
 SQL_LOG = logging.getLogger("kissbot.sql")
 
 
@@ -254,4 +255,28 @@ def _install_sqlite_events(engine: Engine, synchronous: str, busy_timeout_ms: in
         immediate = conn.get_execution_options().get(_IMMEDIATE, False)
         # Straight to the driver: a SQLAlchemy execution of BEGIN (events, result
         # set-up) costs more than the statement on every manager call.
-        conn.connection.driver_connection.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        statement = "BEGIN IMMEDIATE" if immediate else "BEGIN"
+        conn.connection.driver_connection.execute(statement)
+        if SQL_LOG.isEnabledFor(logging.DEBUG):
+            SQL_LOG.debug("%s", statement)
+
+
+def read_cache(conn: Connection) -> dict[Any, Any] | None:
+    """A cache of values read on ``conn``, valid for the committed state it sees now; None off SQLite.
+
+    The dict belongs to the pooled SQLite connection. It is emptied whenever
+    ``PRAGMA data_version`` shows that another connection (of this process or
+    any other) committed since it was filled, or this connection's
+    ``total_changes`` shows that it wrote rows itself (its own commits leave its
+    data_version unchanged). Call it before the connection's transaction
+    begins; values put in it must have been read after the call.
+    """
+    if conn.dialect.name != "sqlite":
+        return None
+    fairy = conn.connection
+    driver = fairy.driver_connection
+    version = (driver.execute("PRAGMA data_version").fetchone()[0], driver.total_changes)
+    entry = fairy.info.get(_READ_CACHE)
+    if entry is None or entry[0] != version:
+        entry = fairy.info[_READ_CACHE] = (version, {})
+    return entry[1]
