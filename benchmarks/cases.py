@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
+import resource
 import shutil
 import sqlite3
 import statistics
@@ -553,16 +554,21 @@ def bench_cold_stats(ctx: Context) -> list[Row]:
         "floor": [sys.executable, "-c", "import sqlalchemy"],
     }
     env = {k: v for k, v in os.environ.items() if not k.startswith("KISSBOT_")}
-    times: dict[str, list[float]] = {name: [] for name in commands}
+    wall: dict[str, list[float]] = {name: [] for name in commands}
+    cpu: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(s.cold_runs + 1):  # the first round only warms the page cache
         for name, command in commands.items():
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = ns()
             subprocess.run(command, check=True, capture_output=True, env=env, timeout=120)
-            times[name].append((ns() - t0) / 1e6)
-    k, f = (statistics.median(times[n][1:]) for n in ("kissbot", "floor"))
+            wall[name].append((ns() - t0) / 1e6)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu[name].append((after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) * 1000)
+    k, f = (statistics.median(cpu[n][1:]) for n in ("kissbot", "floor"))
+    kw, fw = (statistics.median(wall[n][1:]) for n in ("kissbot", "floor"))
     return [
-        Row(f"cold `kissbot stats` process vs `python -c \"import sqlalchemy\"` (median of {s.cold_runs})",
-            f"{k:,.0f} ms", f"{f:,.0f} ms", k / f, "≤ 1.5x", k <= 1.5 * f),
+        Row(f"cold `kissbot stats` process vs `python -c \"import sqlalchemy\"`: CPU time, median of {s.cold_runs}",
+            f"{k:,.0f} ms CPU ({kw:,.0f} ms wall)", f"{f:,.0f} ms CPU ({fw:,.0f} ms wall)", k / f, "≤ 1.5x", k <= 1.5 * f),
     ]
 
 

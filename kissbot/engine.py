@@ -253,12 +253,7 @@ def _install_sqlite_events(engine: Engine, synchronous: str, busy_timeout_ms: in
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         immediate = conn.get_execution_options().get(_IMMEDIATE, False)
-        # Straight to the driver: a SQLAlchemy execution of BEGIN (events, result
-        # set-up) costs more than the statement on every manager call.
-        statement = "BEGIN IMMEDIATE" if immediate else "BEGIN"
-        conn.connection.driver_connection.execute(statement)
-        if SQL_LOG.isEnabledFor(logging.DEBUG):
-            SQL_LOG.debug("%s", statement)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 def read_cache(conn: Connection) -> dict[Any, Any] | None:
@@ -275,7 +270,10 @@ def read_cache(conn: Connection) -> dict[Any, Any] | None:
         return None
     fairy = conn.connection
     driver = fairy.driver_connection
-    version = (driver.execute("PRAGMA data_version").fetchone()[0], driver.total_changes)
+    try:
+        version = (driver.execute("PRAGMA data_version").fetchone()[0], driver.total_changes)
+    except sqlite3.Error:
+        return None  # no cache this time: the query that follows reports the problem as usual
     entry = fairy.info.get(_READ_CACHE)
     if entry is None or entry[0] != version:
         entry = fairy.info[_READ_CACHE] = (version, {})
