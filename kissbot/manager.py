@@ -1,8 +1,8 @@
 """DatabaseManager: the specification's API as a thin facade over the repositories.
 
 Each method runs in its own short transaction: reads on a plain connection
-(a deferred ``BEGIN`` that never takes SQLite's write lock), writes on the
-writer engine (``BEGIN IMMEDIATE``).
+(a deferred ``BEGIN`` that never takes SQLite's write lock), writes in
+:func:`~kissbot.engine.write_transaction` (``BEGIN IMMEDIATE``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,16 @@ from sqlalchemy.engine import URL, Engine
 from sqlalchemy.orm import Session
 
 from kissbot.crypto import DEFAULT_KEY_FILE, TokenCipher, create_key_file, read_key_file
-from kissbot.engine import DEFAULT_BUSY_TIMEOUT_MS, DEFAULT_DB_PATH, create_engine, read_cache, sqlite_path, to_url, writer
+from kissbot.engine import (
+    DEFAULT_BUSY_TIMEOUT_MS,
+    DEFAULT_DB_PATH,
+    create_engine,
+    read_cache,
+    sqlite_path,
+    to_url,
+    write_transaction,
+    writer,
+)
 from kissbot.errors import KeyFileError, NoDatabase
 from kissbot.migrations import ensure_schema
 from kissbot.repo import AuditRepository, ConfigRepository, InstanceRepository, TokenRepository, UserRepository
@@ -138,12 +147,12 @@ class DatabaseManager:
         self, twitch_user_id: str | int, twitch_login: str, display_name: str | None = None, is_bot: bool = False
     ) -> int:
         """Create a user and return its id."""
-        with self._writer.begin() as conn:
+        with write_transaction(self.engine) as conn:
             return UserRepository(conn).create_user(twitch_user_id, twitch_login, display_name, is_bot)
 
     def update_user(self, user_id: int, **fields: Any) -> None:
         """Change a user's ``twitch_user_id``, ``twitch_login``, ``display_name`` or ``is_bot``."""
-        with self._writer.begin() as conn:
+        with write_transaction(self.engine) as conn:
             UserRepository(conn).update_user(user_id, **fields)
 
     def list_users(self) -> list[dict[str, Any]]:
@@ -164,7 +173,7 @@ class DatabaseManager:
         token_type: str = "bot",
     ) -> None:
         """Encrypt and store (insert or replace) the tokens of ``user_id``."""
-        with self._writer.begin() as conn:
+        with write_transaction(self.engine) as conn:
             TokenRepository(conn).store_tokens(
                 user_id, access_token, refresh_token, expires_in, scopes, token_type=token_type
             )
@@ -202,34 +211,34 @@ class DatabaseManager:
 
     def mark_tokens_expired(self, user_id: int, *, token_type: str = "bot") -> None:
         """Flag the tokens of ``user_id`` as needing reauthorisation."""
-        with self._writer.begin() as conn:
+        with write_transaction(self.engine) as conn:
             TokenRepository(conn).mark_tokens_expired(user_id, token_type=token_type)
 
     def increment_refresh_failures(self, user_id: int, *, token_type: str = "bot") -> int:
         """Count a failed refresh for ``user_id``; return the new count."""
-        with self._writer.begin() as conn:
+        with write_transaction(self.engine) as conn:
             return TokenRepository(conn).increment_refresh_failures(user_id, token_type=token_type)
 
     # --- instances -----------------------------------------------------------------------------
 
     def register_instance(self, channel_login: str, bot_login: str, pid: int | None) -> int:
         """Mark the bot's instance on a channel running under ``pid``; return its id."""
-        with self._writer.begin() as conn:
+        with write_transaction(self.engine) as conn:
             return InstanceRepository(conn).register_instance(channel_login, bot_login, pid)
 
     def update_instance_heartbeat(self, instance_id: int, status: str = "running") -> None:
         """Record a heartbeat for ``instance_id``."""
-        with self._writer.begin() as conn:
+        with write_transaction(self.engine) as conn:
             InstanceRepository(conn).update_instance_heartbeat(instance_id, status)
 
     def stop_instance(self, instance_id: int, crash: bool = False) -> str:
         """Stop ``instance_id`` (counting a crash if ``crash``); return its new status."""
-        with self._writer.begin() as conn:
+        with write_transaction(self.engine) as conn:
             return InstanceRepository(conn).stop_instance(instance_id, crash)
 
     def reset_instance(self, instance_id: int) -> None:
         """Re-enable an instance disabled after too many crashes."""
-        with self._writer.begin() as conn:
+        with write_transaction(self.engine) as conn:
             InstanceRepository(conn).reset_instance(instance_id)
 
     def get_active_instances(self) -> list[dict[str, Any]]:
@@ -248,7 +257,7 @@ class DatabaseManager:
         Each counts as a crash toward ``max_crash_count`` (``disabled`` at the
         limit) and is audited.
         """
-        with self._writer.begin() as conn:
+        with write_transaction(self.engine) as conn:
             return InstanceRepository(conn).reap_stale_instances()
 
     # --- audit ---------------------------------------------------------------------------------
@@ -262,7 +271,7 @@ class DatabaseManager:
         severity: str = "info",
     ) -> None:
         """Append an audit event (``details`` must hold no secret)."""
-        with self._writer.begin() as conn:
+        with write_transaction(self.engine) as conn:
             AuditRepository(conn).log_event(event_type, user_id, channel_id, details, severity)
 
     def get_audit_log(
@@ -285,7 +294,7 @@ class DatabaseManager:
         deleted = 0
         while True:
             started = time.monotonic()
-            with self._writer.begin() as conn:
+            with write_transaction(self.engine) as conn:
                 batch = AuditRepository(conn).cleanup_old_logs(days, batch_size=CLEANUP_BATCH_SIZE)
             deleted += batch
             if batch < CLEANUP_BATCH_SIZE:
@@ -304,7 +313,7 @@ class DatabaseManager:
 
     def set_config(self, key: str, value: Any, description: str | None = None) -> None:
         """Set a setting."""
-        with self._writer.begin() as conn:
+        with write_transaction(self.engine) as conn:
             ConfigRepository(conn).set_config(key, value, description)
 
     def list_config(self) -> list[dict[str, Any]]:
