@@ -43,6 +43,10 @@ YAML_EXPIRES_IN = 0
 TIO_EXPIRES_IN = 14400
 """Tokens from a live token file: the specification's 4 hours."""
 
+# PyYAML's libyaml parser when the wheel has it: the same safe loader, about ten times
+# faster than the pure-Python one (migrate-yaml of 2000 users spent a third of its time parsing).
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 
 @dataclass(frozen=True)
 class TokenEntry:
@@ -171,7 +175,7 @@ def read_yaml_tokens(path: str | os.PathLike[str]) -> TokenBatch:
     path = Path(path)
     text = _read_text(path, "config file")
     try:
-        config = yaml.safe_load(text)
+        config = yaml.load(text, Loader=_YAML_LOADER)
     except yaml.YAMLError as exc:
         # Only the position and the parser's complaint: the snippet could hold a secret.
         mark = getattr(exc, "problem_mark", None)

@@ -65,6 +65,15 @@ _USER_BY_ID = select(*_USER_COLUMNS).where(users.c.id == bindparam("p_id"))
 _USER_BY_TWITCH_ID = select(*_USER_COLUMNS).where(users.c.twitch_user_id == bindparam("p_twitch_id"))
 _USER_BY_LOGIN = select(*_USER_COLUMNS).where(users.c.twitch_login == bindparam("p_login"))
 _USER_ID_BY_LOGIN = select(users.c.id).where(users.c.twitch_login == bindparam("p_login"))
+_USER_ID_BY_TWITCH_ID = select(users.c.id).where(users.c.twitch_user_id == bindparam("p_twitch_id"))
+_INSERT_USER = insert(users).values(
+    twitch_user_id=bindparam("p_twitch_id"),
+    twitch_login=bindparam("p_login"),
+    display_name=bindparam("p_display"),
+    is_bot=bindparam("p_is_bot"),
+    created_at=bindparam("p_now"),
+    updated_at=bindparam("p_now"),
+)
 _USER_FIELDS = frozenset({"twitch_user_id", "twitch_login", "display_name", "is_bot"})
 
 
@@ -100,24 +109,21 @@ class UserRepository:
     ) -> int:
         """Create a user and return its id; raise :class:`DuplicateUser`."""
         twitch_user_id, login = str(twitch_user_id), twitch_login.lower()
-        for clause, value, what in (
-            (users.c.twitch_user_id == twitch_user_id, twitch_user_id, "Twitch user id"),
-            (users.c.twitch_login == login, login, "login"),
+        params = {
+            "p_twitch_id": twitch_user_id,
+            "p_login": login,
+            "p_display": display_name,
+            "p_is_bot": bool(is_bot),
+            "p_now": utcnow(),
+        }
+        for stmt, value, what in (
+            (_USER_ID_BY_TWITCH_ID, twitch_user_id, "Twitch user id"),
+            (_USER_ID_BY_LOGIN, login, "login"),
         ):
-            if self.db.execute(select(users.c.id).where(clause)).first() is not None:
+            if self.db.execute(stmt, params).first() is not None:
                 raise DuplicateUser(f"a user with {what} {value!r} already exists")
-        now = utcnow()
         try:
-            result = self.db.execute(
-                insert(users).values(
-                    twitch_user_id=twitch_user_id,
-                    twitch_login=login,
-                    display_name=display_name,
-                    is_bot=bool(is_bot),
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
+            result = self.db.execute(_INSERT_USER, params)
         except IntegrityError as exc:
             raise DuplicateUser(f"user {login!r} (Twitch id {twitch_user_id}) already exists") from exc
         user_id = result.inserted_primary_key[0]
