@@ -68,6 +68,7 @@ def machine() -> list[tuple[str, str]]:
         ("date", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
         ("kissbot commit", commit or "unknown"),
         ("CPU", f"{cpu} ({os.cpu_count()} logical CPUs available)"),
+        ("load average at the end (1/5/15 min)", " / ".join(f"{x:.1f}" for x in os.getloadavg())),
         ("OS", platform.platform()),
         ("Python", platform.python_version()),
         ("SQLAlchemy", sqlalchemy.__version__),

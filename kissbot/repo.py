@@ -13,7 +13,7 @@ import json
 from datetime import datetime, timedelta
 from typing import Any, Union
 
-from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, false, func, insert, select, update
 from sqlalchemy.engine import Connection, Result
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -206,8 +206,9 @@ _TOKENS_DUE = (
         oauth_tokens.c.token_type,
         users.c.twitch_login,
         oauth_tokens.c.expires_at,
-        oauth_tokens.c.needs_reauth,
-        oauth_tokens.c.refresh_failures,
+        # NULLs become False / 0 in SQL: the rows then need no Python pass.
+        func.coalesce(oauth_tokens.c.needs_reauth, false()).label("needs_reauth"),
+        func.coalesce(oauth_tokens.c.refresh_failures, 0).label("refresh_failures"),
     )
     .join(users, users.c.id == oauth_tokens.c.user_id)
     .where(oauth_tokens.c.expires_at <= bindparam("p_cutoff"))
@@ -376,11 +377,7 @@ class TokenRepository:
     def get_tokens_needing_refresh(self, buffer_minutes: float = 10) -> list[dict[str, Any]]:
         """Tokens expiring within ``buffer_minutes`` (or expired), soonest first; nothing decrypted."""
         cutoff = utcnow() + timedelta(minutes=buffer_minutes)
-        rows = _all_dicts(self.db.execute(_TOKENS_DUE, {"p_cutoff": cutoff}))
-        for row in rows:
-            row["needs_reauth"] = bool(row["needs_reauth"])
-            row["refresh_failures"] = row["refresh_failures"] or 0
-        return rows
+        return _all_dicts(self.db.execute(_TOKENS_DUE, {"p_cutoff": cutoff}))
 
     def mark_tokens_expired(self, user_id: int, *, token_type: str = "bot", revoked: bool = False) -> None:
         """Flag the tokens of ``user_id`` as needing reauthorisation (``expired``, or ``revoked``)."""
