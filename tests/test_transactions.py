@@ -6,12 +6,12 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-import sqlalchemy.exc
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from kissbot import DatabaseManager
 from kissbot.engine import create_engine, write_transaction, writer
+from kissbot.errors import DatabaseBusy
 
 
 def begins(statements: list[str]) -> list[str]:
@@ -42,7 +42,7 @@ def test_reads_begin_deferred_and_writes_begin_immediate(tmp_path: Path):
         assert begins(statements) == ["BEGIN IMMEDIATE"] * 3 + ["BEGIN"]
 
 
-def test_a_held_write_lock_blocks_writers_with_a_database_error_not_readers(tmp_path: Path):
+def test_a_held_write_lock_fails_writers_with_database_busy_not_readers(tmp_path: Path):
     path = tmp_path / "kissbot.db"
     DatabaseManager(path, tmp_path / ".kissbot.key").close()
     engine = create_engine(path, busy_timeout_ms=50)
@@ -51,7 +51,7 @@ def test_a_held_write_lock_blocks_writers_with_a_database_error_not_readers(tmp_
         other.execute("BEGIN IMMEDIATE")
         with engine.connect() as conn:
             assert conn.execute(text("SELECT count(*) FROM users")).scalar_one() == 0
-        with pytest.raises(sqlalchemy.exc.OperationalError, match="locked"):
+        with pytest.raises(DatabaseBusy, match="is locked"):
             with write_transaction(engine):
                 pass
         other.execute("ROLLBACK")
