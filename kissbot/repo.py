@@ -35,6 +35,7 @@ Executor = Union[Session, Connection]
 
 _SECRET_DETAIL_KEYS = frozenset({"access_token", "refresh_token", "token", "refresh", "client_secret", "key"})
 
+
 def _first_dict(result: Result[Any]) -> dict[str, Any] | None:
     """The first row of ``result`` as a plain dict, or None."""
     # dict(zip(keys, row)) costs a tenth of Row._asdict(), which builds a RowMapping first.
@@ -47,7 +48,6 @@ def _all_dicts(result: Result[Any]) -> list[dict[str, Any]]:
     """Every row of ``result`` as a plain dict."""
     keys = tuple(result.keys())
     return [dict(zip(keys, row)) for row in result.all()]
-
 
 
 # --- users -------------------------------------------------------------------------------------
