@@ -103,3 +103,15 @@ class ConfigurationError(KissbotError, ValueError):
 
 class UnsupportedBackend(KissbotError):
     """The operation exists on another database backend only (e.g. SQLite's WAL checkpoint)."""
+
+
+class RefreshError(KissbotError):
+    """The refresh worker cannot do its job (not a problem with one token)."""
+
+
+class MissingClientCredentials(RefreshError):
+    """The Twitch application's client id or client secret is not configured."""
+
+
+class ClientCredentialsRejected(RefreshError):
+    """Twitch refused the application's client id or client secret."""

@@ -255,6 +255,22 @@ _RELEASE = (
     .where(_ROW, oauth_tokens.c.refresh_lease_owner == bindparam("p_owner"))
     .values(refresh_lease_owner=None, refresh_lease_expires_at=None)
 )
+_TOKENS_TO_VALIDATE = (
+    select(
+        oauth_tokens.c.user_id,
+        oauth_tokens.c.token_type,
+        users.c.twitch_login,
+        oauth_tokens.c.expires_at,
+        oauth_tokens.c.last_validated,
+    )
+    .join(users, users.c.id == oauth_tokens.c.user_id)
+    .where(
+        oauth_tokens.c.needs_reauth.is_not(True),
+        oauth_tokens.c.last_validated.is_(None) | (oauth_tokens.c.last_validated <= bindparam("p_cutoff")),
+    )
+    .order_by(oauth_tokens.c.user_id, oauth_tokens.c.token_type)
+)
+_RECORD_VALIDATION = update(oauth_tokens).where(_ROW).values(last_validated=bindparam("p_now"))
 
 
 def _decode_scopes(raw: str | None) -> list[str]:
@@ -439,6 +455,17 @@ class TokenRepository:
                     row.update(access_token=tokens.get("access_token"), refresh_token=tokens.get("refresh_token"))
                     row["decrypt_error"] = False
         return rows
+
+    def get_tokens_needing_validation(self, max_age_seconds: float) -> list[dict[str, Any]]:
+        """Usable tokens not validated within ``max_age_seconds`` (or never); nothing decrypted."""
+        cutoff = utcnow() - timedelta(seconds=max_age_seconds)
+        return [r._asdict() for r in self.db.execute(_TOKENS_TO_VALIDATE, {"p_cutoff": cutoff})]
+
+    def record_validation(self, user_id: int, *, token_type: str = "bot") -> None:
+        """Store that Twitch accepted the access token of ``user_id`` just now (``last_validated``)."""
+        params = {"p_user_id": user_id, "p_type": token_type, "p_now": utcnow()}
+        if self.db.execute(_RECORD_VALIDATION, params).rowcount == 0:
+            raise UserNotFound(f"user {user_id} has no {token_type} tokens")
 
     def count(self) -> int:
         """Number of token rows."""
