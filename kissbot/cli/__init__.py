@@ -6,5 +6,6 @@ from kissbot.cli import adopt  # noqa: F401  (registers adopt)
 from kissbot.cli import migrate  # noqa: F401  (registers migrate-yaml, import-tio)
 from kissbot.cli import inspection  # noqa: F401  (registers users, tokens, instances, audit, config)
 from kissbot.cli import ops  # noqa: F401  (registers cleanup-logs, backup, restore, maintenance, doctor)
+from kissbot.cli import refresh  # noqa: F401  (registers refresh-worker)
 
 __all__ = ["cli"]

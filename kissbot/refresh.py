@@ -1,0 +1,494 @@
+"""Proactive refresh and hourly validation of the stored Twitch user tokens.
+
+A :class:`TokenRefresher` keeps every stored token usable:
+
+* :meth:`~TokenRefresher.refresh_due` refreshes the tokens that expire within
+  config ``token_refresh_interval`` seconds with Twitch's ``refresh_token``
+  grant, and stores the answer (rotated refresh token included) with
+  compare-and-set, so a concurrent writer's newer tokens are never overwritten;
+* :meth:`~TokenRefresher.validate_due` validates each token not validated for
+  ``validate_interval`` seconds (Twitch asks apps to validate at start and then
+  hourly); a 401 triggers a refresh, and if that refresh fails the token is
+  marked for reauthorisation;
+* :meth:`~TokenRefresher.run` repeats both until a :class:`threading.Event` is set.
+
+Many processes may run a refresher over one store: a token is refreshed only
+under its refresh lease and only if it still needs it once the lease is held,
+so each due token is refreshed once per cycle. Twitch rejecting a refresh token
+(400/401) marks the token for reauth at once; 429, 5xx, timeouts and connection
+errors count a ``refresh_failures`` and back off exponentially (with jitter)
+until config ``max_refresh_failures`` is reached, then mark it for reauth.
+
+Nothing here logs or raises a token or the client secret.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from sqlalchemy.engine import Engine
+
+from kissbot import __version__
+from kissbot.engine import writer
+from kissbot.errors import ClientCredentialsRejected, DecryptionError, MissingClientCredentials, StaleTokens
+from kissbot.repo import AuditRepository, ConfigRepository, TokenRepository
+from kissbot.twitch import (
+    CLIENT_ID_ENV,
+    CLIENT_SECRET_ENV,
+    DEFAULT_TOKEN_URL,
+    DEFAULT_VALIDATE_URL,
+    TOKEN_URL_ENV,
+    VALIDATE_URL_ENV,
+)
+from kissbot.types import utcnow
+
+if TYPE_CHECKING:
+    from kissbot.manager import DatabaseManager
+
+log = logging.getLogger(__name__)
+
+
+DEFAULT_REFRESH_WINDOW = 60
+"""Default of config ``token_refresh_interval``: refresh tokens expiring within this many seconds."""
+DEFAULT_MAX_FAILURES = 3
+"""Default of config ``max_refresh_failures``: transient failures before a token is marked for reauth."""
+DEFAULT_VALIDATE_INTERVAL = 3600
+"""Default of config ``token_validate_interval``: seconds between two validations of a token."""
+
+class Outcome(str, Enum):
+    """What the refresher did with one token."""
+
+    REFRESHED = "refreshed"
+    """New tokens were stored."""
+    REAUTH = "reauth"
+    """The token was marked ``needs_reauth``: a human must authorise again."""
+    FAILED = "failed"
+    """A transient failure (429, 5xx, timeout, connection): counted, retried after a backoff."""
+    BACKING_OFF = "backing_off"
+    """The token failed before and its backoff has not elapsed: nothing sent."""
+    SKIPPED_LOCKED = "skipped_locked"
+    """Another process holds the token's refresh lease."""
+    SKIPPED_FRESH = "skipped_fresh"
+    """Once the lease was held the token no longer needed it (another process refreshed it)."""
+    STALE = "stale"
+    """Another writer stored newer tokens while we refreshed: theirs were kept."""
+    VALIDATED = "validated"
+    """Twitch accepted the access token; ``last_validated`` was stored."""
+    VALIDATION_FAILED = "validation_failed"
+    """Twitch could not be asked (or answered neither 200 nor 401): tried again next cycle."""
+
+
+@dataclass(frozen=True)
+class TokenResult:
+    """The outcome for one token row, with a short reason free of secrets."""
+
+    user_id: int
+    login: str
+    token_type: str
+    outcome: Outcome
+    detail: str = ""
+
+
+@dataclass
+class RefreshCounters:
+    """Running totals, for metrics: ``failed`` counts transient refresh and validation failures."""
+
+    refreshed: int = 0
+    failed: int = 0
+    reauth_needed: int = 0
+    validated: int = 0
+
+    def add(self, outcome: Outcome) -> None:
+        """Count one outcome."""
+        if outcome is Outcome.REFRESHED:
+            self.refreshed += 1
+        elif outcome in (Outcome.FAILED, Outcome.VALIDATION_FAILED):
+            self.failed += 1
+        elif outcome is Outcome.REAUTH:
+            self.reauth_needed += 1
+        elif outcome is Outcome.VALIDATED:
+            self.validated += 1
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters by name."""
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return " ".join(f"{name}={value}" for name, value in self.as_dict().items())
+
+
+@dataclass(frozen=True)
+class _Row:
+    user_id: int
+    login: str
+    token_type: str
+
+
+@dataclass(frozen=True)
+class _Settings:
+    window: float
+    max_failures: int
+    validate_interval: float
+
+
+class TokenRefresher:
+    """Refreshes and validates the tokens of a store against Twitch.
+
+    ``store`` is a :class:`~kissbot.manager.DatabaseManager` (or its engine).
+    ``timeout`` bounds each phase of an HTTP request (connect, write, read) in
+    seconds; ``lease_ttl`` is how long a token's refresh lease is held at most
+    (it must outlast a request). The first retry after a transient failure
+    waits about ``backoff_base`` seconds, doubling per failure up to
+    ``backoff_max``. ``validate_interval`` overrides config
+    ``token_validate_interval``. ``http`` replaces the :class:`httpx.Client`
+    (the refresher then does not close it).
+
+    Use it as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        store: DatabaseManager | Engine,
+        client_id: str | None,
+        client_secret: str | None,
+        *,
+        token_url: str = DEFAULT_TOKEN_URL,
+        validate_url: str = DEFAULT_VALIDATE_URL,
+        timeout: float = 10.0,
+        lease_ttl: float = 60.0,
+        backoff_base: float = 30.0,
+        backoff_max: float = 3600.0,
+        validate_interval: float | None = None,
+        http: httpx.Client | None = None,
+        owner: str | None = None,
+    ) -> None:
+        if not client_id:
+            raise MissingClientCredentials(f"no Twitch client id: set {CLIENT_ID_ENV}")
+        if not client_secret:
+            raise MissingClientCredentials(f"no Twitch client secret: set {CLIENT_SECRET_ENV}")
+        self.engine: Engine = store if isinstance(store, Engine) else store.engine
+        self._writer = writer(self.engine)
+        self.client_id = client_id
+        self._client_secret = client_secret
+        self.token_url = token_url
+        self.validate_url = validate_url
+        self.lease_ttl = lease_ttl
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.validate_interval = validate_interval
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._owns_http = http is None
+        self._http = http or httpx.Client(
+            timeout=httpx.Timeout(timeout), headers={"User-Agent": f"kissbot/{__version__}"}
+        )
+        self.counters = RefreshCounters()
+
+    @classmethod
+    def from_env(cls, store: DatabaseManager | Engine, **kwargs: Any) -> TokenRefresher:
+        """A refresher with the client id, secret and endpoints taken from the environment.
+
+        Reads ``TWITCH_CLIENT_ID``, ``TWITCH_CLIENT_SECRET``,
+        ``KISSBOT_TWITCH_TOKEN_URL`` and ``KISSBOT_TWITCH_VALIDATE_URL``;
+        keyword arguments win over the environment.
+        """
+        kwargs.setdefault("client_id", os.environ.get(CLIENT_ID_ENV))
+        kwargs.setdefault("client_secret", os.environ.get(CLIENT_SECRET_ENV))
+        kwargs.setdefault("token_url", os.environ.get(TOKEN_URL_ENV) or DEFAULT_TOKEN_URL)
+        kwargs.setdefault("validate_url", os.environ.get(VALIDATE_URL_ENV) or DEFAULT_VALIDATE_URL)
+        return cls(store, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<TokenRefresher client_id={self.client_id} token_url={self.token_url} owner={self.owner}>"
+
+    def close(self) -> None:
+        """Close the HTTP client (if the refresher made it)."""
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> TokenRefresher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the public cycle ----------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, interval: float = 60.0) -> RefreshCounters:
+        """Refresh and validate every ``interval`` seconds until ``stop`` is set; return the counters.
+
+        ``stop`` is checked between tokens, so setting it (from a signal
+        handler or another thread) ends the loop after the current request.
+        """
+        log.info("refresh worker %s started, one cycle every %gs", self.owner, interval)
+        while not stop.is_set():
+            self.cycle(stop)
+            if stop.wait(interval):
+                break
+        log.info("refresh worker %s stopped: %s", self.owner, self.counters)
+        return self.counters
+
+    def cycle(self, stop: threading.Event | None = None) -> list[TokenResult]:
+        """One pass: :meth:`refresh_due`, then :meth:`validate_due`."""
+        results = self.refresh_due(stop)
+        return results + self.validate_due(stop)
+
+    def refresh_due(self, stop: threading.Event | None = None) -> list[TokenResult]:
+        """Refresh every token expiring within config ``token_refresh_interval`` seconds.
+
+        Tokens flagged ``needs_reauth`` are left alone. Returns one
+        :class:`TokenResult` per token looked at; stops early once ``stop`` is set.
+        Raises :class:`~kissbot.errors.ClientCredentialsRejected` if Twitch
+        refuses the application's credentials (no token is touched then).
+        """
+        settings = self._settings()
+        with self.engine.connect() as conn:
+            due = TokenRepository(conn).get_tokens_needing_refresh(buffer_minutes=settings.window / 60)
+        results = []
+        for row in due:
+            if row["needs_reauth"]:
+                continue
+            if stop is not None and stop.is_set():
+                break
+            results.append(self._refresh_due_token(_Row(row["user_id"], row["twitch_login"], row["token_type"]), settings))
+        return results
+
+    def validate_due(self, stop: threading.Event | None = None) -> list[TokenResult]:
+        """Validate every usable token not validated for ``validate_interval`` seconds.
+
+        Tokens due for a refresh are left to :meth:`refresh_due`. A 200 stores
+        ``last_validated``; a 401 refreshes the token at once (ignoring any
+        backoff), and if that refresh fails the token is marked for reauth.
+        Returns one :class:`TokenResult` per token; stops early once ``stop`` is set.
+        """
+        settings = self._settings()
+        with self.engine.connect() as conn:
+            rows = TokenRepository(conn).get_tokens_needing_validation(settings.validate_interval)
+        not_due = utcnow() + timedelta(seconds=settings.window)
+        results = []
+        for row in rows:
+            if row["expires_at"] <= not_due:
+                continue
+            if stop is not None and stop.is_set():
+                break
+            results.append(self._validate_token(_Row(row["user_id"], row["twitch_login"], row["token_type"]), settings))
+        return results
+
+    def backoff_delay(self, user_id: int, token_type: str, failures: int) -> float:
+        """Seconds to wait after the ``failures``-th consecutive transient failure of a token.
+
+        ``backoff_base * 2**(failures-1)``, capped at ``backoff_max``, times a
+        jitter between 0.5 and 1 drawn from the token and the failure count, so
+        every process computes the same delay for a token while different
+        tokens' retries are spread apart.
+        """
+        step = min(self.backoff_max, self.backoff_base * 2 ** max(failures - 1, 0))
+        return step * random.Random(f"{user_id}:{token_type}:{failures}").uniform(0.5, 1.0)
+
+    # --- one token -----------------------------------------------------------------------------
+
+    def _settings(self) -> _Settings:
+        with self.engine.connect() as conn:
+            config = ConfigRepository(conn)
+            return _Settings(
+                window=float(config.get_config("token_refresh_interval", default=DEFAULT_REFRESH_WINDOW)),
+                max_failures=int(config.get_config("max_refresh_failures", default=DEFAULT_MAX_FAILURES)),
+                validate_interval=float(
+                    self.validate_interval
+                    if self.validate_interval is not None
+                    else config.get_config("token_validate_interval", default=DEFAULT_VALIDATE_INTERVAL)
+                ),
+            )
+
+    @contextmanager
+    def _lease(self, row: _Row) -> Iterator[bool]:
+        """Hold the row's refresh lease for the block (yields False if another process holds it)."""
+        with self._writer.begin() as conn:
+            claimed = TokenRepository(conn).claim_refresh(row.user_id, self.owner, self.lease_ttl, token_type=row.token_type)
+        try:
+            yield claimed
+        finally:
+            if claimed:
+                with self._writer.begin() as conn:
+                    TokenRepository(conn).release_refresh(row.user_id, self.owner, token_type=row.token_type)
+
+    def _read(self, row: _Row) -> dict[str, Any] | TokenResult:
+        """The row's tokens as they are now, or the result that ends the work on them."""
+        try:
+            with self.engine.connect() as conn:
+                tokens = TokenRepository(conn).get_tokens(row.user_id, token_type=row.token_type)
+        except DecryptionError as exc:
+            return self._done(row, Outcome.FAILED, str(exc))
+        if tokens is None or tokens["needs_reauth"]:
+            return self._done(row, Outcome.SKIPPED_FRESH, "removed or marked for reauth by another writer")
+        return tokens
+
+    def _refresh_due_token(self, row: _Row, settings: _Settings) -> TokenResult:
+        with self._lease(row) as claimed:
+            if not claimed:
+                return self._done(row, Outcome.SKIPPED_LOCKED, "another worker holds its refresh lease")
+            tokens = self._read(row)
+            if isinstance(tokens, TokenResult):
+                return tokens
+            if tokens["expires_at"] > utcnow() + timedelta(seconds=settings.window):
+                return self._done(row, Outcome.SKIPPED_FRESH, "already refreshed by another writer")
+            failures = tokens["refresh_failures"]
+            if failures:
+                retry_at = tokens["updated_at"] + timedelta(seconds=self.backoff_delay(row.user_id, row.token_type, failures))
+                wait = (retry_at - utcnow()).total_seconds()
+                if wait > 0:
+                    return self._done(row, Outcome.BACKING_OFF, f"{failures} failure(s), next try in {wait:.0f}s")
+            return self._exchange(row, tokens, settings, after_401=False)
+
+    def _validate_token(self, row: _Row, settings: _Settings) -> TokenResult:
+        with self._lease(row) as claimed:
+            if not claimed:
+                return self._done(row, Outcome.SKIPPED_LOCKED, "another worker holds its refresh lease")
+            tokens = self._read(row)
+            if isinstance(tokens, TokenResult):
+                return tokens
+            validated = tokens["last_validated"]
+            if validated is not None and validated > utcnow() - timedelta(seconds=settings.validate_interval):
+                return self._done(row, Outcome.SKIPPED_FRESH, "already validated by another worker")
+            try:
+                response = self._http.get(self.validate_url, headers={"Authorization": f"OAuth {tokens['access_token']}"})
+            except httpx.HTTPError as exc:
+                return self._done(row, Outcome.VALIDATION_FAILED, f"validation: {type(exc).__name__}")
+            if response.status_code == 200:
+                with self._writer.begin() as conn:
+                    TokenRepository(conn).record_validation(row.user_id, token_type=row.token_type)
+                return self._done(row, Outcome.VALIDATED, "Twitch accepted the access token")
+            if response.status_code == 401:
+                log.info("%s (user %d, %s token): validation answered 401, refreshing", row.login, row.user_id, row.token_type)
+                return self._exchange(row, tokens, settings, after_401=True)
+            return self._done(row, Outcome.VALIDATION_FAILED, f"validation: Twitch answered {response.status_code}")
+
+    def _exchange(self, row: _Row, tokens: dict[str, Any], settings: _Settings, after_401: bool) -> TokenResult:
+        form = {
+            "client_id": self.client_id,
+            "client_secret": self._client_secret,
+            "grant_type": "refresh_token",
+            "refresh_token": tokens["refresh_token"],
+        }
+        try:
+            response = self._http.post(self.token_url, data=form)
+        except httpx.TimeoutException as exc:
+            return self._failure(row, settings, f"timeout ({type(exc).__name__})", after_401)
+        except httpx.HTTPError as exc:
+            return self._failure(row, settings, f"connection error ({type(exc).__name__})", after_401)
+        status = response.status_code
+        if status == 200:
+            try:
+                access, refresh, expires_in, scopes = _parse_token_answer(response)
+            except ValueError as exc:
+                return self._failure(row, settings, f"malformed answer: {exc}", after_401)
+            try:
+                with self._writer.begin() as conn:
+                    TokenRepository(conn).store_tokens(
+                        row.user_id,
+                        access,
+                        refresh,
+                        expires_in,
+                        scopes if scopes is not None else tokens["scopes"],
+                        token_type=row.token_type,
+                        expected_version=tokens["version"],
+                    )
+            except StaleTokens:
+                return self._done(row, Outcome.STALE, "another writer stored newer tokens meanwhile; kept them")
+            return self._done(row, Outcome.REFRESHED, f"expires in {expires_in}s")
+        message = _twitch_message(response)
+        if status == 403 or (status in (400, 401) and "client" in message.lower()):
+            raise ClientCredentialsRejected(
+                f"Twitch refused the application's credentials ({status} {message}): "
+                f"check {CLIENT_ID_ENV} and {CLIENT_SECRET_ENV}"
+            )
+        if status in (400, 401):
+            return self._reauth(row, f"Twitch answered {status} {message}".strip())
+        return self._failure(row, settings, f"Twitch answered {status}", after_401)
+
+    def _reauth(self, row: _Row, reason: str) -> TokenResult:
+        with self._writer.begin() as conn:
+            TokenRepository(conn).mark_tokens_expired(row.user_id, token_type=row.token_type, revoked=True)
+            AuditRepository(conn).log_event(
+                "token_refresh_rejected",
+                user_id=row.user_id,
+                details={"token_type": row.token_type, "reason": reason},
+                severity="error",
+            )
+        return self._done(row, Outcome.REAUTH, f"{reason}; marked for reauth")
+
+    def _failure(self, row: _Row, settings: _Settings, reason: str, after_401: bool) -> TokenResult:
+        with self._writer.begin() as conn:
+            tokens = TokenRepository(conn)
+            failures = tokens.increment_refresh_failures(row.user_id, token_type=row.token_type)
+            give_up = after_401 or failures >= settings.max_failures
+            if give_up:
+                tokens.mark_tokens_expired(row.user_id, token_type=row.token_type)
+            AuditRepository(conn).log_event(
+                "token_refresh_failed",
+                user_id=row.user_id,
+                details={"token_type": row.token_type, "reason": reason, "failures": failures, "needs_reauth": give_up},
+                severity="error" if give_up else "warning",
+            )
+        if give_up:
+            why = "the access token is invalid" if after_401 else f"{failures} failures"
+            return self._done(row, Outcome.REAUTH, f"{reason}; {why}, marked for reauth")
+        delay = self.backoff_delay(row.user_id, row.token_type, failures)
+        return self._done(
+            row, Outcome.FAILED, f"{reason}; failure {failures}/{settings.max_failures}, next try in {delay:.0f}s"
+        )
+
+    def _done(self, row: _Row, outcome: Outcome, detail: str) -> TokenResult:
+        self.counters.add(outcome)
+        level = {
+            Outcome.REAUTH: logging.ERROR,
+            Outcome.FAILED: logging.WARNING,
+            Outcome.VALIDATION_FAILED: logging.WARNING,
+            Outcome.STALE: logging.WARNING,
+        }.get(outcome, logging.INFO)
+        log.log(level, "%s %s (user %d, %s token): %s", outcome.value, row.login, row.user_id, row.token_type, detail)
+        return TokenResult(row.user_id, row.login, row.token_type, outcome, detail)
+
+
+def _parse_token_answer(response: httpx.Response) -> tuple[str, str, int, list[str] | None]:
+    try:
+        answer = response.json()
+    except ValueError:
+        raise ValueError("not JSON") from None
+    if not isinstance(answer, dict):
+        raise ValueError("not a JSON object")
+    access, refresh, expires_in = answer.get("access_token"), answer.get("refresh_token"), answer.get("expires_in")
+    for name, value in (("access_token", access), ("refresh_token", refresh)):
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"no {name}")
+    if isinstance(expires_in, bool) or not isinstance(expires_in, int) or expires_in <= 0:
+        raise ValueError("no positive integer expires_in")
+    scope = answer.get("scope")
+    if isinstance(scope, str):
+        scopes: list[str] | None = scope.split()
+    elif isinstance(scope, list):
+        scopes = [str(s) for s in scope]
+    else:
+        scopes = None
+    return access, refresh, expires_in, scopes
+
+
+def _twitch_message(response: httpx.Response) -> str:
+    """Twitch's error ``message`` (e.g. ``Invalid refresh token``), shortened; empty if none."""
+    try:
+        answer = response.json()
+    except ValueError:
+        return ""
+    message = answer.get("message") if isinstance(answer, dict) else None
+    return str(message)[:100] if message else ""
