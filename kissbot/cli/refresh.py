@@ -21,7 +21,7 @@ from kissbot.twitch import (
 @cli.command("refresh-worker")
 @click.option("--once", is_flag=True, help="Run one refresh and validation pass, then exit.")
 @click.option(
-    "--interval", type=click.FloatRange(min=0), default=60.0, show_default=True, help="Seconds between passes."
+    "--interval", type=click.FloatRange(min=1), default=60.0, show_default=True, help="Seconds between passes."
 )
 @click.option(
     "--token-url", envvar=TOKEN_URL_ENV, show_envvar=True, default=DEFAULT_TOKEN_URL, show_default=True,
