@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from kissbot import __version__
 from kissbot.engine import writer
@@ -230,10 +231,17 @@ class TokenRefresher:
 
         ``stop`` is checked between tokens, so setting it (from a signal
         handler or another thread) ends the loop after the current request.
+        A database error ends only the current pass (it is logged, and the
+        leases it held expire); :class:`~kissbot.errors.ClientCredentialsRejected`
+        ends the loop.
         """
         log.info("refresh worker %s started, one cycle every %gs", self.owner, interval)
         while not stop.is_set():
-            self.cycle(stop)
+            try:
+                self.cycle(stop)
+            except SQLAlchemyError as exc:
+                reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+                log.error("pass failed (%s: %s); next pass in %gs", type(exc).__name__, reason, interval)
             if stop.wait(interval):
                 break
         log.info("refresh worker %s stopped: %s", self.owner, self.counters)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -22,6 +24,8 @@ from click.testing import CliRunner
 
 from kissbot import DatabaseManager
 from kissbot.cli import cli
+from kissbot.crypto import TokenCipher, read_key_file
+from kissbot.engine import create_engine
 from kissbot.errors import ClientCredentialsRejected, MissingClientCredentials, UserNotFound
 from kissbot.refresh import Outcome, TokenRefresher
 from kissbot.repo import TokenRepository
@@ -399,6 +403,36 @@ def test_from_env_reads_the_credentials_and_endpoints(mgr, bot, twitch, monkeypa
     monkeypatch.delenv("TWITCH_CLIENT_SECRET")
     with pytest.raises(MissingClientCredentials, match="^no Twitch client secret: set TWITCH_CLIENT_SECRET$"):
         TokenRefresher.from_env(mgr)
+
+
+def test_a_database_error_ends_only_the_current_pass(sqlite_url, key_file, twitch):
+    with DatabaseManager(url=sqlite_url, key_file=key_file) as mgr:
+        bot = mgr.create_user("1", "serda_bot", is_bot=True)
+        mgr.store_tokens(bot, "a", "r", 30)
+    engine = create_engine(sqlite_url, cipher=TokenCipher(read_key_file(key_file)), busy_timeout_ms=50)
+    locker = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None, check_same_thread=False)
+    locker.execute("BEGIN EXCLUSIVE")
+    failures: list[str] = []
+
+    class UnlockAfterTheFailure(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("pass failed ("):
+                failures.append(record.getMessage())
+                locker.execute("ROLLBACK")
+
+    stop = threading.Event()
+    twitch.on_token_request = stop.set
+    handler = UnlockAfterTheFailure()
+    logging.getLogger("kissbot.refresh").addHandler(handler)
+    try:
+        with TokenRefresher(engine, CLIENT_ID, CLIENT_SECRET, token_url=twitch.token_url) as worker:
+            counters = worker.run(stop, interval=0)
+    finally:
+        logging.getLogger("kissbot.refresh").removeHandler(handler)
+        locker.close()
+        engine.dispose()
+    assert failures == ["pass failed (OperationalError: database is locked); next pass in 0s"]
+    assert counters.refreshed == 1 and len(twitch.token_forms) == 1, "the next pass refreshed the token"
 
 
 def test_the_refresher_repr_holds_no_secret(mgr, twitch):
