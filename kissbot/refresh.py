@@ -392,15 +392,15 @@ class TokenRefresher:
         try:
             response = self._http.post(self.token_url, data=form)
         except httpx.TimeoutException as exc:
-            return self._failure(row, settings, f"timeout ({type(exc).__name__})", after_401)
+            return self._failure(row, tokens, settings, f"timeout ({type(exc).__name__})", after_401)
         except httpx.HTTPError as exc:
-            return self._failure(row, settings, f"connection error ({type(exc).__name__})", after_401)
+            return self._failure(row, tokens, settings, f"connection error ({type(exc).__name__})", after_401)
         status = response.status_code
         if status == 200:
             try:
                 access, refresh, expires_in, scopes = _parse_token_answer(response)
             except ValueError as exc:
-                return self._failure(row, settings, f"malformed answer: {exc}", after_401)
+                return self._failure(row, tokens, settings, f"malformed answer: {exc}", after_401)
             try:
                 with self._writer.begin() as conn:
                     TokenRepository(conn).store_tokens(
@@ -422,12 +422,20 @@ class TokenRefresher:
                 f"check {CLIENT_ID_ENV} and {CLIENT_SECRET_ENV}"
             )
         if status in (400, 401):
-            return self._reauth(row, f"Twitch answered {status} {message}".strip())
-        return self._failure(row, settings, f"Twitch answered {status}", after_401)
+            return self._reauth(row, tokens, f"Twitch answered {status} {message}".strip())
+        return self._failure(row, tokens, settings, f"Twitch answered {status}", after_401)
 
-    def _reauth(self, row: _Row, reason: str) -> TokenResult:
+    def _newer_tokens_stored(self, repo: TokenRepository, row: _Row, seen: dict[str, Any]) -> bool:
+        """True if the row changed since ``seen`` was read (a bot stored new tokens): leave it alone."""
+        current = repo.get_tokens(row.user_id, token_type=row.token_type)
+        return current is None or current["version"] != seen["version"]
+
+    def _reauth(self, row: _Row, seen: dict[str, Any], reason: str) -> TokenResult:
         with self._writer.begin() as conn:
-            TokenRepository(conn).mark_tokens_expired(row.user_id, token_type=row.token_type, revoked=True)
+            repo = TokenRepository(conn)
+            if self._newer_tokens_stored(repo, row, seen):
+                return self._done(row, Outcome.STALE, f"{reason}, but newer tokens were stored meanwhile; kept them")
+            repo.mark_tokens_expired(row.user_id, token_type=row.token_type, revoked=True)
             AuditRepository(conn).log_event(
                 "token_refresh_rejected",
                 user_id=row.user_id,
@@ -436,13 +444,17 @@ class TokenRefresher:
             )
         return self._done(row, Outcome.REAUTH, f"{reason}; marked for reauth")
 
-    def _failure(self, row: _Row, settings: _Settings, reason: str, after_401: bool) -> TokenResult:
+    def _failure(
+        self, row: _Row, seen: dict[str, Any], settings: _Settings, reason: str, after_401: bool
+    ) -> TokenResult:
         with self._writer.begin() as conn:
-            tokens = TokenRepository(conn)
-            failures = tokens.increment_refresh_failures(row.user_id, token_type=row.token_type)
+            repo = TokenRepository(conn)
+            if self._newer_tokens_stored(repo, row, seen):
+                return self._done(row, Outcome.STALE, f"{reason}, but newer tokens were stored meanwhile; kept them")
+            failures = repo.increment_refresh_failures(row.user_id, token_type=row.token_type)
             give_up = after_401 or failures >= settings.max_failures
             if give_up:
-                tokens.mark_tokens_expired(row.user_id, token_type=row.token_type)
+                repo.mark_tokens_expired(row.user_id, token_type=row.token_type)
             AuditRepository(conn).log_event(
                 "token_refresh_failed",
                 user_id=row.user_id,

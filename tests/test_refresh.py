@@ -312,6 +312,19 @@ def test_newer_tokens_stored_meanwhile_are_kept(mgr, bot, twitch):
     assert (tokens["access_token"], tokens["refresh_token"], tokens["version"]) == ("bot-own-access", "bot-own-refresh", 2)
 
 
+@pytest.mark.parametrize("answer", [(400, {"message": "Invalid refresh token"}), (500, {})], ids=["400", "500"])
+def test_a_failed_refresh_does_not_touch_tokens_stored_meanwhile(mgr, bot, twitch, answer):
+    mgr.store_tokens(bot, "a", "r", 30)
+    twitch.token_answer = answer
+    twitch.on_token_request = lambda: mgr.store_tokens(bot, "reauthorised-access", "reauthorised-refresh", 14400)
+    with refresher(mgr, twitch) as worker:
+        [result] = worker.refresh_due()
+    assert result.outcome is Outcome.STALE
+    assert result.detail.endswith(", but newer tokens were stored meanwhile; kept them")
+    tokens = mgr.get_tokens(bot)
+    assert (tokens["access_token"], tokens["needs_reauth"], tokens["refresh_failures"]) == ("reauthorised-access", False, 0)
+
+
 def test_a_token_leased_by_another_worker_is_skipped(mgr, bot, twitch):
     mgr.store_tokens(bot, "a", "r", 30)
     with mgr.session() as s:
