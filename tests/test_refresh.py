@@ -467,6 +467,14 @@ def test_the_worker_needs_client_credentials_and_writes_nothing(tmp_path, env, m
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_worker_creates_no_database(tmp_path, twitch):
+    db = tmp_path / "typo.db"
+    args = ["refresh-worker", "--once", "--db", str(db), "--key-file", str(tmp_path / "k.key")]
+    result = CliRunner().invoke(cli, args, env=worker_env(twitch))
+    assert (result.exit_code, result.output) == (1, f"Error: database {db} does not exist; create it with kissbot init-db\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_worker_reports_rejected_app_credentials_in_one_line(mgr, bot, twitch, store_url, key_file):
     twitch.token_answer = (403, {"status": 403, "message": "invalid client secret"})
     mgr.store_tokens(bot, "a", "r", 30)
@@ -526,7 +534,7 @@ def test_the_worker_log_holds_no_secret(mgr, bot, twitch, store_url, key_file):
     assert "refreshed bot_00 (user " in done.stderr and "validation answered 401, refreshing" in done.stderr
     for secret in secrets:
         assert secret not in done.stderr and secret not in done.stdout
-    assert "HTTP Request: POST" in done.stderr, "-vv shows the HTTP client's own log too"
+    assert "kissbot.sql: UPDATE oauth_tokens" in done.stderr, "-vv logs the SQL statements too"
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")

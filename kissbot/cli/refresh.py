@@ -67,7 +67,8 @@ def refresh_worker(
     (one process per token at a time, so several workers may run); after
     config max_refresh_failures transient failures, or when Twitch rejects the
     refresh token, a token is marked for reauthorisation. SIGTERM or SIGINT
-    stop the worker between two tokens; it then prints its counters.
+    stop the worker between two tokens; it then prints its counters. The
+    store must exist (kissbot init-db): the worker never creates or migrates it.
 
     \b
     Example:
@@ -81,7 +82,7 @@ def refresh_worker(
         raise click.ClickException(f"no Twitch client secret: set {CLIENT_SECRET_ENV} or pass --client-secret")
     from kissbot.refresh import TokenRefresher
 
-    with store.open() as mgr, TokenRefresher(
+    with store.open(create=False) as mgr, TokenRefresher(
         mgr,
         client_id,
         client_secret,
