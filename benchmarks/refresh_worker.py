@@ -2,15 +2,16 @@
 
 Uses the tests' fake Twitch on 127.0.0.1 (with ``--latency`` seconds per
 token request, Twitch's own answer time) and checks each token was refreshed
-exactly once. Run from a checkout:
+exactly once.
 
-    python -m benchmarks.refresh_worker --tokens 200 --workers 1 2 4 [--url postgresql+psycopg://…]
+    python benchmarks/refresh_worker.py [--tokens 200] [--workers 1 2 4] [--latency 0.05] [--url postgresql+psycopg://…]
 """
 
 from __future__ import annotations
 
 import argparse
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -19,8 +20,10 @@ from pathlib import Path
 import sqlalchemy
 from sqlalchemy.engine import make_url
 
-from kissbot import DatabaseManager
-from tests.test_refresh import WORKER, FakeTwitch, worker_env
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout, for the tests' fake Twitch
+
+from kissbot import DatabaseManager  # noqa: E402
+from tests.test_refresh import WORKER, FakeTwitch, worker_env  # noqa: E402
 
 
 def one_pass(url: str | None, tokens: int, workers: int, latency: float) -> float:
