@@ -43,7 +43,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from kissbot import __version__
 from kissbot.engine import writer
-from kissbot.errors import ClientCredentialsRejected, DecryptionError, MissingClientCredentials, StaleTokens
+from kissbot.errors import (
+    ClientCredentialsRejected,
+    DatabaseError,
+    DecryptionError,
+    MissingClientCredentials,
+    StaleTokens,
+)
 from kissbot.repo import AuditRepository, ConfigRepository, TokenRepository
 from kissbot.twitch import (
     CLIENT_ID_ENV,
@@ -231,15 +237,15 @@ class TokenRefresher:
 
         ``stop`` is checked between tokens, so setting it (from a signal
         handler or another thread) ends the loop after the current request.
-        A database error ends only the current pass (it is logged, and the
-        leases it held expire); :class:`~kissbot.errors.ClientCredentialsRejected`
+        A database error (e.g. :class:`~kissbot.errors.DatabaseBusy`) ends only
+        the current pass (it is logged, and the leases it held expire); :class:`~kissbot.errors.ClientCredentialsRejected`
         ends the loop.
         """
         log.info("refresh worker %s started, one cycle every %gs", self.owner, interval)
         while not stop.is_set():
             try:
                 self.cycle(stop)
-            except SQLAlchemyError as exc:
+            except (SQLAlchemyError, DatabaseError) as exc:
                 reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
                 log.error("pass failed (%s: %s); next pass in %gs", type(exc).__name__, reason, interval)
             if stop.wait(interval):

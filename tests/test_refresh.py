@@ -423,7 +423,8 @@ def test_a_database_error_ends_only_the_current_pass(sqlite_url, key_file, twitc
         bot = mgr.create_user("1", "serda_bot", is_bot=True)
         mgr.store_tokens(bot, "a", "r", 30)
     engine = create_engine(sqlite_url, cipher=TokenCipher(read_key_file(key_file)), busy_timeout_ms=50)
-    locker = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None, check_same_thread=False)
+    db = sqlite_url.removeprefix("sqlite:///")
+    locker = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
     locker.execute("BEGIN EXCLUSIVE")
     failures: list[str] = []
 
@@ -444,7 +445,9 @@ def test_a_database_error_ends_only_the_current_pass(sqlite_url, key_file, twitc
         logging.getLogger("kissbot.refresh").removeHandler(handler)
         locker.close()
         engine.dispose()
-    assert failures == ["pass failed (OperationalError: database is locked); next pass in 0s"]
+    [failure] = failures
+    assert failure.startswith(f"pass failed (DatabaseBusy: database {db} is locked: another connection held it for ")
+    assert failure.endswith("); next pass in 0s")
     assert counters.refreshed == 1 and len(twitch.token_forms) == 1, "the next pass refreshed the token"
 
 
