@@ -115,3 +115,11 @@ class MissingClientCredentials(RefreshError):
 
 class ClientCredentialsRejected(RefreshError):
     """Twitch refused the application's client id or client secret."""
+
+
+class CopyError(KissbotError):
+    """A store could not be copied to another database; the target was left as it was."""
+
+
+class TargetNotEmpty(CopyError):
+    """The database to copy into already holds kissbot rows."""

@@ -240,15 +240,36 @@ _INCREMENT_FAILURES = (
     .values(refresh_failures=oauth_tokens.c.refresh_failures + 1, updated_at=bindparam("p_now"))
 )
 _FAILURES = select(oauth_tokens.c.refresh_failures).where(_ROW)
-_CLAIM = (
-    update(oauth_tokens)
-    .where(
-        _ROW,
-        (oauth_tokens.c.refresh_lease_owner.is_(None))
-        | (oauth_tokens.c.refresh_lease_owner == bindparam("p_owner"))
-        | (oauth_tokens.c.refresh_lease_expires_at < bindparam("p_now")),
+_LEASE_FREE = (
+    (oauth_tokens.c.refresh_lease_owner.is_(None))
+    | (oauth_tokens.c.refresh_lease_owner == bindparam("p_owner"))
+    | (oauth_tokens.c.refresh_lease_expires_at < bindparam("p_now"))
+)
+_TAKE_LEASE = {"refresh_lease_owner": bindparam("p_owner"), "refresh_lease_expires_at": bindparam("p_until")}
+_CLAIM = update(oauth_tokens).where(_ROW, _LEASE_FREE).values(**_TAKE_LEASE)
+# FOR UPDATE SKIP LOCKED on PostgreSQL: rows another worker is claiming are
+# passed over, not waited for. SQLite renders no locking clause; its
+# BEGIN IMMEDIATE write transaction already lets one claimer in at a time.
+_DUE_AND_FREE = (
+    select(oauth_tokens.c.id)
+    .where(oauth_tokens.c.expires_at <= bindparam("p_cutoff"), oauth_tokens.c.needs_reauth.is_not(True), _LEASE_FREE)
+    .order_by(oauth_tokens.c.expires_at, oauth_tokens.c.id)
+    .limit(bindparam("p_limit"))
+    .with_for_update(skip_locked=True)
+)
+_LEASE_IDS = update(oauth_tokens).where(oauth_tokens.c.id.in_(bindparam("p_ids", expanding=True))).values(**_TAKE_LEASE)
+_CLAIMED = (
+    select(
+        oauth_tokens.c.user_id,
+        oauth_tokens.c.token_type,
+        users.c.twitch_login,
+        oauth_tokens.c.expires_at,
+        oauth_tokens.c.refresh_failures,
+        oauth_tokens.c.version,
     )
-    .values(refresh_lease_owner=bindparam("p_owner"), refresh_lease_expires_at=bindparam("p_until"))
+    .join(users, users.c.id == oauth_tokens.c.user_id)
+    .where(oauth_tokens.c.id.in_(bindparam("p_ids", expanding=True)))
+    .order_by(oauth_tokens.c.expires_at, oauth_tokens.c.id)
 )
 _RELEASE = (
     update(oauth_tokens)
@@ -423,6 +444,31 @@ class TokenRepository:
             "p_until": now + timedelta(seconds=ttl),
         }
         return self.db.execute(_CLAIM, params).rowcount == 1
+
+    def claim_due(
+        self, owner: str, ttl: float, buffer_minutes: float = 10, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Take the refresh lease of up to ``limit`` due tokens for ``ttl`` seconds and return them.
+
+        A token is due when it expires within ``buffer_minutes`` (or has
+        expired), does not need reauthorisation, and its lease is free,
+        expired or already ``owner``'s. Rows come soonest-expiring first with
+        ``user_id``, ``token_type``, ``twitch_login``, ``expires_at``,
+        ``refresh_failures`` and ``version``; nothing is decrypted. Two
+        claimers never get the same row, and on PostgreSQL a claimer skips the
+        rows another is claiming instead of waiting for them.
+        """
+        now = utcnow()
+        params = {
+            "p_owner": owner, "p_now": now, "p_until": now + timedelta(seconds=ttl),
+            "p_cutoff": now + timedelta(minutes=buffer_minutes), "p_limit": limit,
+        }
+        ids = self.db.execute(_DUE_AND_FREE, params).scalars().all()
+        if not ids:
+            return []
+        self.db.execute(_LEASE_IDS, {**params, "p_ids": ids})
+        rows = self.db.execute(_CLAIMED, {"p_ids": ids})
+        return [{**r._asdict(), "refresh_failures": r.refresh_failures or 0} for r in rows]
 
     def release_refresh(self, user_id: int, owner: str, *, token_type: str = "bot") -> bool:
         """Give back ``owner``'s refresh lease; False if it did not hold it (any more)."""

@@ -7,5 +7,6 @@ from kissbot.cli import migrate  # noqa: F401  (registers migrate-yaml, import-t
 from kissbot.cli import inspection  # noqa: F401  (registers users, tokens, instances, audit, config)
 from kissbot.cli import ops  # noqa: F401  (registers cleanup-logs, backup, restore, maintenance, doctor)
 from kissbot.cli import refresh  # noqa: F401  (registers refresh-worker)
+from kissbot.cli import copy  # noqa: F401  (registers copy)
 
 __all__ = ["cli"]
