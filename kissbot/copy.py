@@ -20,6 +20,7 @@ from pathlib import Path
 import sqlalchemy
 from sqlalchemy import Column, MetaData, Table, Text, delete, func, insert, select, text
 from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 from kissbot.crypto import TokenCipher
 from kissbot.engine import create_engine, sqlite_path, to_url, writer
@@ -193,7 +194,11 @@ def _copy_table(src: Connection, dst: Connection, table: Table, batch_size: int)
     order = list(table.primary_key.columns)
     result = src.execute(select(table).order_by(*order).execution_options(yield_per=batch_size))
     for rows in result.partitions():
-        dst.execute(insert(table), [row._asdict() for row in rows])
+        try:
+            dst.execute(insert(table), [row._asdict() for row in rows])
+        except DBAPIError as exc:
+            reason = str(exc.orig).splitlines()[0]
+            raise CopyError(f"copying {table.name} failed: {reason}; nothing was copied") from exc
         copied += len(rows)
     return copied
 

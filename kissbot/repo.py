@@ -240,13 +240,13 @@ _INCREMENT_FAILURES = (
     .values(refresh_failures=oauth_tokens.c.refresh_failures + 1, updated_at=bindparam("p_now"))
 )
 _FAILURES = select(oauth_tokens.c.refresh_failures).where(_ROW)
-_LEASE_FREE = (
-    (oauth_tokens.c.refresh_lease_owner.is_(None))
-    | (oauth_tokens.c.refresh_lease_owner == bindparam("p_owner"))
-    | (oauth_tokens.c.refresh_lease_expires_at < bindparam("p_now"))
-)
+_LEASE_FREE = oauth_tokens.c.refresh_lease_owner.is_(None) | (oauth_tokens.c.refresh_lease_expires_at < bindparam("p_now"))
 _TAKE_LEASE = {"refresh_lease_owner": bindparam("p_owner"), "refresh_lease_expires_at": bindparam("p_until")}
-_CLAIM = update(oauth_tokens).where(_ROW, _LEASE_FREE).values(**_TAKE_LEASE)
+_CLAIM = (
+    update(oauth_tokens)
+    .where(_ROW, _LEASE_FREE | (oauth_tokens.c.refresh_lease_owner == bindparam("p_owner")))
+    .values(**_TAKE_LEASE)
+)
 # FOR UPDATE SKIP LOCKED on PostgreSQL: rows another worker is claiming are
 # passed over, not waited for. SQLite renders no locking clause; its
 # BEGIN IMMEDIATE write transaction already lets one claimer in at a time.
@@ -451,12 +451,13 @@ class TokenRepository:
         """Take the refresh lease of up to ``limit`` due tokens for ``ttl`` seconds and return them.
 
         A token is due when it expires within ``buffer_minutes`` (or has
-        expired), does not need reauthorisation, and its lease is free,
-        expired or already ``owner``'s. Rows come soonest-expiring first with
-        ``user_id``, ``token_type``, ``twitch_login``, ``expires_at``,
-        ``refresh_failures`` and ``version``; nothing is decrypted. Two
-        claimers never get the same row, and on PostgreSQL a claimer skips the
-        rows another is claiming instead of waiting for them.
+        expired), does not need reauthorisation, and its lease is free or
+        expired: a live lease, even ``owner``'s own, is not handed out again.
+        Rows come soonest-expiring first with ``user_id``, ``token_type``,
+        ``twitch_login``, ``expires_at``, ``refresh_failures`` and ``version``;
+        nothing is decrypted. Two claimers never get the same row, and on
+        PostgreSQL a claimer skips the rows another is claiming instead of
+        waiting for them.
         """
         now = utcnow()
         params = {
