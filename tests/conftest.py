@@ -2,7 +2,9 @@
 
 PostgreSQL tests need ``KISSBOT_TEST_POSTGRES_URL`` (``.ci/run`` sets it); each
 test gets its own schema there, dropped afterwards. Without the variable they
-skip with that reason.
+skip with that reason (or fail, with ``KISSBOT_REQUIRE_POSTGRES=1``). With it, a
+PostgreSQL test that skips for any reason fails instead, and the summary ends
+with a line counting the PostgreSQL tests by outcome.
 """
 
 from __future__ import annotations
@@ -30,6 +32,34 @@ def postgres_base_url() -> str:
             pytest.fail(NO_POSTGRES)
         pytest.skip(NO_POSTGRES)
     return url
+
+
+def runs_on_postgresql(item: pytest.Item) -> bool:
+    """True for a test that uses the PostgreSQL server (directly or as a backend parameter)."""
+    callspec = getattr(item, "callspec", None)
+    return "postgresql_url" in item.fixturenames or (callspec is not None and "postgresql" in callspec.params.values())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    report.postgresql = runs_on_postgresql(item)
+    if report.postgresql and report.skipped and os.environ.get(POSTGRES_ENV):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"PostgreSQL test skipped although {POSTGRES_ENV} is set: {reason}"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    outcomes: dict[str, str] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if getattr(report, "postgresql", False) and (report.when == "call" or not report.passed):
+                outcomes.setdefault(report.nodeid, "passed" if report.passed else report.outcome)
+    if outcomes:
+        counts = {o: sum(v == o for v in outcomes.values()) for o in ("passed", "skipped", "failed")}
+        terminalreporter.write_line("PostgreSQL tests: " + ", ".join(f"{n} {o}" for o, n in counts.items()))
 
 
 @pytest.fixture
