@@ -24,7 +24,7 @@ from sqlalchemy.exc import DBAPIError
 
 from kissbot.crypto import TokenCipher
 from kissbot.engine import create_engine, sqlite_path, to_url, writer
-from kissbot.errors import CopyError, DecryptionError, TargetNotEmpty
+from kissbot.errors import CopyError, DatabaseError, DecryptionError, TargetNotEmpty, driver_message
 from kissbot.migrations import HEAD, KISSBOT_TABLES, _state, ensure_schema
 from kissbot.models import Base
 from kissbot.types import EncryptedString
@@ -156,6 +156,8 @@ def _check_target_empty(url: URL) -> None:
     try:
         with engine.connect() as conn:
             _check_target_empty_in(conn, shown(url))
+    except DBAPIError as exc:
+        raise DatabaseError(f"cannot open target database {url.database}: {driver_message(exc)}") from exc
     finally:
         engine.dispose()
 
@@ -197,8 +199,7 @@ def _copy_table(src: Connection, dst: Connection, table: Table, batch_size: int)
         try:
             dst.execute(insert(table), [row._asdict() for row in rows])
         except DBAPIError as exc:
-            reason = str(exc.orig).splitlines()[0]
-            raise CopyError(f"copying {table.name} failed: {reason}; nothing was copied") from exc
+            raise CopyError(f"copying {table.name} failed: {driver_message(exc)}; nothing was copied") from exc
         copied += len(rows)
     return copied
 

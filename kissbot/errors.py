@@ -13,6 +13,12 @@ class KissbotError(Exception):
     """Base class of every error raised by kissbot."""
 
 
+def driver_message(exc: BaseException) -> str:
+    """The first line of a database error's driver message (PostgreSQL adds DETAIL/HINT lines)."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class KeyFileError(KissbotError):
     """The encryption key is missing, unreadable, unsafe or not a Fernet key."""
 

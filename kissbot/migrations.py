@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from kissbot.engine import connect_sqlite_query_only, sqlite_error, sqlite_path, writer
-from kissbot.errors import DatabaseError, NoDatabase, OutdatedSchema, SchemaError, UnversionedDatabase
+from kissbot.errors import DatabaseError, NoDatabase, OutdatedSchema, SchemaError, UnversionedDatabase, driver_message
 
 HEAD = "0002"
 """The newest revision this version of kissbot knows (checked against the scripts by the tests)."""
@@ -135,7 +135,7 @@ def _state(engine: Engine) -> tuple[str | None, set[str]]:
         with engine.connect() as conn:
             return current_revision(conn), set(inspect(conn).get_table_names())
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"cannot open database {engine.url.database}: {exc.orig or exc}") from exc
+        raise DatabaseError(f"cannot open database {engine.url.database}: {driver_message(exc)}") from exc
 
 
 def is_known_revision(revision: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from cryptography.fernet import Fernet
 from click.testing import CliRunner
 
 from kissbot import DatabaseManager, __version__
@@ -17,6 +18,7 @@ def runner():
 
 
 def test_init_db_reports_like_the_spec(runner, tmp_path):
+    """SQLite: the spec's output, WAL line included (PostgreSQL's is below)."""
     db = tmp_path / "some" / "dir" / "x.db"
     result = runner.invoke(cli, ["init-db", "--db", str(db)])
     assert result.exit_code == 0, result.output
@@ -57,14 +59,28 @@ def test_stats_json_and_text(runner, store_url, tmp_path):
     ]
 
 
-def test_url_from_environment(runner, tmp_path, monkeypatch):
-    db = tmp_path / "env.db"
-    monkeypatch.setenv("KISSBOT_DB_URL", f"sqlite:///{db}")
+def test_url_from_environment(runner, store_url, tmp_path, monkeypatch):
+    monkeypatch.setenv("KISSBOT_DB_URL", store_url)
     assert runner.invoke(cli, ["init-db"]).exit_code == 0
-    assert db.exists()
+    result = runner.invoke(cli, ["stats", "--json", "--key-file", str(tmp_path / "k")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["users_count"] == 0
+    with DatabaseManager(url=store_url, key_file=tmp_path / "k") as mgr:
+        assert mgr.get_config("max_crash_count") == 3
+
+
+def test_unreachable_postgresql_is_one_line_exit_1(runner, tmp_path):
+    url = "postgresql+psycopg://kissbot@127.0.0.1:1/nowhere"
+    (tmp_path / "k").write_bytes(Fernet.generate_key())
+    for args in (["stats", "--url", url], ["copy", "--from", url, "--to", str(tmp_path / "t.db")]):
+        result = runner.invoke(cli, [*args, "--key-file", str(tmp_path / "k")])
+        assert result.exit_code == 1
+        assert result.output.startswith("Error: cannot open database nowhere: connection failed: "), result.output
+        assert result.output.count("\n") == 1, result.output
 
 
 def test_unusable_database_is_one_line_exit_1_and_writes_nothing(runner, tmp_path):
+    """SQLite only: a file that is not a database must stay byte-identical."""
     not_db = tmp_path / "notes.db"
     not_db.write_bytes(b"this is not a database at all" * 100)
     before = not_db.read_bytes()

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import base64
-import sqlite3
 
 import pytest
+import sqlalchemy
 from cryptography.fernet import Fernet
+from sqlalchemy.engine import make_url
 
 from kissbot import DatabaseManager
 from kissbot.crypto import TokenCipher
@@ -22,18 +23,26 @@ def db_file(tmp_path):
     return tmp_path / "kissbot.db"
 
 
-def _raw_tokens(db_file, user_id):
-    with sqlite3.connect(db_file) as conn:
-        return conn.execute(
-            "SELECT access_token_encrypted, refresh_token_encrypted FROM oauth_tokens WHERE user_id = ?", (user_id,)
-        ).fetchone()
+def _raw(url, sql, params=None):
+    engine = sqlalchemy.create_engine(url)
+    with engine.begin() as conn:
+        result = conn.execute(sqlalchemy.text(sql), params or {})
+        rows = result.all() if result.returns_rows else None
+    engine.dispose()
+    return rows
 
 
-def test_stored_value_is_a_fernet_token_of_the_key_file(db_file, key_file):
-    with DatabaseManager(db_file, key_file) as mgr:
+def _raw_tokens(url, user_id):
+    sql = "SELECT access_token_encrypted, refresh_token_encrypted FROM oauth_tokens WHERE user_id = :u"
+    (row,) = _raw(url, sql, {"u": user_id})
+    return tuple(row)
+
+
+def test_stored_value_is_a_fernet_token_of_the_key_file(store_url, key_file):
+    with DatabaseManager(url=store_url, key_file=key_file) as mgr:
         uid = mgr.create_user("1", "serda_bot")
         mgr.store_tokens(uid, ACCESS, REFRESH, 3600)
-    access, refresh = _raw_tokens(db_file, uid)
+    access, refresh = _raw_tokens(store_url, uid)
     fernet = Fernet(key_file.read_bytes().strip())
     assert access.startswith("gAAAAA")
     assert fernet.decrypt(access.encode()).decode() == ACCESS
@@ -41,6 +50,7 @@ def test_stored_value_is_a_fernet_token_of_the_key_file(db_file, key_file):
 
 
 def test_plaintext_is_nowhere_in_the_database_or_its_wal(db_file, key_file):
+    """SQLite only: it reads the database and WAL files' bytes (PostgreSQL's files are the server's)."""
     mgr = DatabaseManager(db_file, key_file)
     uid = mgr.create_user("1", "serda_bot")
     mgr.store_tokens(uid, ACCESS, REFRESH, 3600)
@@ -53,33 +63,46 @@ def test_plaintext_is_nowhere_in_the_database_or_its_wal(db_file, key_file):
     mgr.close()
 
 
-def test_key_file_is_created_private(db_file, key_file):
-    DatabaseManager(db_file, key_file).close()
+def test_plaintext_is_in_no_column(store_url, key_file):
+    with DatabaseManager(url=store_url, key_file=key_file) as mgr:
+        uid = mgr.create_user("1", "serda_bot")
+        mgr.store_tokens(uid, ACCESS, REFRESH, 3600)
+        mgr.store_tokens(uid, ACCESS, REFRESH, 3600, token_type="broadcaster")
+    engine = sqlalchemy.create_engine(store_url)
+    with engine.connect() as conn:
+        for table in ("users", "oauth_tokens", "instances", "audit_log", "config"):
+            for row in conn.exec_driver_sql(f"SELECT * FROM {table}"):
+                text = " ".join(map(str, row))
+                assert ACCESS not in text and REFRESH not in text, table
+    engine.dispose()
+
+
+def test_key_file_is_created_private(store_url, key_file):
+    DatabaseManager(url=store_url, key_file=key_file).close()
     assert key_file.stat().st_mode & 0o777 == 0o600
     Fernet(key_file.read_bytes().strip())
 
 
-def test_legacy_base64_wrapped_token_reads_back(db_file, key_file):
-    with DatabaseManager(db_file, key_file) as mgr:
+def test_legacy_base64_wrapped_token_reads_back(store_url, key_file):
+    with DatabaseManager(url=store_url, key_file=key_file) as mgr:
         uid = mgr.create_user("1", "serda_bot")
         mgr.store_tokens(uid, "placeholder", "placeholder", 3600)
     fernet = Fernet(key_file.read_bytes().strip())
     wrapped = base64.urlsafe_b64encode(fernet.encrypt(ACCESS.encode())).decode()
     assert wrapped.startswith("Z0FBQUFB")
-    with sqlite3.connect(db_file) as conn:
-        conn.execute("UPDATE oauth_tokens SET access_token_encrypted = ? WHERE user_id = ?", (wrapped, uid))
-    with DatabaseManager(db_file, key_file) as mgr:
+    _raw(store_url, "UPDATE oauth_tokens SET access_token_encrypted = :w WHERE user_id = :u", {"w": wrapped, "u": uid})
+    with DatabaseManager(url=store_url, key_file=key_file) as mgr:
         assert mgr.get_tokens(uid)["access_token"] == ACCESS
 
 
-def test_wrong_key_fails_closed_with_the_spec_message(db_file, key_file, tmp_path):
-    with DatabaseManager(db_file, key_file) as mgr:
+def test_wrong_key_fails_closed_with_the_spec_message(store_url, key_file, tmp_path):
+    with DatabaseManager(url=store_url, key_file=key_file) as mgr:
         uid = mgr.create_user("1", "serda_bot")
         mgr.store_tokens(uid, ACCESS, REFRESH, 3600)
     other_key = tmp_path / "other.key"
     other_key.write_bytes(Fernet.generate_key())
     other_key.chmod(0o600)
-    with DatabaseManager(db_file, other_key) as mgr:
+    with DatabaseManager(url=store_url, key_file=other_key) as mgr:
         with pytest.raises(DecryptionError) as caught:
             mgr.get_tokens(uid)
         assert str(caught.value) == f"Failed to decrypt tokens for user {uid}: wrong key or corrupted data"
@@ -88,17 +111,18 @@ def test_wrong_key_fails_closed_with_the_spec_message(db_file, key_file, tmp_pat
         assert mgr.get_user_by_login("serda_bot")["id"] == uid, "the rest of the store keeps working"
 
 
-def test_corrupted_ciphertext_fails_closed(db_file, key_file):
-    with DatabaseManager(db_file, key_file) as mgr:
+def test_corrupted_ciphertext_fails_closed(store_url, key_file):
+    with DatabaseManager(url=store_url, key_file=key_file) as mgr:
         uid = mgr.create_user("1", "serda_bot")
         mgr.store_tokens(uid, ACCESS, REFRESH, 3600)
-    with sqlite3.connect(db_file) as conn:
-        conn.execute("UPDATE oauth_tokens SET refresh_token_encrypted = 'gAAAAAnot-a-token'")
-    with DatabaseManager(db_file, key_file) as mgr, pytest.raises(DecryptionError, match=f"user {uid}: wrong key"):
-        mgr.get_tokens(uid)
+    _raw(store_url, "UPDATE oauth_tokens SET refresh_token_encrypted = 'gAAAAAnot-a-token'")
+    with DatabaseManager(url=store_url, key_file=key_file) as mgr:
+        with pytest.raises(DecryptionError, match=f"user {uid}: wrong key"):
+            mgr.get_tokens(uid)
 
 
 def test_two_stores_with_different_keys_in_one_process(tmp_path):
+    """Two SQLite files stand in for any two stores: the point is two keys in one process."""
     a = DatabaseManager(tmp_path / "a.db", tmp_path / "a.key")
     b = DatabaseManager(tmp_path / "b.db", tmp_path / "b.key")
     assert a.key_file.read_bytes() != b.key_file.read_bytes()
@@ -111,23 +135,24 @@ def test_two_stores_with_different_keys_in_one_process(tmp_path):
     b.close()
 
 
-def test_missing_key_with_tokens_refuses_and_creates_nothing(db_file, key_file):
-    with DatabaseManager(db_file, key_file) as mgr:
+def test_missing_key_with_tokens_refuses_and_creates_nothing(store_url, key_file):
+    with DatabaseManager(url=store_url, key_file=key_file) as mgr:
         uid = mgr.create_user("1", "serda_bot")
         mgr.store_tokens(uid, ACCESS, REFRESH, 3600)
     key_file.unlink()
     with pytest.raises(KeyFileError) as caught:
-        DatabaseManager(db_file, key_file)
+        DatabaseManager(url=store_url, key_file=key_file)
     assert str(caught.value) == (
-        f"key file {key_file} not found but {db_file} holds tokens for 1 users; restore the key from your backup"
+        f"key file {key_file} not found but {make_url(store_url).database} holds tokens for 1 users; "
+        "restore the key from your backup"
     )
     assert not key_file.exists()
 
 
-def test_garbage_key_file_is_refused(db_file, key_file):
+def test_garbage_key_file_is_refused(store_url, key_file):
     key_file.write_text("not a key\n")
     with pytest.raises(KeyFileError, match="does not hold a valid Fernet key"):
-        DatabaseManager(db_file, key_file)
+        DatabaseManager(url=store_url, key_file=key_file)
 
 
 def test_reprs_hold_no_key_material():
@@ -138,12 +163,12 @@ def test_reprs_hold_no_key_material():
     assert cipher.decrypt(cipher.encrypt("x")) == "x"
 
 
-def test_engine_without_key_refuses_token_columns(tmp_path):
+def test_engine_without_key_refuses_token_columns(store_url):
     from kissbot.engine import create_engine
     from kissbot.migrations import upgrade
     from kissbot.repo import TokenRepository, UserRepository
 
-    engine = create_engine(tmp_path / "nokey.db")
+    engine = create_engine(store_url)
     upgrade(engine)
     with engine.begin() as conn:
         uid = UserRepository(conn).create_user("1", "bot")

@@ -1,13 +1,31 @@
-"""Repositories work inside the caller's session and never commit."""
+"""Repositories work inside the caller's session and never commit, on both backends."""
 
 from __future__ import annotations
 
 import pytest
 from sqlalchemy.orm import Session
 
-from kissbot.engine import writer
+from kissbot.crypto import TokenCipher, generate_key
+from kissbot.engine import create_engine, writer
+from kissbot.migrations import upgrade
 from kissbot.errors import DecryptionError
 from kissbot.repo import AuditRepository, ConfigRepository, InstanceRepository, TokenRepository, UserRepository
+
+
+@pytest.fixture
+def kissbot_engine(store_url):
+    """Like the plugin's fixture of that name, on each backend."""
+    engine = create_engine(store_url, cipher=TokenCipher(generate_key()))
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def kissbot_session(kissbot_engine):
+    with Session(writer(kissbot_engine)) as session:
+        yield session
+        session.rollback()
 
 
 def test_repositories_cover_the_manager_api(kissbot_session):

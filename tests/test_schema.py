@@ -108,6 +108,7 @@ def test_alembic_cli_upgrade_downgrade_upgrade_check(store_url):
 
 
 def test_alembic_cli_sqlite_file_is_in_wal_mode(sqlite_url):
+    """SQLite only: WAL is SQLite's journal mode."""
     assert alembic_cli(sqlite_url, "upgrade", "head").returncode == 0
     engine = sqlalchemy.create_engine(sqlite_url)
     with engine.connect() as conn:
@@ -134,7 +135,8 @@ def test_head_constant_matches_the_scripts():
     assert ScriptDirectory.from_config(alembic_config()).get_current_head() == HEAD
 
 
-def test_ensure_schema_refuses_an_unversioned_database_with_tables(tmp_path):
+def test_ensure_schema_refuses_an_unversioned_sqlite_file_byte_for_byte(tmp_path):
+    """SQLite only: the refused file must stay byte-identical (and not be switched to WAL)."""
     db = tmp_path / "v4.db"
     import sqlite3
 
@@ -148,8 +150,21 @@ def test_ensure_schema_refuses_an_unversioned_database_with_tables(tmp_path):
     assert db.read_bytes() == before
 
 
-def test_ensure_schema_refuses_an_unknown_revision(tmp_path):
-    engine = create_engine(tmp_path / "future.db")
+def test_ensure_schema_refuses_an_unversioned_database_with_tables(store_url):
+    engine = create_engine(store_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE users (id INTEGER PRIMARY KEY, twitch_login TEXT)")
+        conn.exec_driver_sql("INSERT INTO users VALUES (1, 'serda_bot')")
+    with pytest.raises(UnversionedDatabase, match="kissbot adopt"):
+        ensure_schema(engine)
+    with engine.connect() as conn:
+        assert set(inspect(conn).get_table_names()) == {"users"}
+        assert conn.exec_driver_sql("SELECT twitch_login FROM users").all() == [("serda_bot",)]
+    engine.dispose()
+
+
+def test_ensure_schema_refuses_an_unknown_revision(store_url):
+    engine = create_engine(store_url)
     upgrade(engine)
     with engine.begin() as conn:
         conn.exec_driver_sql("UPDATE alembic_version SET version_num = 'ffff'")
@@ -158,18 +173,17 @@ def test_ensure_schema_refuses_an_unknown_revision(tmp_path):
     engine.dispose()
 
 
-def test_concurrent_first_opens_migrate_once(tmp_path):
-    """Four processes opening a new file at once all succeed on one schema."""
-    db = tmp_path / "race.db"
+def test_concurrent_first_opens_migrate_once(store_url):
+    """Four processes opening a new store at once all succeed on one schema."""
     code = (
         "import sys; from kissbot.engine import create_engine; from kissbot.migrations import ensure_schema;"
         "e = create_engine(sys.argv[1]); ensure_schema(e); e.dispose()"
     )
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(db)], stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    procs = [subprocess.Popen([sys.executable, "-c", code, store_url], stderr=subprocess.PIPE, text=True) for _ in range(4)]
     for p in procs:
         _, err = p.communicate(timeout=60)
         assert p.returncode == 0, err
-    engine = create_engine(db)
+    engine = create_engine(store_url)
     with engine.connect() as conn:
         assert current_revision(conn) == HEAD
         assert conn.exec_driver_sql("SELECT count(*) FROM config").scalar() == 5

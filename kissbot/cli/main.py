@@ -20,7 +20,7 @@ from typing import Any, Callable
 import click
 
 from kissbot import __version__
-from kissbot.errors import KissbotError
+from kissbot.errors import KissbotError, driver_message
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class KissbotGroup(click.Group):
         except KissbotError as exc:
             raise click.ClickException(str(exc)) from exc
         except SQLAlchemyError as exc:
-            raise click.ClickException(f"database error: {getattr(exc, 'orig', None) or exc}") from exc
+            raise click.ClickException(f"database error: {driver_message(exc)}") from exc
         except OSError as exc:
             raise click.ClickException(f"{exc.filename or 'file'}: {exc.strerror}") from exc
 
