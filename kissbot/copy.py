@@ -11,7 +11,6 @@ is decrypted with the key, so a copy made with the wrong key is never kept.
 from __future__ import annotations
 
 import os
-import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from kissbot.crypto import TokenCipher
-from kissbot.engine import create_engine, sqlite_path, to_url, writer
+from kissbot.engine import connect_sqlite_query_only, create_engine, sqlite_path, to_url, writer
 from kissbot.errors import CopyError, DatabaseError, DecryptionError, TargetNotEmpty, driver_message
 from kissbot.migrations import HEAD, KISSBOT_TABLES, _state, ensure_schema
 from kissbot.models import Base
@@ -128,15 +127,10 @@ def _check_source(url: URL) -> None:
 
 
 @contextmanager
-def _read_only_sqlite(path: os.PathLike[str]) -> Iterator[Connection]:
-    # A SQLite file that may be refused is looked at read-only, without
-    # kissbot's connect event (which would switch it to WAL). With no WAL file
-    # every row is in the main file, which is then opened immutable so that not
-    # even -wal/-shm files appear beside it.
-    path = Path(path)
-    wal = path.with_name(f"{path.name}-wal")
-    uri = f"{path.resolve().as_uri()}?{'mode=ro' if wal.exists() else 'immutable=1'}"
-    engine = sqlalchemy.create_engine("sqlite://", creator=lambda: sqlite3.connect(uri, uri=True))
+def _read_only_sqlite(path: Path) -> Iterator[Connection]:
+    # A SQLite file that may be refused is looked at without kissbot's connect
+    # event (which would switch it to WAL), leaving its directory as it was.
+    engine = sqlalchemy.create_engine("sqlite://", creator=lambda: connect_sqlite_query_only(path))
     try:
         with engine.connect() as conn:
             yield conn

@@ -240,7 +240,9 @@ _INCREMENT_FAILURES = (
     .values(refresh_failures=oauth_tokens.c.refresh_failures + 1, updated_at=bindparam("p_now"))
 )
 _FAILURES = select(oauth_tokens.c.refresh_failures).where(_ROW)
-_LEASE_FREE = oauth_tokens.c.refresh_lease_owner.is_(None) | (oauth_tokens.c.refresh_lease_expires_at < bindparam("p_now"))
+_LEASE_FREE = oauth_tokens.c.refresh_lease_owner.is_(None) | (
+    oauth_tokens.c.refresh_lease_expires_at < bindparam("p_now")
+)
 _TAKE_LEASE = {"refresh_lease_owner": bindparam("p_owner"), "refresh_lease_expires_at": bindparam("p_until")}
 _CLAIM = (
     update(oauth_tokens)

@@ -7,9 +7,11 @@ PostgreSQL) so the same workers serve both; results come back as plain data
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 import time
-from typing import Any
+import traceback
+from typing import Any, Callable
 
 from kissbot import DatabaseManager
 from kissbot.errors import StaleTokens
@@ -150,3 +152,49 @@ def first_store_worker(url: str, key: bytes, users: list[tuple[int, bool]], owne
             except Exception as exc:  # reported, asserted on by the parent
                 outcome = f"{type(exc).__name__}: {exc}"
             results.put((user_id, owner, outcome))
+
+
+# --- claim_due: (index, errors, claimed) reports through a queue -----------------------------------
+
+
+def _report(queue: Any, index: int, errors: list[str], claimed: list[tuple[int, str]]) -> None:
+    queue.put((index, errors, claimed))
+
+
+def claim_until_empty(url: str, key: bytes, index: int, barrier: Any, queue: Any) -> None:
+    """Claim due tokens two at a time, under owner ``w<index>``, until none is left."""
+    errors: list[str] = []
+    claimed: list[tuple[int, str]] = []
+    try:
+        with open_store(url, key) as mgr:
+            barrier.wait(timeout=60)
+            while True:
+                with mgr.session() as s:
+                    rows = TokenRepository(s).claim_due(f"w{index}", ttl=3600, limit=2)
+                if not rows:
+                    break
+                claimed.extend((r["user_id"], r["token_type"]) for r in rows)
+    except Exception:
+        errors.append(traceback.format_exc())
+    _report(queue, index, errors, claimed)
+
+
+def run_in_processes(
+    worker: Callable[..., None], url: str, key: bytes, count: int = 8, timeout: float = 180, **kwargs: Any
+) -> list[tuple[int, list[str], list[tuple[int, str]]]]:
+    """Run ``worker`` in ``count`` fresh processes at once; return their reports by index."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, queue = ctx.Barrier(count), ctx.Queue()
+    procs = [
+        ctx.Process(target=worker, args=(url, key, i, barrier, queue), kwargs=kwargs, daemon=True) for i in range(count)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        reports = [queue.get(timeout=timeout) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    return sorted(reports)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+import pytest
 
 from kissbot.crypto import read_key_file
 from kissbot.repo import TokenRepository
-from workers import claim_until_empty, run_in_processes
+from _workers import claim_until_empty, run_in_processes
 
 CLAIMED_KEYS = {"user_id", "token_type", "twitch_login", "expires_at", "refresh_failures", "version"}
 
@@ -61,6 +61,7 @@ def test_limit_and_order_split_the_due_rows_between_claimers(mgr):
     assert claim(mgr, "w4", limit=2) == []
 
 
+@pytest.mark.slow
 def test_eight_processes_never_claim_the_same_row(mgr, key_file):
     ids = users_with_tokens(mgr, [60 + n for n in range(40)])
     for uid in ids[::4]:

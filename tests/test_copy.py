@@ -15,10 +15,10 @@ from kissbot.cli import cli
 from kissbot.copy import COPY_ORDER, copy_store
 from kissbot.crypto import TokenCipher, read_key_file
 from kissbot.engine import create_engine
-from kissbot.errors import CopyError, TargetNotEmpty
+from kissbot.errors import TargetNotEmpty
 from kissbot.migrations import downgrade
 from kissbot.models import AuditLog
-from kissbot.repo import ConfigRepository, TokenRepository
+from kissbot.repo import ConfigRepository
 from kissbot.types import utcnow
 
 BACKENDS = ("sqlite", "postgresql")

@@ -1,4 +1,7 @@
-"""PostgreSQL-only behaviour: column types, row locks that do not block, eight processes on one schema."""
+"""PostgreSQL-only behaviour: column types, row locks that do not block.
+
+The eight-process tests (tests/test_concurrency.py, tests/test_claim_due.py) run on both backends.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +10,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from kissbot import DatabaseManager
-from kissbot.crypto import generate_key
 from kissbot.models import oauth_tokens
 from kissbot.repo import TokenRepository
-from workers import mixed_operations, run_in_processes
 
 
 @pytest.fixture
@@ -58,35 +59,3 @@ def test_claim_due_skips_rows_another_worker_holds_without_waiting(pg):
     with pg.engine.connect() as conn:
         owners = dict(conn.execute(select(oauth_tokens.c.user_id, oauth_tokens.c.refresh_lease_owner)).all())
     assert owners == {**{uid: "first" for uid in ids[:3]}, **{uid: "second" for uid in ids[3:]}}
-
-
-ITERATIONS = 30
-
-
-def test_eight_processes_mixed_operations_on_one_schema(postgresql_url):
-    key = generate_key()
-    with DatabaseManager(url=postgresql_url, key=key) as mgr:
-        mgr.create_user("100", "chan")
-        bots = [mgr.create_user(str(200 + i), f"bot_{i}", is_bot=True) for i in range(8)]
-        instances = [mgr.register_instance("chan", f"bot_{i}", 1000 + i) for i in range(8)]
-        due = _due_users(mgr, 40)
-    reports = run_in_processes(mixed_operations, postgresql_url, key, iterations=ITERATIONS)
-    assert [errors for _, errors, _ in reports] == [[]] * 8
-    claimed = [row for _, _, rows in reports for row in rows]
-    assert len(claimed) == len(set(claimed)) and set(claimed) <= {(uid, "bot") for uid in due}
-    with DatabaseManager(url=postgresql_url, key=key) as mgr:
-        for i, uid in enumerate(bots):
-            tokens = mgr.get_tokens(uid)
-            assert (tokens["access_token"], tokens["version"]) == (f"access-{i}-{ITERATIONS - 1}", ITERATIONS)
-        assert len(mgr.get_audit_log(limit=10_000, event_type="stress")) == 8 * ITERATIONS
-        assert len(mgr.get_audit_log(limit=10_000, event_type="tokens_refreshed")) == 8 * (ITERATIONS - 1)
-        assert {i["id"] for i in mgr.get_active_instances()} == set(instances)
-        with mgr.engine.connect() as conn:
-            leased = conn.execute(
-                select(oauth_tokens.c.user_id, oauth_tokens.c.refresh_lease_owner).where(
-                    oauth_tokens.c.refresh_lease_owner.is_not(None)
-                )
-            ).all()
-    owner_of = {uid: f"w{index}" for index, _, rows in reports for uid, _ in rows}
-    assert dict(leased) == owner_of
-    assert len(claimed) == min(40, 8 * ITERATIONS)
