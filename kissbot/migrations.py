@@ -133,6 +133,10 @@ def _state(engine: Engine) -> tuple[str | None, set[str]]:
         return _probe_sqlite_file(path)
     try:
         with engine.connect() as conn:
+            if engine.dialect.name == "postgresql":
+                # One snapshot for both looks: under READ COMMITTED a migration
+                # committing in between shows its tables but not its version.
+                conn.execution_options(isolation_level="REPEATABLE READ")
             return current_revision(conn), set(inspect(conn).get_table_names())
     except SQLAlchemyError as exc:
         raise DatabaseError(f"cannot open database {engine.url.database}: {driver_message(exc)}") from exc
