@@ -266,7 +266,7 @@ _CLAIMED = (
         oauth_tokens.c.token_type,
         users.c.twitch_login,
         oauth_tokens.c.expires_at,
-        oauth_tokens.c.refresh_failures,
+        func.coalesce(oauth_tokens.c.refresh_failures, 0).label("refresh_failures"),
         oauth_tokens.c.version,
     )
     .join(users, users.c.id == oauth_tokens.c.user_id)
@@ -470,8 +470,7 @@ class TokenRepository:
         if not ids:
             return []
         self.db.execute(_LEASE_IDS, {**params, "p_ids": ids})
-        rows = self.db.execute(_CLAIMED, {"p_ids": ids})
-        return [{**r._asdict(), "refresh_failures": r.refresh_failures or 0} for r in rows]
+        return [r._asdict() for r in self.db.execute(_CLAIMED, {"p_ids": ids})]
 
     def release_refresh(self, user_id: int, owner: str, *, token_type: str = "bot") -> bool:
         """Give back ``owner``'s refresh lease; False if it did not hold it (any more)."""
