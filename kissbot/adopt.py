@@ -32,7 +32,7 @@ from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import NullPool, StaticPool
 
-from kissbot.crypto import TokenCipher, read_key_file
+from kissbot.crypto import TokenCipher, read_key_ring
 from kissbot.backup import backup_sqlite, default_backup_path
 from kissbot.engine import connect_sqlite_query_only, create_engine
 from kissbot.errors import AdoptionError, DecryptionError, KissbotError
@@ -429,7 +429,7 @@ def _cipher_loader(key_file: Path) -> Callable[[], TokenCipher]:
         if not cipher:
             if not key_file.exists():
                 raise AdoptionError(f"cannot adopt: the database holds tokens but key file {key_file} does not exist")
-            cipher.append(TokenCipher(read_key_file(key_file)))
+            cipher.append(TokenCipher(read_key_ring(key_file)))
         return cipher[0]
 
     return load

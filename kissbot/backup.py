@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kissbot.crypto import TokenCheck, TokenCipher, read_key_file, verify_tokens
+from kissbot.crypto import TokenCheck, TokenCipher, read_key_ring, verify_tokens
 from kissbot.engine import connect_sqlite_query_only
 from kissbot.errors import BackupError, DatabaseBusy, NoDatabase
 from kissbot.maintenance import integrity_problems
@@ -109,12 +109,12 @@ def backup_key(key_file: Path, backup_path: Path) -> Path:
     you mean to move them together to a safe place.
     """
     dest = Path(f"{backup_path}.key")
-    key = read_key_file(key_file)
+    key = read_key_ring(key_file)
     _refuse_existing(dest)
     tmp = _private_temp_file(dest)
     try:
         with open(tmp, "wb") as fh:
-            fh.write(key + b"\n")
+            fh.write(key.dumps())
             fh.flush()
             os.fsync(fh.fileno())
         _install_new(tmp, dest)

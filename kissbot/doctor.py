@@ -22,7 +22,7 @@ from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
-from kissbot.crypto import TokenCipher, read_key_file, verify_tokens
+from kissbot.crypto import TokenCipher, read_key_ring, verify_tokens
 from kissbot.engine import connect_sqlite_query_only, create_engine, is_memory, sqlite_path, to_url
 from kissbot.errors import KeyFileError
 from kissbot.maintenance import integrity_problems
@@ -108,7 +108,7 @@ def _check_key_file(key_path: Path, findings: list[Finding]) -> TokenCipher | No
             Finding("error", "key-file", f"key file {key_path} is readable by group or others (mode {mode:04o})", f"chmod 600 {key_path}")
         )
     try:
-        cipher = TokenCipher(read_key_file(key_path))
+        cipher = TokenCipher(read_key_ring(key_path, check_mode=False))
     except KeyFileError as exc:
         findings.append(Finding("error", "key-file", str(exc), f"restore {key_path} from your backup"))
         return None

@@ -24,11 +24,15 @@ class KeyFileError(KissbotError):
 
 
 class DecryptionError(KissbotError):
-    """A stored token could not be decrypted (wrong key or corrupted data)."""
+    """A stored token could not be decrypted (wrong key or corrupted data).
 
-    def __init__(self, message: str, *, user_id: int | None = None) -> None:
+    ``user_id`` and ``key_version`` name the row when it is known.
+    """
+
+    def __init__(self, message: str, *, user_id: int | None = None, key_version: int | None = None) -> None:
         super().__init__(message)
         self.user_id = user_id
+        self.key_version = key_version
 
 
 class NaiveDatetimeError(KissbotError, ValueError):

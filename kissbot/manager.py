@@ -18,7 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.orm import Session
 
-from kissbot.crypto import DEFAULT_KEY_FILE, TokenCipher, create_key_file, read_key_file
+from kissbot.crypto import KeyRing
 from kissbot.engine import (
     DEFAULT_BUSY_TIMEOUT_MS,
     DEFAULT_DB_PATH,
@@ -29,7 +29,8 @@ from kissbot.engine import (
     write_transaction,
     writer,
 )
-from kissbot.errors import KeyFileError, NoDatabase
+from kissbot.errors import NoDatabase
+from kissbot.keys import load_cipher, resolve_key_source
 from kissbot.migrations import ensure_schema
 from kissbot.repo import AuditRepository, ConfigRepository, InstanceRepository, TokenRepository, UserRepository
 from kissbot.types import attach_cipher
@@ -45,18 +46,25 @@ class DatabaseManager:
     """The store, as the specification's ``DatabaseManager``.
 
     ``DatabaseManager(db_path="kissbot.db", key_file=".kissbot.key")`` opens (and
-    creates or migrates) the database, then loads the key, creating it with
-    mode 0600 only when the database holds no tokens yet. ``url`` selects
-    another database (``postgresql+psycopg://…``); ``key`` gives the Fernet key
-    directly instead of a key file. ``synchronous`` and ``busy_timeout_ms``
-    tune SQLite (see :func:`kissbot.engine.create_engine`).
+    creates or migrates) the database, then loads the key and checks it against
+    the fingerprints the store recorded, before any token is decrypted. ``url``
+    selects another database (``postgresql+psycopg://…``). ``synchronous``
+    and ``busy_timeout_ms`` tune SQLite (see :func:`kissbot.engine.create_engine`).
 
-    With ``create=False`` nothing is created or migrated: a missing database
-    (a SQLite file that does not exist, or a database without kissbot's
-    tables) raises :class:`~kissbot.errors.NoDatabase`, one at an older
-    migration raises :class:`~kissbot.errors.OutdatedSchema`, and a missing key
-    file is not made (a store without tokens then opens without a key:
-    reading or writing tokens raises :class:`~kissbot.errors.KeyFileError`).
+    Keys come from, first match wins: ``key`` (one Fernet key, a list newest
+    first, or a :class:`~kissbot.crypto.KeyRing`), the ``KISSBOT_KEY``
+    environment variable, then the key file: ``key_file``, else
+    ``KISSBOT_KEY_FILE``, else ``.kissbot.key``. A missing key file is
+    created (atomically, mode 0600) only while the database holds no tokens;
+    a key file follows rotations while the store is open
+    (see :mod:`kissbot.keys`).
+
+    With ``create=False`` nothing is created, migrated or recorded: a missing
+    database (a SQLite file that does not exist, or a database without
+    kissbot's tables) raises :class:`~kissbot.errors.NoDatabase`, one at an
+    older migration raises :class:`~kissbot.errors.OutdatedSchema`, and a
+    missing key file is not made (a store without tokens then opens without a
+    key: reading or writing tokens raises :class:`~kissbot.errors.KeyFileError`).
 
     A manager may be created before ``os.fork()`` and used in the children.
     """
@@ -64,17 +72,18 @@ class DatabaseManager:
     def __init__(
         self,
         db_path: str | os.PathLike[str] = DEFAULT_DB_PATH,
-        key_file: str | os.PathLike[str] = DEFAULT_KEY_FILE,
+        key_file: str | os.PathLike[str] | None = None,
         *,
         url: str | URL | None = None,
-        key: bytes | str | None = None,
+        key: KeyRing | bytes | str | list[bytes] | None = None,
         echo: bool = False,
         synchronous: str | None = None,
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
         create: bool = True,
     ) -> None:
         self.url = to_url(url if url is not None else db_path)
-        self.key_file = Path(key_file)
+        self.key_source = resolve_key_source(key, key_file)
+        self.key_file: Path | None = self.key_source.path
         path = sqlite_path(self.url)
         if not create and path is not None and not path.exists():
             raise NoDatabase(f"database {path} does not exist; create it with kissbot init-db")
@@ -83,7 +92,7 @@ class DatabaseManager:
         )
         try:
             ensure_schema(self.engine, create=create)
-            cipher = TokenCipher(key) if key is not None else self._load_key(create)
+            cipher = load_cipher(self.engine, self.key_source, self.url.database or "the store", create=create)
             if cipher is not None:
                 attach_cipher(self.engine, cipher)
         except BaseException:
@@ -93,18 +102,6 @@ class DatabaseManager:
 
     def __repr__(self) -> str:
         return f"<DatabaseManager {self.url.render_as_string(hide_password=True)}>"
-
-    def _load_key(self, create: bool) -> TokenCipher | None:
-        if self.key_file.exists() or self.key_file.is_symlink():
-            return TokenCipher(read_key_file(self.key_file))
-        with self.engine.connect() as conn:
-            holders = TokenRepository(conn).count_users_with_tokens()
-        if holders:
-            raise KeyFileError(
-                f"key file {self.key_file} not found but {self.url.database} holds tokens for {holders} users; "
-                "restore the key from your backup"
-            )
-        return TokenCipher(create_key_file(self.key_file)) if create else None
 
     # --- transactions --------------------------------------------------------------------------
 

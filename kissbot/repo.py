@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any, Union
 
 from sqlalchemy import bindparam, delete, false, func, insert, select, update
-from sqlalchemy.engine import Connection, Result
+from sqlalchemy.engine import Connection, Dialect, Result
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -28,7 +28,7 @@ from kissbot.errors import (
     UserNotFound,
 )
 from kissbot.models import audit_log, config, instances, oauth_tokens, users
-from kissbot.types import utcnow
+from kissbot.types import cipher_of, utcnow
 
 Executor = Union[Session, Connection]
 """What a repository runs its statements on."""
@@ -184,6 +184,7 @@ _STORED_VALUES = {
     "needs_reauth": False,
     "status": "valid",
     "refresh_failures": 0,
+    "key_version": bindparam("p_key_version"),
     "updated_at": bindparam("p_now"),
 }
 _UPDATE_TOKENS = (
@@ -200,6 +201,7 @@ _INSERT_TOKENS = insert(oauth_tokens).values(
     created_at=bindparam("p_now"),
 )
 _VERSION = select(oauth_tokens.c.version).where(_ROW)
+_KEY_VERSION = select(oauth_tokens.c.key_version).where(_ROW)
 _TOKENS_DUE = (
     select(
         oauth_tokens.c.user_id,
@@ -306,6 +308,10 @@ def _decode_scopes(raw: str | None) -> list[str]:
     return [str(s) for s in value] if isinstance(value, list) else [str(value)]
 
 
+def _dialect(db: Executor) -> Dialect:
+    return db.get_bind().dialect if isinstance(db, Session) else db.dialect
+
+
 def _check_type(token_type: str) -> str:
     if token_type not in TOKEN_TYPES:
         raise KissbotError(f"token_type must be one of {', '.join(TOKEN_TYPES)}, not {token_type!r}")
@@ -358,6 +364,9 @@ class TokenRepository:
             "p_expires_at": now + timedelta(seconds=expires_in),
             "p_now": now,
             "p_version": expected_version,
+            # Read before the values are encrypted: a key file reloaded in between
+            # can only make the row's key newer than its label, which rotation fixes.
+            "p_key_version": cipher_of(_dialect(self.db)).current_version,
         }
         update_stmt = _UPDATE_TOKENS if expected_version is None else _UPDATE_TOKENS_IF_VERSION
         created = self.db.execute(update_stmt, params).rowcount == 0
@@ -398,13 +407,19 @@ class TokenRepository:
     def get_tokens(self, user_id: int, *, token_type: str = "bot") -> dict[str, Any] | None:
         """The decrypted tokens of ``user_id``, or None if it has none.
 
-        Raises :class:`DecryptionError` naming the user if they do not decrypt.
+        Raises :class:`DecryptionError` naming the user and the row's key
+        version if they do not decrypt.
         """
+        params = {"p_user_id": user_id, "p_type": token_type}
         try:
-            tokens = _first_dict(self.db.execute(_TOKENS_BY_USER, {"p_user_id": user_id, "p_type": token_type}))
+            tokens = _first_dict(self.db.execute(_TOKENS_BY_USER, params))
         except DecryptionError as exc:
+            key_version = self.db.execute(_KEY_VERSION, params).scalar()
             raise DecryptionError(
-                f"Failed to decrypt tokens for user {user_id}: wrong key or corrupted data", user_id=user_id
+                f"Failed to decrypt tokens for user {user_id} (key version {key_version}): "
+                "wrong key or corrupted data",
+                user_id=user_id,
+                key_version=key_version,
             ) from exc
         if tokens is None:
             return None

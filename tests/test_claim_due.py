@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kissbot.crypto import read_key_file
+from kissbot.crypto import read_key_ring
 from kissbot.repo import TokenRepository
 from _workers import claim_until_empty, run_in_processes
 
@@ -67,7 +67,7 @@ def test_eight_processes_never_claim_the_same_row(mgr, key_file):
     for uid in ids[::4]:
         mgr.store_tokens(uid, "bc-a", "bc-r", 90, token_type="broadcaster")
     url = mgr.url.render_as_string(hide_password=False)
-    reports = run_in_processes(claim_until_empty, url, read_key_file(key_file))
+    reports = run_in_processes(claim_until_empty, url, read_key_ring(key_file))
     assert [errors for _, errors, _ in reports] == [[]] * 8
     claimed = [row for _, _, rows in reports for row in rows]
     assert len(claimed) == len(set(claimed)) == 50

@@ -13,7 +13,7 @@ from sqlalchemy.engine import make_url
 from kissbot import DatabaseManager
 from kissbot.cli import cli
 from kissbot.copy import COPY_ORDER, copy_store
-from kissbot.crypto import TokenCipher, read_key_file
+from kissbot.crypto import TokenCipher, read_key_ring
 from kissbot.engine import create_engine
 from kissbot.errors import TargetNotEmpty
 from kissbot.migrations import downgrade
@@ -127,7 +127,7 @@ def test_copy_in_small_batches_copies_every_row(sqlite_url, postgresql_url, key_
     with DatabaseManager(url=sqlite_url, key_file=key_file) as mgr:
         for n in range(25):
             mgr.log_event("bulk", details={"n": n})
-    report = copy_store(sqlite_url, postgresql_url, TokenCipher(read_key_file(key_file)), batch_size=2)
+    report = copy_store(sqlite_url, postgresql_url, TokenCipher(read_key_ring(key_file)), batch_size=2)
     assert report.counts["audit_log"] == 15 + 25
     assert snapshot(postgresql_url, key_file, ids) == snapshot(sqlite_url, key_file, ids)
 
@@ -161,7 +161,7 @@ def test_custom_config_counts_as_not_empty(sqlite_url, postgresql_url, key_file)
     with DatabaseManager(url=postgresql_url, key_file=key_file) as mgr:
         mgr.set_config("mine", 1)
     with pytest.raises(TargetNotEmpty, match=r"is not empty \(config: 1\)"):
-        copy_store(sqlite_url, postgresql_url, TokenCipher(read_key_file(key_file)))
+        copy_store(sqlite_url, postgresql_url, TokenCipher(read_key_ring(key_file)))
 
 
 def test_a_failure_mid_copy_leaves_the_target_empty(sqlite_url, postgresql_url, key_file):

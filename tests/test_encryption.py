@@ -95,20 +95,39 @@ def test_legacy_base64_wrapped_token_reads_back(store_url, key_file):
         assert mgr.get_tokens(uid)["access_token"] == ACCESS
 
 
-def test_wrong_key_fails_closed_with_the_spec_message(store_url, key_file, tmp_path):
+def test_wrong_key_is_refused_at_open_naming_the_file(store_url, key_file, tmp_path):
     with DatabaseManager(url=store_url, key_file=key_file) as mgr:
         uid = mgr.create_user("1", "serda_bot")
         mgr.store_tokens(uid, ACCESS, REFRESH, 3600)
     other_key = tmp_path / "other.key"
     other_key.write_bytes(Fernet.generate_key())
     other_key.chmod(0o600)
-    with DatabaseManager(url=store_url, key_file=other_key) as mgr:
+    with pytest.raises(KeyFileError) as caught:
+        DatabaseManager(url=store_url, key_file=other_key)
+    message = str(caught.value)
+    db = make_url(store_url).database
+    assert message.startswith(f"key file {other_key} does not match {db}: key version 1 has fingerprint ")
+    assert "\n" not in message and other_key.read_text() not in message
+
+
+def test_undecryptable_row_fails_closed_naming_user_and_key_version(store_url, key_file):
+    with DatabaseManager(url=store_url, key_file=key_file) as mgr:
+        uid = mgr.create_user("1", "serda_bot")
+        other = mgr.create_user("2", "other_bot")
+        mgr.store_tokens(uid, ACCESS, REFRESH, 3600)
+        mgr.store_tokens(other, "other-access", "other-refresh", 3600)
+    stranger = Fernet(Fernet.generate_key()).encrypt(b"x").decode()
+    _raw(store_url, "UPDATE oauth_tokens SET access_token_encrypted = :s WHERE user_id = :u", {"s": stranger, "u": uid})
+    with DatabaseManager(url=store_url, key_file=key_file) as mgr:
         with pytest.raises(DecryptionError) as caught:
             mgr.get_tokens(uid)
-        assert str(caught.value) == f"Failed to decrypt tokens for user {uid}: wrong key or corrupted data"
-        assert caught.value.user_id == uid
+        assert str(caught.value) == (
+            f"Failed to decrypt tokens for user {uid} (key version 1): wrong key or corrupted data"
+        )
+        assert (caught.value.user_id, caught.value.key_version) == (uid, 1)
         assert "gAAAA" not in str(caught.value)
-        assert mgr.get_user_by_login("serda_bot")["id"] == uid, "the rest of the store keeps working"
+        assert mgr.get_tokens(other)["access_token"] == "other-access", "other users keep working"
+        assert mgr.get_user_by_login("serda_bot")["id"] == uid
 
 
 def test_corrupted_ciphertext_fails_closed(store_url, key_file):
@@ -117,7 +136,7 @@ def test_corrupted_ciphertext_fails_closed(store_url, key_file):
         mgr.store_tokens(uid, ACCESS, REFRESH, 3600)
     _raw(store_url, "UPDATE oauth_tokens SET refresh_token_encrypted = 'gAAAAAnot-a-token'")
     with DatabaseManager(url=store_url, key_file=key_file) as mgr:
-        with pytest.raises(DecryptionError, match=f"user {uid}: wrong key"):
+        with pytest.raises(DecryptionError, match=f"user {uid} .key version 1.: wrong key"):
             mgr.get_tokens(uid)
 
 
@@ -151,6 +170,7 @@ def test_missing_key_with_tokens_refuses_and_creates_nothing(store_url, key_file
 
 def test_garbage_key_file_is_refused(store_url, key_file):
     key_file.write_text("not a key\n")
+    key_file.chmod(0o600)
     with pytest.raises(KeyFileError, match="does not hold a valid Fernet key"):
         DatabaseManager(url=store_url, key_file=key_file)
 

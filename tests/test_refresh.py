@@ -24,7 +24,7 @@ from click.testing import CliRunner
 
 from kissbot import DatabaseManager
 from kissbot.cli import cli
-from kissbot.crypto import TokenCipher, read_key_file
+from kissbot.crypto import TokenCipher, read_key_ring
 from kissbot.engine import create_engine
 from kissbot.errors import ClientCredentialsRejected, MissingClientCredentials, UserNotFound
 from kissbot.refresh import Outcome, TokenRefresher
@@ -422,7 +422,7 @@ def test_a_database_error_ends_only_the_current_pass(sqlite_url, key_file, twitc
     with DatabaseManager(url=sqlite_url, key_file=key_file) as mgr:
         bot = mgr.create_user("1", "serda_bot", is_bot=True)
         mgr.store_tokens(bot, "a", "r", 30)
-    engine = create_engine(sqlite_url, cipher=TokenCipher(read_key_file(key_file)), busy_timeout_ms=50)
+    engine = create_engine(sqlite_url, cipher=TokenCipher(read_key_ring(key_file)), busy_timeout_ms=50)
     db = sqlite_url.removeprefix("sqlite:///")
     locker = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
     locker.execute("BEGIN EXCLUSIVE")

@@ -88,5 +88,5 @@ def test_decryption_error_names_the_user_in_a_session(kissbot_engine, kissbot_se
     TokenRepository(kissbot_session).store_tokens(uid, "a", "r", 60)
     kissbot_session.flush()
     attach_cipher(kissbot_engine, TokenCipher(generate_key()))
-    with pytest.raises(DecryptionError, match=f"Failed to decrypt tokens for user {uid}: wrong key or corrupted data"):
+    with pytest.raises(DecryptionError, match=f"Failed to decrypt tokens for user {uid} \\(key version 1\\): wrong key or corrupted data"):
         TokenRepository(kissbot_session).get_tokens(uid)

@@ -34,9 +34,9 @@ def copy_command(source: str, target: str, key_file: Path) -> None:
         kissbot copy --from sqlite:///kissbot.db --to postgresql+psycopg://kissbot@db/kissbot
     """
     from kissbot.copy import copy_store
-    from kissbot.crypto import TokenCipher, read_key_file
+    from kissbot.crypto import TokenCipher, read_key_ring
 
-    report = copy_store(source, target, TokenCipher(read_key_file(key_file)))
+    report = copy_store(source, target, TokenCipher(read_key_ring(key_file)))
     click.echo(f"Copied {report.source} → {report.target}")
     for table, count in report.counts.items():
         click.echo(f"  {table}: {count}")

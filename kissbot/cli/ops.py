@@ -57,7 +57,7 @@ def backup(store: StoreTarget, dest: Path | None, with_key: bool) -> None:
         kissbot backup --db kissbot.db /mnt/backups/
     """
     from kissbot.backup import backup_key, backup_sqlite, default_backup_path
-    from kissbot.crypto import read_key_file
+    from kissbot.crypto import read_key_ring
 
     db = _sqlite_file(store, "backup", "pg_dump, e.g. `pg_dump -Fc -f kissbot.dump DBNAME`")
     if dest is None:
@@ -65,7 +65,7 @@ def backup(store: StoreTarget, dest: Path | None, with_key: bool) -> None:
     elif dest.is_dir():
         dest = dest / default_backup_path(db).name
     if with_key:
-        read_key_file(store.key_file)  # a missing key fails before anything is written
+        read_key_ring(store.key_file)  # a missing key fails before anything is written
     backup_sqlite(db, dest)
     click.echo(f"Backed up {db} to {dest} (integrity_check: ok)")
     if with_key:
@@ -94,10 +94,10 @@ def restore(store: StoreTarget, backup_file: Path) -> None:
         kissbot restore --db kissbot.db kissbot.db.backup_20251105_004608
     """
     from kissbot.backup import restore_sqlite
-    from kissbot.crypto import TokenCipher, read_key_file
+    from kissbot.crypto import TokenCipher, read_key_ring
 
     db = _sqlite_file(store, "restore", "pg_restore")
-    cipher = TokenCipher(read_key_file(store.key_file))
+    cipher = TokenCipher(read_key_ring(store.key_file))
     report = restore_sqlite(backup_file, db, cipher)
     if report.previous_backup is not None:
         click.echo(f"Backed up the current database to {report.previous_backup}")

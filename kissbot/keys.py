@@ -1,0 +1,587 @@
+"""A store's keys: where they come from, their fingerprints, rotation, retirement and reset.
+
+Key sources, first match wins: a ``key=`` given in code, the ``KISSBOT_KEY``
+environment variable (a Fernet key, or several comma-separated, newest first,
+optionally written ``v<N>:<key>``), then the key file (``--key-file`` /
+``key_file=``, else ``KISSBOT_KEY_FILE``, else ``.kissbot.key``).
+
+The store records a fingerprint of each key version in its ``config`` table
+(``key_fingerprint_v<N>``; see :func:`kissbot.crypto.fingerprint`, never the
+key), so a wrong key, or a key file missing a version that rows still use, is
+refused at open, naming the key's source, before any token is decrypted.
+
+Rotation adds a version to the key file (written atomically before anything
+is re-encrypted), re-encrypts token rows in short batches, recording each
+row's ``key_version``, then sets ``encryption_key_version``. Killed at any
+point it can be run again: it resumes, and every row stays readable with the
+key file throughout.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import Integer, Text, column, delete, func, insert, select, table, update
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
+
+from kissbot.crypto import (
+    DEFAULT_KEY_FILE,
+    KeyFileCipher,
+    KeyRing,
+    TokenCipher,
+    create_key_file,
+    decrypts_with,
+    fingerprint,
+    generate_key,
+    key_file_lock,
+    read_key_ring,
+    write_key_file,
+)
+from kissbot.engine import writer
+from kissbot.errors import DecryptionError, KeyFileError
+from kissbot.models import config, oauth_tokens
+from kissbot.repo import AuditRepository, ConfigRepository, TokenRepository
+from kissbot.types import utcnow
+
+ENV_KEY = "KISSBOT_KEY"
+ENV_KEY_FILE = "KISSBOT_KEY_FILE"
+FINGERPRINT_KEY = "key_fingerprint_v{}"
+KEY_VERSION_KEY = "encryption_key_version"
+ROTATE_BATCH_SIZE = 500
+_PROBE_ROWS = 5
+
+# The token table without EncryptedString: ciphertext in, ciphertext out.
+_raw_tokens = table(
+    "oauth_tokens",
+    column("id", Integer),
+    column("user_id", Integer),
+    column("token_type", Text),
+    column("version", Integer),
+    column("key_version", Integer),
+    column("access_token_encrypted", Text),
+    column("refresh_token_encrypted", Text),
+)
+
+
+@dataclass(frozen=True)
+class KeySource:
+    """Where a store's keys come from: ``kind`` is ``"file"``, ``"env"`` or ``"argument"``.
+
+    ``ring`` holds the keys of the env and argument sources (its repr shows
+    fingerprints only); a file source is read when the store opens.
+    """
+
+    kind: str
+    path: Path | None = None
+    ring: KeyRing | None = None
+
+    @property
+    def label(self) -> str:
+        """How errors name this source."""
+        if self.kind == "file":
+            return f"key file {self.path}"
+        return ENV_KEY if self.kind == "env" else "the given key"
+
+
+def resolve_key_source(
+    key: KeyRing | bytes | str | list[bytes] | None = None,
+    key_file: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> KeySource:
+    """Pick the key source: ``key``, else ``KISSBOT_KEY``, else ``key_file`` / ``KISSBOT_KEY_FILE`` / ``.kissbot.key``.
+
+    A key given in code wins over the environment (a test's key is never
+    replaced by the operator's); ``KISSBOT_KEY`` wins over every key file.
+    """
+    environ = os.environ if environ is None else environ
+    if key is not None:
+        return KeySource("argument", ring=KeyRing.of(key))
+    value = environ.get(ENV_KEY, "").strip()
+    if value:
+        fix = "set it to a Fernet key, or several comma-separated, newest first"
+        return KeySource("env", ring=KeyRing.parse(value.split(","), ENV_KEY, fix))
+    if key_file is None:
+        key_file = environ.get(ENV_KEY_FILE) or DEFAULT_KEY_FILE
+    return KeySource("file", path=Path(key_file))
+
+
+# --- what the store knows --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _StoreKeys:
+    recorded: dict[int, str]
+    rows: dict[int, int]
+    current: int
+
+    @property
+    def highest(self) -> int:
+        return max([self.current, *self.recorded, *self.rows])
+
+
+def _store_keys(conn: Connection) -> _StoreKeys:
+    prefix = FINGERPRINT_KEY.format("")
+    recorded = {}
+    for key, value in conn.execute(select(config.c.key, config.c.value).where(config.c.key.startswith(prefix))):
+        suffix = key[len(prefix):]
+        if suffix.isdigit():
+            recorded[int(suffix)] = value
+    by_version = select(_raw_tokens.c.key_version, func.count()).group_by(_raw_tokens.c.key_version)
+    rows = {version: count for version, count in conn.execute(by_version)}
+    current = int(ConfigRepository(conn).get_config(KEY_VERSION_KEY, default=1))
+    return _StoreKeys(recorded, rows, current)
+
+
+def _problems(conn: Connection, ring: KeyRing, label: str, db: str, known: _StoreKeys) -> list[str]:
+    problems = []
+    for version, fp in ring.fingerprints().items():
+        stored = known.recorded.get(version)
+        if stored is not None and stored != fp:
+            problems.append(
+                f"{label} does not match {db}: key version {version} has fingerprint {fp} but the store "
+                f"recorded {stored}; use the key this store was written with (restore it from your backup)"
+            )
+        elif stored is None and known.rows.get(version) and not _probe(conn, ring.key(version), version):
+            problems.append(
+                f"{label} does not decrypt the tokens in {db} (key version {version}); "
+                "use the key they were written with (restore it from your backup)"
+            )
+    for version, count in sorted(known.rows.items()):
+        if version not in ring.versions:
+            problems.append(
+                f"{label} lacks key version {version}, which encrypts {count} token rows in {db}; "
+                "restore the key file from your backup"
+            )
+    return problems
+
+
+def _probe(conn: Connection, key: bytes, version: int) -> bool:
+    # A version the store never fingerprinted (a store from before fingerprints):
+    # trust it only if it decrypts some of the rows labelled with it.
+    stmt = (
+        select(_raw_tokens.c.access_token_encrypted)
+        .where(_raw_tokens.c.key_version == version)
+        .order_by(_raw_tokens.c.id)
+        .limit(_PROBE_ROWS)
+    )
+    return any(decrypts_with(key, value) for value in conn.execute(stmt).scalars())
+
+
+def check_key(engine: Engine, ring: KeyRing, label: str = "key", db: str = "the store") -> list[str]:
+    """Why ``ring`` cannot open the store at ``engine``, as one-line messages (empty: it can).
+
+    Read-only: compares each version's fingerprint with the one the store
+    recorded, checks that every version used by a token row is present, and
+    test-decrypts a few rows of any version the store has not fingerprinted.
+    ``label`` and ``db`` name the key's source and the store in the messages.
+    """
+    with engine.connect() as conn:
+        return _problems(conn, ring, label, db, _store_keys(conn))
+
+
+def verify_key(engine: Engine, ring: KeyRing, label: str = "key", db: str = "the store") -> None:
+    """Refuse ``ring`` with :class:`KeyFileError` if :func:`check_key` finds a problem; else record it.
+
+    Records the fingerprint of every version the store has not seen yet (the
+    first open of a store records its key), and on a store without tokens
+    makes the ring's primary the ``encryption_key_version``. Writes only when
+    there is something to record.
+    """
+    with engine.connect() as conn:
+        known = _store_keys(conn)
+        problems = _problems(conn, ring, label, db, known)
+    if problems:
+        raise KeyFileError(problems[0])
+    missing = [v for v in ring.versions if v not in known.recorded]
+    adopt = not known.rows and known.current < ring.primary
+    if not missing and not adopt:
+        return
+    with writer(engine).begin() as conn:
+        for version in missing:
+            if not _record_fingerprint(conn, version, ring.key(version)):
+                stored = ConfigRepository(conn).get_config(FINGERPRINT_KEY.format(version))
+                if stored != fingerprint(ring.key(version)):
+                    raise KeyFileError(
+                        f"{label} does not match {db}: another process recorded a different key version {version}"
+                    )
+        if adopt and not TokenRepository(conn).count():
+            ConfigRepository(conn).set_config(KEY_VERSION_KEY, ring.primary)
+
+
+def _record_fingerprint(conn: Connection, version: int, key: bytes) -> bool:
+    """Insert the fingerprint of ``version`` unless one is recorded; True if inserted."""
+    name = FINGERPRINT_KEY.format(version)
+    if conn.execute(select(config.c.key).where(config.c.key == name)).first() is not None:
+        return False
+    try:
+        with conn.begin_nested():
+            conn.execute(
+                insert(config).values(
+                    key=name,
+                    value=fingerprint(key),
+                    description=f"Fingerprint of encryption key version {version} (not the key)",
+                    updated_at=utcnow(),
+                )
+            )
+    except IntegrityError:
+        return False
+    return True
+
+
+def load_cipher(engine: Engine, source: KeySource, db: str, *, create: bool = True) -> TokenCipher | None:
+    """The cipher of the store at ``engine``, from ``source``, verified against the store.
+
+    A missing key file is created (atomically, mode 0600) only when the
+    store holds no tokens; otherwise it is an error naming the file and the
+    number of users whose tokens it would orphan. With ``create=False``
+    nothing is written: a missing key file gives None (on a store without
+    tokens) and fingerprints are checked but not recorded. A file source
+    gives a :class:`~kissbot.crypto.KeyFileCipher`, which follows rotations.
+    """
+    if source.kind != "file":
+        assert source.ring is not None
+        cipher: TokenCipher = TokenCipher(source.ring)
+    else:
+        path = source.path
+        assert path is not None
+        if not (path.exists() or path.is_symlink()):
+            with engine.connect() as conn:
+                holders = TokenRepository(conn).count_users_with_tokens()
+                known = _store_keys(conn)
+            if holders:
+                raise KeyFileError(
+                    f"key file {path} not found but {db} holds tokens for {holders} users; "
+                    "restore the key from your backup"
+                )
+            if not create:
+                return None
+            create_key_file(path, version=known.highest + 1 if known.recorded else 1)
+        cipher = KeyFileCipher(path)
+    if create:
+        verify_key(engine, cipher.ring, source.label, db)
+    else:
+        problems = check_key(engine, cipher.ring, source.label, db)
+        if problems:
+            raise KeyFileError(problems[0])
+    return cipher
+
+
+# --- status -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyVersionStatus:
+    """One key version as the key source and the store see it."""
+
+    version: int
+    fingerprint: str | None
+    recorded_fingerprint: str | None
+    rows: int
+    primary: bool
+
+    def as_dict(self) -> dict[str, object]:
+        """A JSON-ready dict."""
+        return {
+            "version": self.version,
+            "fingerprint": self.fingerprint,
+            "recorded_fingerprint": self.recorded_fingerprint,
+            "rows": self.rows,
+            "primary": self.primary,
+        }
+
+
+@dataclass(frozen=True)
+class KeyStatus:
+    """Key versions of a store, newest first, and what is wrong (``problems``)."""
+
+    source: str
+    encryption_key_version: int
+    versions: list[KeyVersionStatus]
+    problems: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        """A JSON-ready dict."""
+        return {
+            "source": self.source,
+            "encryption_key_version": self.encryption_key_version,
+            "versions": [v.as_dict() for v in self.versions],
+            "problems": list(self.problems),
+        }
+
+
+def _source_ring(source: KeySource) -> KeyRing:
+    if source.kind == "file":
+        assert source.path is not None
+        return read_key_ring(source.path)
+    assert source.ring is not None
+    return source.ring
+
+
+def key_status(engine: Engine, source: KeySource, db: str = "the store") -> KeyStatus:
+    """Versions, fingerprints and token rows per version; works even when the key is wrong or missing."""
+    problems: list[str] = []
+    ring: KeyRing | None
+    try:
+        ring = _source_ring(source)
+    except KeyFileError as exc:
+        ring, problems = None, [str(exc)]
+    with engine.connect() as conn:
+        known = _store_keys(conn)
+        if ring is not None:
+            problems = _problems(conn, ring, source.label, db, known)
+    ours = ring.fingerprints() if ring is not None else {}
+    versions = sorted(set(ours) | set(known.recorded) | set(known.rows), reverse=True)
+    return KeyStatus(
+        source=source.label,
+        encryption_key_version=known.current,
+        versions=[
+            KeyVersionStatus(
+                version=v,
+                fingerprint=ours.get(v),
+                recorded_fingerprint=known.recorded.get(v),
+                rows=known.rows.get(v, 0),
+                primary=ring is not None and v == ring.primary,
+            )
+            for v in versions
+        ],
+        problems=problems,
+    )
+
+
+# --- rotation, retirement, reset --------------------------------------------------------------
+
+
+def _writable_file(source: KeySource, action: str) -> Path:
+    if source.kind != "file":
+        raise KeyFileError(
+            f"keys come from {source.label}, which kissbot cannot rewrite: to {action}, unset {ENV_KEY} and use "
+            f"a key file holding the same keys (--key-file), then give {ENV_KEY} the file's new keys"
+        )
+    assert source.path is not None
+    return source.path
+
+
+@dataclass(frozen=True)
+class RotationResult:
+    """What :func:`rotate_keys` did: re-encrypted ``rows`` from older versions to ``to_version``."""
+
+    to_version: int
+    fingerprint: str
+    rows: int
+    resumed: bool
+
+
+def pending_rotation(engine: Engine, source: KeySource) -> tuple[int, int]:
+    """``(target version, token rows not yet at it)`` that :func:`rotate_keys` would re-encrypt now.
+
+    The target is the key file's primary version if a rotation to it is
+    unfinished, else the version a new rotation would add.
+    """
+    ring = _source_ring(source)
+    with engine.connect() as conn:
+        known = _store_keys(conn)
+    if ring.primary > known.current or any(v != ring.primary for v in known.rows):
+        return ring.primary, sum(n for v, n in known.rows.items() if v != ring.primary)
+    return max(known.highest, *ring.versions) + 1, sum(known.rows.values())
+
+
+def rotate_keys(
+    engine: Engine,
+    source: KeySource,
+    *,
+    db: str = "the store",
+    batch_size: int = ROTATE_BATCH_SIZE,
+    progress: Callable[[int], None] | None = None,
+) -> RotationResult:
+    """Rotate the store's key: add a new key version, re-encrypt every token row with it.
+
+    If an earlier rotation did not finish (the key file's newest version is
+    newer than ``encryption_key_version``, or rows still use older versions),
+    this finishes it instead of adding another version. The new key's
+    fingerprint is claimed in the store, then the key file is rewritten
+    atomically with the new key first and the old ones kept, before any row
+    is touched. Rows are then re-encrypted ``batch_size`` at a time, each
+    batch its own short write transaction, skipping rows a bot rewrote
+    meanwhile (bots pick up the new key from the file and write with it).
+    ``progress`` is called with the number of rows of each batch. Finally
+    ``encryption_key_version`` is set and the rotation audited.
+
+    Raises :class:`DecryptionError` (naming the first user) if rows cannot be
+    decrypted with any key: they keep their old version, the rotation stays
+    unfinished and the old key must be kept.
+    """
+    if batch_size < 1:
+        raise KeyFileError(f"batch size must be 1 or more, not {batch_size}")
+    path = _writable_file(source, "rotate keys")
+    with key_file_lock(path):
+        ring = read_key_ring(path)
+        verify_key(engine, ring, source.label, db)
+        with engine.connect() as conn:
+            known = _store_keys(conn)
+        resumed = ring.primary > known.current or any(v != ring.primary for v in known.rows)
+        if not resumed:
+            ring = _add_version(engine, path, ring, max(known.highest, *ring.versions) + 1, source.label)
+    target = ring.primary
+    cipher = TokenCipher(ring)
+    done, failed = _reencrypt(engine, cipher, batch_size, progress)
+    if failed:
+        first = failed[0]
+        raise DecryptionError(
+            f"rotation to key version {target} is unfinished: {len(failed)} token rows cannot be decrypted "
+            f"(first: user {first[0]}, {first[1]}, key version {first[2]}); store new tokens for them "
+            "(re-authorise) and run kissbot key rotate again",
+            user_id=first[0],
+            key_version=first[2],
+        )
+    with writer(engine).begin() as conn:
+        ConfigRepository(conn).set_config(KEY_VERSION_KEY, target)
+        AuditRepository(conn).log_event(
+            "key_rotated",
+            details={"to_version": target, "fingerprint": fingerprint(ring.key(target)), "rows": done, "resumed": resumed},
+            severity="warning",
+        )
+    return RotationResult(target, fingerprint(ring.key(target)), done, resumed)
+
+
+def _add_version(engine: Engine, path: Path, ring: KeyRing, version: int, label: str) -> KeyRing:
+    key = generate_key()
+    with writer(engine).begin() as conn:
+        if not _record_fingerprint(conn, version, key):
+            raise KeyFileError(f"key version {version} is already recorded by another rotation; run kissbot key status")
+        AuditRepository(conn).log_event(
+            "key_rotation_started",
+            details={"from_version": ring.primary, "to_version": version, "fingerprint": fingerprint(key)},
+            severity="warning",
+        )
+    new_ring = ring.adding(version, key)
+    write_key_file(path, new_ring)
+    return new_ring
+
+
+def _reencrypt(
+    engine: Engine, cipher: TokenCipher, batch_size: int, progress: Callable[[int], None] | None
+) -> tuple[int, list[tuple[int, str, int]]]:
+    target = cipher.current_version
+    t = _raw_tokens.c
+    done = 0
+    while True:
+        moved, after, failed = 0, 0, []
+        while True:
+            with writer(engine).begin() as conn:
+                batch = conn.execute(
+                    select(t.id, t.user_id, t.token_type, t.version, t.key_version,
+                           t.access_token_encrypted, t.refresh_token_encrypted)
+                    .where(t.key_version != target, t.id > after)
+                    .order_by(t.id)
+                    .limit(batch_size)
+                ).all()
+                if not batch:
+                    break
+                count = 0
+                for row in batch:
+                    try:
+                        values = {
+                            "access_token_encrypted": cipher.encrypt(cipher.decrypt(row.access_token_encrypted)),
+                            "refresh_token_encrypted": cipher.encrypt(cipher.decrypt(row.refresh_token_encrypted)),
+                        }
+                    except DecryptionError:
+                        failed.append((row.user_id, row.token_type, row.key_version))
+                        continue
+                    count += conn.execute(
+                        update(_raw_tokens)
+                        .where(t.id == row.id, t.version == row.version, t.key_version == row.key_version)
+                        .values(**values, key_version=target)
+                    ).rowcount
+            after = batch[-1].id
+            moved += count
+            if progress is not None:
+                progress(count)
+        done += moved
+        if moved == 0:
+            return done, failed
+
+
+def retire_key(engine: Engine, source: KeySource, version: int, *, db: str = "the store") -> str:
+    """Remove key ``version`` from the key file; return its fingerprint.
+
+    Refuses while any token row still uses it, and refuses the primary
+    version. The file is rewritten atomically; the retirement is audited.
+    """
+    path = _writable_file(source, "retire a key")
+    with key_file_lock(path):
+        ring = read_key_ring(path)
+        verify_key(engine, ring, source.label, db)
+        if version not in ring.versions:
+            held = ", ".join(map(str, ring.versions))
+            raise KeyFileError(f"key file {path} has no key version {version} (it holds {held})")
+        if version == ring.primary:
+            raise KeyFileError(
+                f"key version {version} is the primary key of {path}: run kissbot key rotate, then retire it"
+            )
+        with engine.connect() as conn:
+            rows = _store_keys(conn).rows.get(version, 0)
+        if rows:
+            raise KeyFileError(
+                f"key version {version} still encrypts {rows} token rows: run kissbot key rotate first"
+            )
+        write_key_file(path, ring.without(version))
+    fp = fingerprint(ring.key(version))
+    with writer(engine).begin() as conn:
+        AuditRepository(conn).log_event(
+            "key_retired", details={"version": version, "fingerprint": fp}, severity="warning"
+        )
+    return fp
+
+
+@dataclass(frozen=True)
+class ResetResult:
+    """What :func:`reset_keys` did."""
+
+    tokens_deleted: int
+    users: int
+    version: int
+    fingerprint: str
+
+
+def token_holders(engine: Engine) -> tuple[int, int]:
+    """``(users, token rows)`` that :func:`reset_keys` would delete."""
+    with engine.connect() as conn:
+        repo = TokenRepository(conn)
+        return repo.count_users_with_tokens(), repo.count()
+
+
+def reset_keys(engine: Engine, source: KeySource) -> ResetResult:
+    """Delete every token and start over with a new key (for a lost or leaked key).
+
+    Needs no working key. In one transaction it deletes all token rows, forgets
+    the old fingerprints, records the new key's and audits the reset; then it
+    replaces the key file atomically. Version numbers keep growing, so a key
+    is never confused with an older one. Users must authorise again.
+    """
+    path = _writable_file(source, "reset the key")
+    with key_file_lock(path):
+        try:
+            old_versions: tuple[int, ...] = read_key_ring(path).versions
+        except KeyFileError:
+            old_versions = ()
+        key = generate_key()
+        with writer(engine).begin() as conn:
+            repo = TokenRepository(conn)
+            users, rows = repo.count_users_with_tokens(), repo.count()
+            known = _store_keys(conn)
+            version = max(known.highest, *old_versions, 0) + 1
+            conn.execute(delete(oauth_tokens))
+            conn.execute(delete(config).where(config.c.key.startswith(FINGERPRINT_KEY.format(""))))
+            _record_fingerprint(conn, version, key)
+            ConfigRepository(conn).set_config(KEY_VERSION_KEY, version)
+            AuditRepository(conn).log_event(
+                "key_reset",
+                details={"tokens_deleted": rows, "users": users, "version": version, "fingerprint": fingerprint(key)},
+                severity="warning",
+            )
+        write_key_file(path, KeyRing(((version, key),)))
+    return ResetResult(rows, users, version, fingerprint(key))
