@@ -109,7 +109,7 @@ class KeyRing:
 
     @classmethod
     def parse(cls, entries: Iterable[str], origin: str, fix: str) -> KeyRing:
-        """Parse key entries (``v<N>:<key>`` or one bare key, read as version 1).
+        """Parse key entries: all ``v<N>:<key>``, or all bare keys newest first (numbered down to 1).
 
         ``origin`` names where they come from in errors; ``fix`` says how to
         repair them. No error ever holds key material.
@@ -118,8 +118,8 @@ class KeyRing:
         items = [e for e in items if e and not e.startswith("#")]
         if not items:
             raise KeyFileError(f"{origin} holds no key: {fix}")
-        if len(items) == 1 and _VERSIONED.match(items[0]) is None:
-            versioned = [(1, items[0])]
+        if not any(_VERSIONED.match(item) for item in items):
+            versioned = [(len(items) - i, item) for i, item in enumerate(items)]
         else:
             versioned = []
             for number, item in enumerate(items, 1):

@@ -232,34 +232,50 @@ def _record_fingerprint(conn: Connection, version: int, key: bytes) -> bool:
     return True
 
 
-def load_cipher(engine: Engine, source: KeySource, db: str, *, create: bool = True) -> TokenCipher | None:
-    """The cipher of the store at ``engine``, from ``source``, verified against the store.
+def read_key_source(source: KeySource) -> TokenCipher | None:
+    """The cipher of ``source`` before any store is touched, or None if its key file does not exist yet.
 
-    A missing key file is created (atomically, mode 0600) only when the
-    store holds no tokens; otherwise it is an error naming the file and the
-    number of users whose tokens it would orphan. With ``create=False``
-    nothing is written: a missing key file gives None (on a store without
-    tokens) and fingerprints are checked but not recorded. A file source
-    gives a :class:`~kissbot.crypto.KeyFileCipher`, which follows rotations.
+    Reading (and refusing) the key first means a bad key file leaves the
+    database untouched. A file source gives a
+    :class:`~kissbot.crypto.KeyFileCipher`, which follows rotations.
     """
     if source.kind != "file":
         assert source.ring is not None
-        cipher: TokenCipher = TokenCipher(source.ring)
-    else:
+        return TokenCipher(source.ring)
+    assert source.path is not None
+    if not (source.path.exists() or source.path.is_symlink()):
+        return None
+    return KeyFileCipher(source.path)
+
+
+def load_cipher(
+    engine: Engine, source: KeySource, db: str, cipher: TokenCipher | None = None, *, create: bool = True
+) -> TokenCipher | None:
+    """The cipher of the store at ``engine``, from ``source``, verified against the store.
+
+    ``cipher`` is what :func:`read_key_source` returned, if the caller read it
+    first. A missing key file is created (atomically, mode 0600) only when
+    the store holds no tokens; otherwise it is an error naming the file and
+    the number of users whose tokens it would orphan. With ``create=False``
+    nothing is written: a missing key file gives None (on a store without
+    tokens) and fingerprints are checked but not recorded.
+    """
+    if cipher is None:
+        cipher = read_key_source(source)
+    if cipher is None:
         path = source.path
         assert path is not None
-        if not (path.exists() or path.is_symlink()):
-            with engine.connect() as conn:
-                holders = TokenRepository(conn).count_users_with_tokens()
-                known = _store_keys(conn)
-            if holders:
-                raise KeyFileError(
-                    f"key file {path} not found but {db} holds tokens for {holders} users; "
-                    "restore the key from your backup"
-                )
-            if not create:
-                return None
-            create_key_file(path, version=known.highest + 1 if known.recorded else 1)
+        with engine.connect() as conn:
+            holders = TokenRepository(conn).count_users_with_tokens()
+            known = _store_keys(conn)
+        if holders:
+            raise KeyFileError(
+                f"key file {path} not found but {db} holds tokens for {holders} users; "
+                "restore the key from your backup"
+            )
+        if not create:
+            return None
+        create_key_file(path, version=known.highest + 1 if known.recorded else 1)
         cipher = KeyFileCipher(path)
     if create:
         verify_key(engine, cipher.ring, source.label, db)
@@ -267,6 +283,9 @@ def load_cipher(engine: Engine, source: KeySource, db: str, *, create: bool = Tr
         problems = check_key(engine, cipher.ring, source.label, db)
         if problems:
             raise KeyFileError(problems[0])
+    return cipher
+
+
     return cipher
 
 
@@ -355,7 +374,8 @@ def key_status(engine: Engine, source: KeySource, db: str = "the store") -> KeyS
 # --- rotation, retirement, reset --------------------------------------------------------------
 
 
-def _writable_file(source: KeySource, action: str) -> Path:
+def writable_key_file(source: KeySource, action: str) -> Path:
+    """The key file of ``source``; raise :class:`KeyFileError` if keys come from elsewhere (``action`` says why)."""
     if source.kind != "file":
         raise KeyFileError(
             f"keys come from {source.label}, which kissbot cannot rewrite: to {action}, unset {ENV_KEY} and use "
@@ -416,7 +436,7 @@ def rotate_keys(
     """
     if batch_size < 1:
         raise KeyFileError(f"batch size must be 1 or more, not {batch_size}")
-    path = _writable_file(source, "rotate keys")
+    path = writable_key_file(source, "rotate keys")
     with key_file_lock(path):
         ring = read_key_ring(path)
         verify_key(engine, ring, source.label, db)
@@ -511,7 +531,7 @@ def retire_key(engine: Engine, source: KeySource, version: int, *, db: str = "th
     Refuses while any token row still uses it, and refuses the primary
     version. The file is rewritten atomically; the retirement is audited.
     """
-    path = _writable_file(source, "retire a key")
+    path = writable_key_file(source, "retire a key")
     with key_file_lock(path):
         ring = read_key_ring(path)
         verify_key(engine, ring, source.label, db)
@@ -562,7 +582,7 @@ def reset_keys(engine: Engine, source: KeySource) -> ResetResult:
     replaces the key file atomically. Version numbers keep growing, so a key
     is never confused with an older one. Users must authorise again.
     """
-    path = _writable_file(source, "reset the key")
+    path = writable_key_file(source, "reset the key")
     with key_file_lock(path):
         try:
             old_versions: tuple[int, ...] = read_key_ring(path).versions

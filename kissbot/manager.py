@@ -30,7 +30,7 @@ from kissbot.engine import (
     writer,
 )
 from kissbot.errors import NoDatabase
-from kissbot.keys import load_cipher, resolve_key_source
+from kissbot.keys import load_cipher, read_key_source, resolve_key_source
 from kissbot.migrations import ensure_schema
 from kissbot.repo import AuditRepository, ConfigRepository, InstanceRepository, TokenRepository, UserRepository
 from kissbot.types import attach_cipher
@@ -87,12 +87,14 @@ class DatabaseManager:
         path = sqlite_path(self.url)
         if not create and path is not None and not path.exists():
             raise NoDatabase(f"database {path} does not exist; create it with kissbot init-db")
+        cipher = read_key_source(self.key_source)
         self.engine: Engine = create_engine(
             self.url, echo=echo, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms
         )
         try:
             ensure_schema(self.engine, create=create)
-            cipher = load_cipher(self.engine, self.key_source, self.url.database or "the store", create=create)
+            db = self.url.database or "the store"
+            cipher = load_cipher(self.engine, self.key_source, db, cipher, create=create)
             if cipher is not None:
                 attach_cipher(self.engine, cipher)
         except BaseException:

@@ -90,6 +90,13 @@ def store_url(request: pytest.FixtureRequest) -> str:
     return request.getfixturevalue(f"{request.param}_url")
 
 
+@pytest.fixture(autouse=True)
+def _no_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator's KISSBOT_KEY / KISSBOT_KEY_FILE must not leak into tests."""
+    monkeypatch.delenv("KISSBOT_KEY", raising=False)
+    monkeypatch.delenv("KISSBOT_KEY_FILE", raising=False)
+
+
 @pytest.fixture
 def key_file(tmp_path: Path) -> Path:
     return tmp_path / ".kissbot.key"

@@ -8,5 +8,6 @@ from kissbot.cli import inspection  # noqa: F401  (registers users, tokens, inst
 from kissbot.cli import ops  # noqa: F401  (registers cleanup-logs, backup, restore, maintenance, doctor)
 from kissbot.cli import refresh  # noqa: F401  (registers refresh-worker)
 from kissbot.cli import copy  # noqa: F401  (registers copy)
+from kissbot.cli import key  # noqa: F401  (registers key status, rotate, retire, reset)
 
 __all__ = ["cli"]
