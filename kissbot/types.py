@@ -32,8 +32,22 @@ def cipher_of(dialect: Dialect) -> TokenCipher:
     return cipher
 
 
+class Secret(str):
+    """A decrypted token: an ordinary ``str`` whose ``repr`` shows only its first 4 characters.
+
+    SQLAlchemy's debug log, tracebacks and the repr of a tokens dict print
+    reprs, so a token read from the store never appears whole in them, while
+    ``==``, ``str()``, f-strings and JSON see the full value.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"'{self[:4]}…'"
+
+
 class EncryptedString(TypeDecorator[str]):
-    """A text column stored as a Fernet token and read back as plaintext.
+    """A text column stored as a Fernet token and read back as plaintext (a :class:`Secret`).
 
     Reading a value that does not decrypt raises
     :class:`~kissbot.errors.DecryptionError`; it never returns ciphertext.
@@ -50,7 +64,7 @@ class EncryptedString(TypeDecorator[str]):
     def process_result_value(self, value: str | None, dialect: Dialect) -> str | None:
         if value is None:
             return None
-        return cipher_of(dialect).decrypt(value)
+        return Secret(cipher_of(dialect).decrypt(value))
 
     def __repr__(self) -> str:
         return "EncryptedString()"
