@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
-import fcntl
 import hashlib
 import hmac
 import logging
@@ -430,6 +429,8 @@ def key_file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
 
     The lock is on the file's directory, so nothing is created beside the key.
     """
+    import fcntl  # POSIX only, like the 0600 key file itself
+
     directory = Path(path).parent
     try:
         fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))

@@ -85,11 +85,12 @@ def test_creation_refuses_to_follow_a_dangling_symlink(db_file, key_file, tmp_pa
 CHILD = """
 import sys, time
 from pathlib import Path
+from kissbot import DatabaseManager
+from kissbot.crypto import fingerprint
+Path(sys.argv[3] + sys.argv[4]).touch()
 go = Path(sys.argv[3])
 while not go.exists():
     time.sleep(0.001)
-from kissbot import DatabaseManager
-from kissbot.crypto import fingerprint
 with DatabaseManager(sys.argv[1], sys.argv[2]) as mgr:
     print(mgr.get_config("key_fingerprint_v1"), fingerprint(Path(sys.argv[2]).read_bytes().strip()))
 """
@@ -99,10 +100,14 @@ with DatabaseManager(sys.argv[1], sys.argv[2]) as mgr:
 def test_eight_simultaneous_first_starts_agree_on_one_key(tmp_path):
     db, key, go = tmp_path / "kissbot.db", tmp_path / ".kissbot.key", tmp_path / "go"
     procs = [
-        subprocess.Popen([sys.executable, "-c", CHILD, str(db), str(key), str(go)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(8)
+        subprocess.Popen([sys.executable, "-c", CHILD, str(db), str(key), str(go), f".ready{n}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for n in range(8)
     ]
-    time.sleep(0.5)  # let every child import and wait at the barrier
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("go.ready*"))) < 8:  # every child imported kissbot and waits at the barrier
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "children did not start"
+        time.sleep(0.01)
     go.touch()
     outputs = [p.communicate(timeout=60) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]

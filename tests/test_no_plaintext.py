@@ -12,7 +12,6 @@ import sqlite3
 import subprocess
 import sys
 import traceback
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
