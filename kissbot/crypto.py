@@ -117,7 +117,8 @@ class KeyRing:
         items = [e for e in items if e and not e.startswith("#")]
         if not items:
             raise KeyFileError(f"{origin} holds no key: {fix}")
-        if not any(_VERSIONED.match(item) for item in items):
+        bare = not any(_VERSIONED.match(item) for item in items)
+        if bare:
             versioned = [(len(items) - i, item) for i, item in enumerate(items)]
         else:
             versioned = []
@@ -127,10 +128,11 @@ class KeyRing:
                     raise KeyFileError(f"{origin}: entry {number} is not \"v<version>:<key>\": {fix}")
                 versioned.append((int(match.group(1)), match.group(2).strip()))
         keys = []
-        for version, text in versioned:
+        for number, (version, text) in enumerate(versioned, 1):
             key = text.encode("ascii", "replace")
             if not _valid(key):
-                raise KeyFileError(f"{origin} does not hold a valid Fernet key (key version {version}): {fix}")
+                where = f" (key version {version})" if not bare else f" (entry {number})" if len(items) > 1 else ""
+                raise KeyFileError(f"{origin} does not hold a valid Fernet key{where}: {fix}")
             keys.append((version, key))
         if len({v for v, _ in keys}) != len(keys):
             raise KeyFileError(f"{origin} holds a key version twice: {fix}")

@@ -13,7 +13,7 @@ from sqlalchemy import DateTime, Text
 from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.types import TypeDecorator
 
-from kissbot.crypto import TokenCipher
+from kissbot.crypto import TokenCipher, mask_secret
 from kissbot.errors import KeyFileError, NaiveDatetimeError
 
 _CIPHER_ATTR = "_kissbot_cipher"
@@ -43,7 +43,7 @@ class Secret(str):
     __slots__ = ()
 
     def __repr__(self) -> str:
-        return f"'{self[:4]}…'"
+        return repr(mask_secret(self))
 
 
 class EncryptedString(TypeDecorator[str]):

@@ -251,6 +251,7 @@ def test_adopt_converts_everything_and_keeps_every_row(runner, tmp_path, ddl):
     key = Fernet.generate_key()
     key_file = folder / ".kissbot.key"
     key_file.write_bytes(key)
+    key_file.chmod(0o600)
     db = folder / "kissbot.db"
     build_v4(db, key, ddl)
     with closing(sqlite3.connect(db)) as conn:
@@ -298,6 +299,7 @@ def test_adopt_report_of_the_spec_ddl_is_exact(runner, v4):
 def test_adopt_report_lists_the_deployment_variants(runner, tmp_path):
     key = Fernet.generate_key()
     (tmp_path / "k").write_bytes(key)
+    (tmp_path / "k").chmod(0o600)
     db = tmp_path / "kissbot.db"
     build_v4(db, key, VARIANT_DDL)
     result = run_adopt(runner, db, tmp_path / "k", "--dry-run")
@@ -362,6 +364,7 @@ def test_missing_key_file_with_tokens_is_refused(runner, v4):
 def test_logins_differing_only_by_case_are_listed_and_refused(runner, tmp_path, ddl):
     key = Fernet.generate_key()
     (tmp_path / "k").write_bytes(key)
+    (tmp_path / "k").chmod(0o600)
     db = tmp_path / "kissbot.db"
     build_v4(db, key, ddl)
     with closing(sqlite3.connect(db)) as conn, conn:
@@ -396,6 +399,7 @@ def test_adopt_refuses_what_it_does_not_recognise(runner, tmp_path):
 def test_unversioned_database_is_refused_by_every_entry_point(runner, tmp_path, ddl):
     db, key_file = tmp_path / "kissbot.db", tmp_path / ".kissbot.key"
     key_file.write_bytes(Fernet.generate_key())
+    key_file.chmod(0o600)
     build_v4(db, key_file.read_bytes(), ddl)
     before = snapshot(db.parent)
     message = f"database {db} has kissbot tables but no migration version: run `kissbot adopt` first"
@@ -438,6 +442,7 @@ def test_default_zone_is_the_machines(monkeypatch, tmp_path):
     monkeypatch.setenv("TZ", "America/New_York")
     key = Fernet.generate_key()
     (tmp_path / "k").write_bytes(key)
+    (tmp_path / "k").chmod(0o600)
     build_v4(tmp_path / "kissbot.db", key)
     report = adopt(tmp_path / "kissbot.db", key_file=tmp_path / "k")
     assert report.zone == "America/New_York"

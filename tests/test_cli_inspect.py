@@ -124,8 +124,18 @@ def test_tokens_reveal_prints_full_values_with_a_warning(runner, store):
 
 
 def test_tokens_that_do_not_decrypt_are_flagged_not_fatal(runner, store, store_url):
-    with DatabaseManager(url=store_url, key=generate_key()) as stranger:
-        stranger.store_tokens(stranger.get_user_by_login("el_serda")["id"], "strangeraccess", "strangerrefresh", 60)
+    from kissbot.crypto import TokenCipher
+    from kissbot.engine import create_engine, writer
+    from kissbot.repo import UserRepository
+
+    # A stranger's key would be refused at open (fingerprint), so write the row below the manager.
+    stranger = create_engine(store_url, cipher=TokenCipher(generate_key()))
+    try:
+        with writer(stranger).begin() as conn:
+            uid = UserRepository(conn).get_user_by_login("el_serda")["id"]
+            TokenRepository(conn).store_tokens(uid, "strangeraccess", "strangerrefresh", 60)
+    finally:
+        stranger.dispose()
     result = run(runner, "tokens", *store)
     chan, bot = result.stdout.splitlines()[1:]
     assert chan.split()[0] == "el_serda" and chan.endswith("(does not decrypt)  (does not decrypt)")
@@ -183,7 +193,9 @@ def test_config_get_set_list(runner, store):
     assert (rows["log_retention_days"]["value"], rows["log_retention_days"]["description"]) == (60, "Keep two months")
     text = run(runner, "config", "list", *store).stdout.splitlines()
     assert text[0].split() == ["key", "value", "description"]
-    assert "log_retention_days      60     Keep two months" in text
+    assert [line.split(None, 2) for line in text if line.startswith("log_retention_days")] == [
+        ["log_retention_days", "60", "Keep two months"]
+    ]
     missing = runner.invoke(cli, ["config", "get", "nope", *store])
     assert (missing.exit_code, missing.stderr) == (1, "Error: no config key 'nope'; see kissbot config list\n")
 

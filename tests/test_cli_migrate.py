@@ -508,11 +508,14 @@ def test_store_url_is_untouched_by_a_dry_run(runner, deploy, store_url):
 def test_a_bad_key_file_leaves_the_directory_byte_identical(runner, deploy, command):
     assert migrate(runner, deploy).exit_code == 0
     (deploy / "bad.key").write_text("not a fernet key\n")
+    (deploy / "bad.key").chmod(0o600)
     before = snapshot(deploy)
     args = [deploy / a if a.endswith(".yaml") else a for a in command]
     result = runner.invoke(cli, [*map(str, args), "--db", str(deploy / "kissbot.db"), "--key-file", str(deploy / "bad.key")])
     assert result.exit_code == 1
-    assert result.stderr == f"Error: key file {deploy}/bad.key does not hold a valid Fernet key\n"
+    assert result.stderr == (
+        f"Error: key file {deploy}/bad.key does not hold a valid Fernet key: restore {deploy}/bad.key from your backup\n"
+    )
     assert snapshot(deploy) == before
 
 

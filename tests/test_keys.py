@@ -139,7 +139,7 @@ def _refusals(tmp_path: Path, key_file: Path, case: str) -> str:
         )
     key_file.write_text("this is not a fernet key\n")
     key_file.chmod(0o600)
-    return f"key file {key_file} does not hold a valid Fernet key (key version 1): restore {key_file} from your backup"
+    return f"key file {key_file} does not hold a valid Fernet key: restore {key_file} from your backup"
 
 
 @pytest.mark.parametrize("case", ["0644", "symlink", "garbage"])
@@ -233,7 +233,7 @@ def test_garbage_kissbot_key_is_refused_without_echoing_it(monkeypatch, db_file,
     result = runner.invoke(cli, ["stats", "--db", str(db_file)])
     assert result.exit_code == 1
     assert result.output == (
-        "Error: KISSBOT_KEY does not hold a valid Fernet key (key version 1): "
+        "Error: KISSBOT_KEY does not hold a valid Fernet key: "
         "set it to a Fernet key, or several comma-separated, newest first\n"
     )
 
