@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 from click.testing import CliRunner
 from cryptography.fernet import Fernet
 
@@ -53,11 +54,16 @@ def fill(mgr: DatabaseManager, n: int) -> list[int]:
     return ids
 
 
-def raw_rows(db_file: Path) -> list[tuple[int, int, str, str]]:
-    with sqlite3.connect(db_file) as conn:
-        return conn.execute(
-            "SELECT user_id, key_version, access_token_encrypted, refresh_token_encrypted FROM oauth_tokens"
-        ).fetchall()
+def raw_rows(db: Path | str) -> list[tuple[int, int, str, str]]:
+    """``(user_id, key_version, access ciphertext, refresh ciphertext)`` of every token row, read below kissbot."""
+    engine = sqlalchemy.create_engine(db if isinstance(db, str) else f"sqlite:///{db}")
+    try:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.exec_driver_sql(
+                "SELECT user_id, key_version, access_token_encrypted, refresh_token_encrypted FROM oauth_tokens"
+            )]
+    finally:
+        engine.dispose()
 
 
 # --- creation ---------------------------------------------------------------------------------
@@ -378,22 +384,22 @@ ROTATION_ROWS = 3000
 
 
 @pytest.mark.slow
-def test_rotation_killed_midway_resumes_and_every_row_stays_readable(db_file, key_file, tmp_path):
-    with DatabaseManager(db_file, key_file) as mgr:
+def test_rotation_killed_midway_resumes_and_every_row_stays_readable(store_url, key_file):
+    with DatabaseManager(url=store_url, key_file=key_file) as mgr:
         fill(mgr, ROTATION_ROWS)
     old_key = key_file.read_bytes()
-    proc = subprocess.Popen(
-        [*CLI, "key", "rotate", "--db", str(db_file), "--key-file", str(key_file), "--batch-size", "10"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
-    watcher = sqlite3.connect(db_file, timeout=30)
+    store = ["--url", store_url, "--key-file", str(key_file)]
+    proc = subprocess.Popen([*CLI, "key", "rotate", *store, "--batch-size", "10"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    watcher = sqlalchemy.create_engine(store_url)
     deadline = time.monotonic() + 120
     try:
         while True:
             assert time.monotonic() < deadline, "rotation never made progress"
             assert proc.poll() is None, "rotation finished before it could be killed: use more rows"
-            # WAL readers never block the rotation; kill it as soon as some rows moved.
-            moved = watcher.execute("SELECT count(*) FROM oauth_tokens WHERE key_version = 2").fetchone()[0]
+            # Readers never block the rotation; kill it as soon as some rows moved.
+            with watcher.connect() as conn:
+                moved = conn.exec_driver_sql("SELECT count(*) FROM oauth_tokens WHERE key_version = 2").scalar()
             if moved:
                 proc.kill()
                 break
@@ -402,35 +408,33 @@ def test_rotation_killed_midway_resumes_and_every_row_stays_readable(db_file, ke
         if proc.poll() is None:
             proc.kill()
         proc.communicate(timeout=30)
-        watcher.close()
-    killed_at = sum(1 for _, kv, _, _ in raw_rows(db_file) if kv == 2)
+        watcher.dispose()
+    rows = raw_rows(store_url)
+    killed_at = sum(1 for _, kv, _, _ in rows if kv == 2)
     assert 0 < killed_at < ROTATION_ROWS, "the rotation must have been killed mid-way"
     assert proc.returncode == -9
     ring = read_key_ring(key_file)
     assert ring.versions == (2, 1) and ring.key(1) == old_key, "the new key was saved before any row moved"
     new_key = ring.key(2)
-    rows = raw_rows(db_file)
     for _, kv, access, refresh in rows:  # every row readable with its own version's key
         assert decrypts_with(ring.key(kv), access) and decrypts_with(ring.key(kv), refresh)
 
-    retire = subprocess.run([*CLI, "key", "retire", "1", "--db", str(db_file), "--key-file", str(key_file)],
-                            capture_output=True, text=True, timeout=60)
+    retire = subprocess.run([*CLI, "key", "retire", "1", *store], capture_output=True, text=True, timeout=60)
     assert retire.returncode == 1
     assert retire.stderr == (
         f"Error: key version 1 still encrypts {ROTATION_ROWS - killed_at} token rows: run kissbot key rotate first\n"
     )
 
-    again = subprocess.run([*CLI, "key", "rotate", "--db", str(db_file), "--key-file", str(key_file)],
-                           capture_output=True, text=True, timeout=120)
+    again = subprocess.run([*CLI, "key", "rotate", *store], capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
     assert again.stdout == (
         f"Resumed rotation to key version 2 ({fingerprint(new_key)}): {ROTATION_ROWS - killed_at} token rows re-encrypted\n"
     )
-    rows = raw_rows(db_file)
-    assert {kv for _, kv, _, _ in rows} == {2}
+    rows = raw_rows(store_url)
+    assert len(rows) == ROTATION_ROWS and {kv for _, kv, _, _ in rows} == {2}
     assert all(decrypts_with(new_key, a) and decrypts_with(new_key, r) for _, _, a, r in rows)
     assert not any(decrypts_with(old_key, a) or decrypts_with(old_key, r) for _, _, a, r in rows)
-    with DatabaseManager(db_file, key_file) as mgr:
+    with DatabaseManager(url=store_url, key_file=key_file) as mgr:
         assert mgr.get_config("encryption_key_version") == 2
         assert mgr.get_tokens(1)["access_token"] == "access-1"
         assert mgr.get_tokens(ROTATION_ROWS)["refresh_token"] == f"refresh-{ROTATION_ROWS}"

@@ -128,8 +128,10 @@ def test_no_secret_anywhere_with_debug_logging_and_sql_echo(tmp_path, caplog, ca
 
     runner = CliRunner()
     args = ["--db", str(db), "--key-file", str(key_file), "-vv"]
-    for command in (["stats"], ["key", "status"], ["key", "status", "--json"], ["key", "rotate", "--batch-size", "1"],
-                    ["key", "retire", "1"], ["key", "reset"], ["key", "retire", "2"]):
+    for command in (["stats"], ["users"], ["tokens"], ["tokens", "--json"], ["instances"], ["audit", "--json"],
+                    ["config", "list"], ["key", "status"], ["key", "status", "--json"],
+                    ["key", "rotate", "--batch-size", "1"], ["key", "retire", "1"], ["key", "reset"],
+                    ["key", "retire", "2"], ["tokens"]):
         result = runner.invoke(cli, [*command, *args])
         texts.append(result.output)
         if result.exception is not None and not isinstance(result.exception, SystemExit):
