@@ -22,7 +22,9 @@ from sqlalchemy import insert, update
 
 from kissbot import DatabaseManager
 from kissbot.backup import backup_sqlite
-from kissbot.crypto import create_key_file
+from kissbot.crypto import TokenCipher, generate_key
+from kissbot.engine import create_engine, writer
+from kissbot.repo import TokenRepository, UserRepository
 from kissbot.migrations import HEAD
 from kissbot.models import audit_log, instances
 from kissbot.types import utcnow
@@ -479,10 +481,14 @@ def test_doctor_reports_an_unsafe_key_file_as_an_error(runner, store):
 
 def test_doctor_names_the_users_a_wrong_key_cannot_decrypt(runner, store, tmp_path):
     db, key = store
-    other = tmp_path / "other.key"
-    create_key_file(other)
-    with DatabaseManager(db, other) as mgr:  # carol's bot tokens stored with the other key
-        mgr.store_tokens(mgr.create_user("33", "carol"), "access-carol", "refresh-carol", 3600)
+    # carol's bot tokens stored with another key (below the manager, which would refuse that key at open)
+    stranger = create_engine(db, cipher=TokenCipher(generate_key()))
+    try:
+        with writer(stranger).begin() as conn:
+            carol = UserRepository(conn).create_user("33", "carol")
+            TokenRepository(conn).store_tokens(carol, "access-carol", "refresh-carol", 3600)
+    finally:
+        stranger.dispose()
     with DatabaseManager(db, key) as mgr:  # her broadcaster tokens with the right one: still one user
         mgr.store_tokens(3, "access-carol-b", "refresh-carol-b", 3600, token_type="broadcaster")
     result = runner.invoke(cli, ["doctor", "--db", str(db), "--key-file", str(key)])
