@@ -97,7 +97,7 @@ Path(sys.argv[3] + sys.argv[4]).touch()
 go = Path(sys.argv[3])
 while not go.exists():
     time.sleep(0.001)
-with DatabaseManager(sys.argv[1], sys.argv[2]) as mgr:
+with DatabaseManager(sys.argv[1], sys.argv[2], busy_timeout_ms=120_000) as mgr:  # the first migrates; a loaded CI box is slow
     print(mgr.get_config("key_fingerprint_v1"), fingerprint(Path(sys.argv[2]).read_bytes().strip()))
 """
 
