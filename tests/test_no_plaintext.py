@@ -69,7 +69,7 @@ def _exception_text(exc: BaseException) -> str:
 def test_no_secret_anywhere_with_debug_logging_and_sql_echo(tmp_path, caplog, capfd, deliberate_leak):
     caplog.set_level(logging.DEBUG)
     for name in ("sqlalchemy", "sqlalchemy.engine", "sqlalchemy.pool", "alembic", "kissbot"):
-        logging.getLogger(name).setLevel(logging.DEBUG)
+        caplog.set_level(logging.DEBUG, logger=name)  # restored after the test
     db, key_file = tmp_path / "kissbot.db", tmp_path / ".kissbot.key"
     texts: list[str] = []
     keys: set[str] = set()
