@@ -108,7 +108,7 @@ def test_copy_gives_an_identical_store(request, source_backend, target_backend, 
     assert result.exit_code == 0, result.output
     assert result.output == (
         f"Copied {shown(source)} → {shown(target)}\n"
-        "  users: 4\n  oauth_tokens: 4\n  instances: 2\n  audit_log: 15\n  config: 6\n"
+        "  users: 4\n  oauth_tokens: 4\n  instances: 2\n  audit_log: 15\n  config: 7\n"
         f"✅ Row counts match; 4 token rows decrypt with {key_file}\n"
     )
     after = snapshot(target, key_file, ids)
@@ -186,6 +186,7 @@ def test_a_wrong_key_copies_nothing(sqlite_url, postgresql_url, key_file, tmp_pa
     fill(sqlite_url, key_file)
     wrong = tmp_path / "wrong.key"
     wrong.write_bytes(Fernet.generate_key())
+    wrong.chmod(0o600)
     result = CliRunner().invoke(cli, ["copy", "--from", sqlite_url, "--to", postgresql_url, "--key-file", str(wrong)])
     assert result.exit_code == 1
     assert result.output == (
@@ -215,6 +216,7 @@ def test_source_must_be_at_head(sqlite_url, postgresql_url, key_file, tmp_path):
 def test_missing_source_is_not_created(tmp_path, key_file):
     missing = tmp_path / "missing.db"
     key_file.write_bytes(Fernet.generate_key())
+    key_file.chmod(0o600)
     args = ["copy", "--from", str(missing), "--to", str(tmp_path / "t.db"), "--key-file", str(key_file)]
     result = CliRunner().invoke(cli, args)
     assert (result.exit_code, result.output) == (1, f"Error: source database {missing} does not exist\n")
