@@ -72,6 +72,7 @@ def test_url_from_environment(runner, store_url, tmp_path, monkeypatch):
 def test_unreachable_postgresql_is_one_line_exit_1(runner, tmp_path):
     url = "postgresql+psycopg://kissbot@127.0.0.1:1/nowhere"
     (tmp_path / "k").write_bytes(Fernet.generate_key())
+    (tmp_path / "k").chmod(0o600)
     for args in (["stats", "--url", url], ["copy", "--from", url, "--to", str(tmp_path / "t.db")]):
         result = runner.invoke(cli, [*args, "--key-file", str(tmp_path / "k")])
         assert result.exit_code == 1
