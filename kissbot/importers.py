@@ -31,7 +31,7 @@ import yaml
 
 from kissbot.backup import backup_sqlite, default_backup_path
 from kissbot.crypto import DEFAULT_KEY_FILE
-from kissbot.engine import DEFAULT_DB_PATH, sqlite_path, to_url
+from kissbot.engine import DEFAULT_DB_PATH, sqlite_path, to_url, write_transaction
 from kissbot.errors import ImportSourceError, InvalidImport, NoDatabase, OutdatedSchema
 from kissbot.repo import AuditRepository, Executor, TokenRepository, UserRepository
 
@@ -305,10 +305,23 @@ def read_token_file(path: str | os.PathLike[str], login: str | None = None) -> T
 # --- applying a batch --------------------------------------------------------------------------
 
 
-def _match(users: UserRepository | None, entry: TokenEntry, create_users: bool) -> tuple[dict[str, Any] | None, str | None]:
+_Known = tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]
+"""The store's users that a batch names: by Twitch user id, and by login."""
+
+
+def _known_users(db: Executor | None, entries: list[TokenEntry]) -> _Known:
+    if db is None:
+        return {}, {}
+    found = UserRepository(db).find_users(
+        (e.twitch_user_id for e in entries if e.twitch_user_id), (e.login for e in entries if e.login)
+    )
+    return {u["twitch_user_id"]: u for u in found}, {u["twitch_login"]: u for u in found}
+
+
+def _match(known: _Known, entry: TokenEntry, create_users: bool) -> tuple[dict[str, Any] | None, str | None]:
     """The existing user of ``entry`` (None: to be created), or a problem line."""
-    by_id = users.get_user(entry.twitch_user_id) if users is not None and entry.twitch_user_id else None
-    by_login = users.get_user_by_login(entry.login) if users is not None and entry.login else None
+    by_id = known[0].get(entry.twitch_user_id) if entry.twitch_user_id else None
+    by_login = known[1].get(entry.login) if entry.login else None
     if create_users:
         if by_id is not None and by_id["twitch_login"] != entry.login:
             return None, f"{entry.where}: user_id {entry.twitch_user_id} already belongs to login {by_id['twitch_login']!r} in the database"
@@ -336,15 +349,18 @@ def apply_batch(
     batch's problems: unless ``skip_invalid``, any problem raises
     :class:`~kissbot.errors.InvalidImport` before anything is written. Entries
     for users that do not exist (live token files) are reported and skipped.
-    Each user gets one ``batch.audit_event`` without secrets. The caller owns
-    the transaction; with ``dry_run`` nothing is written.
+    Each user gets exactly one ``batch.audit_event`` without secrets. The
+    store is read and written set-wise: one query per 500 entries finds the
+    users the batch names, and the users, tokens and events are written with
+    one statement each, whatever the batch's size. The caller owns the
+    transaction; with ``dry_run`` nothing is written.
     """
-    users = UserRepository(db) if db is not None else None
+    known = _known_users(db, batch.entries)
     problems = list(batch.problems)
     skipped: list[str] = []
     ready: list[tuple[TokenEntry, dict[str, Any] | None]] = []
     for entry in batch.entries:
-        user, problem = _match(users, entry, batch.create_users)
+        user, problem = _match(known, entry, batch.create_users)
         if problem is None:
             ready.append((entry, user))
         elif batch.create_users:
@@ -353,29 +369,46 @@ def apply_batch(
             skipped.append(problem)
     if problems and not skip_invalid:
         raise InvalidImport(problems)
-    report = ImportReport(errors=problems + skipped, dry_run=dry_run)
-    for entry, user in ready:
-        if user is None:
-            report.users_created += 1
-        else:
-            report.users_updated += 1
-        report.tokens_stored += 1
-        if dry_run or db is None:
-            continue
-        if user is None:
-            user_id = users.create_user(entry.twitch_user_id, entry.login, entry.display_name, entry.is_bot)
-        else:
-            user_id = user["id"]
-            if entry.display_name and user["display_name"] != entry.display_name:
-                users.update_user(user_id, display_name=entry.display_name)
-        TokenRepository(db).store_tokens(user_id, entry.access_token, entry.refresh_token, expires_in, entry.scopes)
-        AuditRepository(db).log_event(
-            batch.audit_event,
-            user_id=user_id,
-            details={"login": entry.login or user["twitch_login"], "source": batch.source, "user_created": user is None},
-        )
-        log.info("stored the tokens of %s from %s", entry.login or user["twitch_login"], batch.source)
+    created = sum(1 for _, user in ready if user is None)
+    report = ImportReport(
+        users_created=created,
+        users_updated=len(ready) - created,
+        tokens_stored=len(ready),
+        errors=problems + skipped,
+        dry_run=dry_run,
+    )
+    if not (dry_run or db is None):
+        _write(db, batch, ready, expires_in)
     return report
+
+
+def _write(db: Executor, batch: TokenBatch, ready: list[tuple[TokenEntry, dict[str, Any] | None]], expires_in: int) -> None:
+    users = UserRepository(db)
+    new_ids = users.create_users(
+        [
+            {"twitch_user_id": e.twitch_user_id, "twitch_login": e.login, "display_name": e.display_name, "is_bot": e.is_bot}
+            for e, user in ready
+            if user is None
+        ]
+    )
+    users.set_display_names(
+        {
+            user["id"]: e.display_name
+            for e, user in ready
+            if user is not None and e.display_name and user["display_name"] != e.display_name
+        }
+    )
+    tokens, events = [], []
+    for e, user in ready:
+        user_id = new_ids[e.twitch_user_id] if user is None else user["id"]
+        login = e.login or user["twitch_login"]
+        tokens.append((user_id, e.access_token, e.refresh_token, e.scopes))
+        events.append((user_id, {"login": login, "source": batch.source, "user_created": user is None}))
+    TokenRepository(db).store_many_tokens(tokens, expires_in)
+    AuditRepository(db).log_events(batch.audit_event, events)
+    if log.isEnabledFor(logging.INFO):
+        for _, details in events:
+            log.info("stored the tokens of %s from %s", details["login"], batch.source)
 
 
 def import_tokens(
@@ -435,8 +468,8 @@ def import_tokens(
         notes.append("backup skipped: kissbot backs up SQLite files only; back this database up with its own tools")
     elif backup and path.exists():
         taken = os.fspath(backup_sqlite(path, default_backup_path(path)))
-    with open_store(create=True) as mgr, mgr.session() as session:
-        report = apply_batch(session, batch, expires_in=expires_in, skip_invalid=skip_invalid)
+    with open_store(create=True) as mgr, write_transaction(mgr.engine) as conn:
+        report = apply_batch(conn, batch, expires_in=expires_in, skip_invalid=skip_invalid)
     report.backup, report.notes = taken, notes
     return report
 

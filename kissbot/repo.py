@@ -10,6 +10,7 @@ where the caller asked for them.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Union
 
@@ -50,6 +51,15 @@ def _all_dicts(result: Result[Any]) -> list[dict[str, Any]]:
     return [dict(zip(keys, row)) for row in result.all()]
 
 
+_IN_CHUNK = 400
+"""Values bound to one ``IN (…)`` of the batch methods: two lists stay under SQLite's oldest limit of 999 variables."""
+
+
+def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(values), _IN_CHUNK):
+        yield values[start : start + _IN_CHUNK]
+
+
 # --- users -------------------------------------------------------------------------------------
 
 _USER_COLUMNS = (
@@ -75,6 +85,13 @@ _INSERT_USER = insert(users).values(
     updated_at=bindparam("p_now"),
 )
 _USER_FIELDS = frozenset({"twitch_user_id", "twitch_login", "display_name", "is_bot"})
+_USERS_BY_TWITCH_IDS_OR_LOGINS = select(*_USER_COLUMNS).where(
+    users.c.twitch_user_id.in_(bindparam("p_twitch_ids", expanding=True))
+    | users.c.twitch_login.in_(bindparam("p_logins", expanding=True))
+)
+_SET_DISPLAY_NAME = (
+    update(users).where(users.c.id == bindparam("p_id")).values(display_name=bindparam("p_display"), updated_at=bindparam("p_now"))
+)
 
 
 class UserRepository:
@@ -146,6 +163,56 @@ class UserRepository:
         if result.rowcount == 0:
             raise UserNotFound(f"no user with id {user_id}")
 
+    # Batch methods, for imports of many users: a few statements in all
+    # instead of several per user, and no audit event of their own (the
+    # importer records exactly one per user).
+
+    def find_users(self, twitch_user_ids: Iterable[str | int] = (), logins: Iterable[str] = ()) -> list[dict[str, Any]]:
+        """Every user whose Twitch user id or login (any case) is among these, each once."""
+        ids, lower = sorted({str(v) for v in twitch_user_ids}), sorted({login.lower() for login in logins})
+        found: dict[int, dict[str, Any]] = {}
+        for start in range(0, max(len(ids), len(lower)), _IN_CHUNK):
+            params = {"p_twitch_ids": ids[start : start + _IN_CHUNK], "p_logins": lower[start : start + _IN_CHUNK]}
+            for user in _all_dicts(self.db.execute(_USERS_BY_TWITCH_IDS_OR_LOGINS, params)):
+                found[user["id"]] = user
+        return list(found.values())
+
+    def create_users(self, new_users: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+        """Create many users in one statement and return their ids by Twitch user id.
+
+        Each item has ``twitch_user_id``, ``twitch_login`` and optionally
+        ``display_name`` and ``is_bot``, as :meth:`create_user` takes them.
+        Unlike :meth:`create_user`, no ``user_created`` event is written: the
+        caller records its own. Raises :class:`DuplicateUser` if any id or
+        login is taken (nothing is then created).
+        """
+        if not new_users:
+            return {}
+        now = utcnow()
+        params = [
+            {
+                "p_twitch_id": str(u["twitch_user_id"]),
+                "p_login": u["twitch_login"].lower(),
+                "p_display": u.get("display_name"),
+                "p_is_bot": bool(u.get("is_bot", False)),
+                "p_now": now,
+            }
+            for u in new_users
+        ]
+        try:
+            with self.db.begin_nested():
+                self.db.execute(_INSERT_USER, params)
+        except IntegrityError as exc:
+            raise DuplicateUser(f"one of {len(params)} new users has a Twitch user id or login already taken") from exc
+        created = self.find_users(twitch_user_ids=[p["p_twitch_id"] for p in params])
+        return {u["twitch_user_id"]: u["id"] for u in created}
+
+    def set_display_names(self, names: Mapping[int, str | None]) -> None:
+        """Set the ``display_name`` of many users at once, by kissbot id (``users.id``)."""
+        if names:
+            now = utcnow()
+            self.db.execute(_SET_DISPLAY_NAME, [{"p_id": i, "p_display": n, "p_now": now} for i, n in names.items()])
+
     def list_users(self) -> list[dict[str, Any]]:
         """Every user, ordered by login."""
         return _all_dicts(self.db.execute(select(*_USER_COLUMNS).order_by(users.c.twitch_login)))
@@ -202,6 +269,9 @@ _INSERT_TOKENS = insert(oauth_tokens).values(
 )
 _VERSION = select(oauth_tokens.c.version).where(_ROW)
 _KEY_VERSION = select(oauth_tokens.c.key_version).where(_ROW)
+_USERS_WITH_TOKENS = select(oauth_tokens.c.user_id).where(
+    oauth_tokens.c.token_type == bindparam("p_type"), oauth_tokens.c.user_id.in_(bindparam("p_user_ids", expanding=True))
+)
 _TOKENS_DUE = (
     select(
         oauth_tokens.c.user_id,
@@ -318,6 +388,32 @@ def _check_type(token_type: str) -> str:
     return token_type
 
 
+def _token_params(
+    user_id: int,
+    token_type: str,
+    access_token: str,
+    refresh_token: str,
+    scopes: list[str] | None,
+    expires_at: datetime,
+    now: datetime,
+    key_version: int,
+) -> dict[str, Any]:
+    """The bound values of a token row write (the tokens are encrypted when bound); checks the tokens."""
+    for name, value in (("access_token", access_token), ("refresh_token", refresh_token)):
+        if not isinstance(value, str) or not value:
+            raise KissbotError(f"{name} for user {user_id} must be a non-empty string")
+    return {
+        "p_user_id": user_id,
+        "p_type": token_type,
+        "p_access": access_token,
+        "p_refresh": refresh_token,
+        "p_scopes": json.dumps(list(scopes)) if scopes is not None else None,
+        "p_expires_at": expires_at,
+        "p_now": now,
+        "p_key_version": key_version,
+    }
+
+
 class TokenRepository:
     """A user's OAuth tokens, encrypted at rest and decrypted only when read.
 
@@ -351,23 +447,14 @@ class TokenRepository:
         the newer tokens are kept.
         """
         _check_type(token_type)
-        for name, value in (("access_token", access_token), ("refresh_token", refresh_token)):
-            if not isinstance(value, str) or not value:
-                raise KissbotError(f"{name} for user {user_id} must be a non-empty string")
         now = utcnow()
-        params = {
-            "p_user_id": user_id,
-            "p_type": token_type,
-            "p_access": access_token,
-            "p_refresh": refresh_token,
-            "p_scopes": json.dumps(list(scopes)) if scopes is not None else None,
-            "p_expires_at": now + timedelta(seconds=expires_in),
-            "p_now": now,
-            "p_version": expected_version,
-            # Read before the values are encrypted: a key file reloaded in between
-            # can only make the row's key newer than its label, which rotation fixes.
-            "p_key_version": cipher_of(_dialect(self.db)).current_version,
-        }
+        # The key version is read before the values are encrypted: a key file reloaded
+        # in between can only make the row's key newer than its label, which rotation fixes.
+        key_version = cipher_of(_dialect(self.db)).current_version
+        params = _token_params(
+            user_id, token_type, access_token, refresh_token, scopes, now + timedelta(seconds=expires_in), now, key_version
+        )
+        params["p_version"] = expected_version
         update_stmt = _UPDATE_TOKENS if expected_version is None else _UPDATE_TOKENS_IF_VERSION
         created = self.db.execute(update_stmt, params).rowcount == 0
         if created:
@@ -403,6 +490,39 @@ class TokenRepository:
             },
         )
         return created
+
+    def store_many_tokens(
+        self,
+        tokens: Sequence[tuple[int, str, str, list[str] | None]],
+        expires_in: int | float,
+        *,
+        token_type: str = "bot",
+    ) -> int:
+        """Insert or replace the tokens of many users at once; return how many rows are new.
+
+        ``tokens`` holds ``(user_id, access_token, refresh_token, scopes)``,
+        each user at most once. Every row is written as :meth:`store_tokens`
+        writes it (flags reset, ``version`` bumped), in one UPDATE and one
+        INSERT statement for all, each token encrypted once; but no audit
+        event is written: the caller records its own. For a single writer
+        (an import in its write transaction): a row another transaction
+        inserts meanwhile makes the INSERT fail with ``IntegrityError``.
+        """
+        _check_type(token_type)
+        now = utcnow()
+        expires_at = now + timedelta(seconds=expires_in)
+        key_version = cipher_of(_dialect(self.db)).current_version  # before encrypting, as in store_tokens
+        params = [_token_params(u, token_type, a, r, s, expires_at, now, key_version) for u, a, r, s in tokens]
+        existing: set[int] = set()
+        for chunk in _chunks([p["p_user_id"] for p in params]):
+            existing.update(self.db.execute(_USERS_WITH_TOKENS, {"p_type": token_type, "p_user_ids": chunk}).scalars())
+        updates = [p for p in params if p["p_user_id"] in existing]
+        inserts = [p for p in params if p["p_user_id"] not in existing]
+        if updates:
+            self.db.execute(_UPDATE_TOKENS, updates)
+        if inserts:
+            self.db.execute(_INSERT_TOKENS, inserts)
+        return len(inserts)
 
     def get_tokens(self, user_id: int, *, token_type: str = "bot") -> dict[str, Any] | None:
         """The decrypted tokens of ``user_id``, or None if it has none.
@@ -770,6 +890,31 @@ _INSERT_AUDIT = insert(audit_log).values(
 SEVERITIES = ("info", "warning", "error")
 
 
+def _event_params(
+    event_type: str,
+    user_id: int | None,
+    channel_id: int | None,
+    details: dict[str, Any] | None,
+    severity: str,
+    now: datetime,
+) -> dict[str, Any]:
+    """The bound values of one audit row; refuses an unknown severity and details holding secrets."""
+    if severity not in SEVERITIES:
+        raise KissbotError(f"severity must be one of {', '.join(SEVERITIES)}, not {severity!r}")
+    if details is not None:
+        leaked = _SECRET_DETAIL_KEYS.intersection(details)
+        if leaked:
+            raise KissbotError(f"audit details must not hold secrets: drop {', '.join(sorted(leaked))}")
+    return {
+        "p_event_type": event_type,
+        "p_user_id": user_id,
+        "p_channel_id": channel_id,
+        "p_details": json.dumps(details, ensure_ascii=False, default=str) if details is not None else None,
+        "p_severity": severity,
+        "p_now": now,
+    }
+
+
 class AuditRepository:
     """The audit trail: events without secrets, newest first."""
 
@@ -787,23 +932,16 @@ class AuditRepository:
         severity: str = "info",
     ) -> None:
         """Append one audit event. ``details`` must not hold tokens or keys."""
-        if severity not in SEVERITIES:
-            raise KissbotError(f"severity must be one of {', '.join(SEVERITIES)}, not {severity!r}")
-        if details is not None:
-            leaked = _SECRET_DETAIL_KEYS.intersection(details)
-            if leaked:
-                raise KissbotError(f"audit details must not hold secrets: drop {', '.join(sorted(leaked))}")
-        self.db.execute(
-            _INSERT_AUDIT,
-            {
-                "p_event_type": event_type,
-                "p_user_id": user_id,
-                "p_channel_id": channel_id,
-                "p_details": json.dumps(details, ensure_ascii=False, default=str) if details is not None else None,
-                "p_severity": severity,
-                "p_now": utcnow(),
-            },
-        )
+        self.db.execute(_INSERT_AUDIT, _event_params(event_type, user_id, channel_id, details, severity, utcnow()))
+
+    def log_events(
+        self, event_type: str, events: Iterable[tuple[int | None, dict[str, Any] | None]], severity: str = "info"
+    ) -> None:
+        """Append one ``event_type`` event per ``(user_id, details)`` in one statement; as :meth:`log_event`."""
+        now = utcnow()
+        params = [_event_params(event_type, user_id, None, details, severity, now) for user_id, details in events]
+        if params:
+            self.db.execute(_INSERT_AUDIT, params)
 
     def get_audit_log(
         self, limit: int = 100, event_type: str | None = None, user_id: int | None = None

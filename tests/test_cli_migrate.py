@@ -164,6 +164,53 @@ def test_second_run_reports_updated_after_a_consistent_backup(runner, deploy):
         assert len(mgr.get_audit_log(event_type="tokens_migrated")) == 8
 
 
+def test_one_audit_event_per_migrated_user_and_nothing_else(runner, deploy):
+    # The issue asks for exactly one event per user: no user_created or
+    # tokens_created/tokens_refreshed beside tokens_migrated, first run or second.
+    for run in (1, 2):
+        assert migrate(runner, deploy, "--no-backup").exit_code == 0
+        with DatabaseManager(deploy / "kissbot.db", deploy / ".kissbot.key") as mgr:
+            events = mgr.get_audit_log(limit=1000)
+            ids = {u["twitch_login"]: u["id"] for u in mgr.list_users()}
+        assert [e["event_type"] for e in events] == ["tokens_migrated"] * 4 * run
+        latest = sorted((e["details"]["login"], e["user_id"], e["details"]["user_created"]) for e in events[:4])
+        assert latest == sorted((login, ids[login], run == 1) for login in PLAINTEXT)
+
+
+def test_many_users_on_both_backends(runner, tmp_path, store_url):
+    # More entries than one IN (...) list holds: validation and writes go by chunks.
+    n = 1000
+    tokens = {f"User_{i}": {"user_id": 700000 + i, "access_token": f"acc{i:06d}", "refresh_token": f"ref{i:06d}"} for i in range(n)}
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"twitch": {"tokens": tokens}}))
+    key = tmp_path / "k.key"
+    with DatabaseManager(url=store_url, key_file=key) as mgr:
+        taken = mgr.create_user("999", "user_999")
+        mgr.store_tokens(taken, "old-access", "old-refresh", 60)
+        mgr.create_user("700998", "someone_else")
+    args = ["migrate-yaml", str(config), "--url", store_url, "--key-file", str(key), "--no-backup"]
+    refused = runner.invoke(cli, args)
+    assert refused.exit_code == 1
+    assert refused.stderr == (
+        "Error: twitch.tokens.User_998: user_id 700998 already belongs to login 'someone_else' in the database\n"
+        "Error: twitch.tokens.User_999: login 'user_999' belongs to Twitch user id 999 in the database, not 700999\n"
+    )
+    result = runner.invoke(cli, [*args, "--skip-invalid", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["users_created"] == n - 2
+    again = json.loads(runner.invoke(cli, [*args, "--skip-invalid", "--json"]).stdout)
+    assert (again["users_created"], again["users_updated"], len(again["errors"])) == (0, n - 2, 2)
+    with DatabaseManager(url=store_url, key_file=key) as mgr:
+        assert len(mgr.list_users()) == n
+        for i in (0, 399, 400, 997):
+            user = mgr.get_user_by_login(f"user_{i}")
+            assert (user["twitch_user_id"], user["display_name"]) == (str(700000 + i), f"User_{i}")
+            tokens_i = mgr.get_tokens(user["id"])
+            assert (tokens_i["access_token"], tokens_i["refresh_token"], tokens_i["version"]) == (f"acc{i:06d}", f"ref{i:06d}", 2)
+        assert mgr.get_tokens(taken)["access_token"] == "old-access"
+        assert len(mgr.get_audit_log(limit=5000, event_type="tokens_migrated")) == 2 * (n - 2)
+
+
 def test_json_report(runner, deploy):
     first = migrate(runner, deploy, "--json")
     assert first.exit_code == 0, first.output
