@@ -504,7 +504,22 @@ def bench_migrate_yaml(ctx: Context) -> list[Row]:
     secs = (ns() - t0) / 1e9
     with open_store(path, key_file) as mgr:
         assert mgr.get_stats()["tokens_count"] == s.migrate_users
-    return [Row(name, f"{secs:,.2f} s", floor, secs / floor_secs, "≤ 2x floor", secs <= 2 * floor_secs)]
+    # The floor parses no YAML: the library's own part is the import of the parsed batch.
+    from kissbot.importers import import_tokens, read_yaml_tokens
+
+    t0 = ns()
+    batch = read_yaml_tokens(config)
+    parse_secs = (ns() - t0) / 1e9
+    path, key_file = ctx.workdir / "migrate_parsed.db", ctx.workdir / "migrate_parsed.key"
+    open_store(path, key_file).close()
+    t0 = ns()
+    import_tokens(batch, db_path=path, key_file=key_file, backup=False)
+    store_secs = (ns() - t0) / 1e9
+    return [
+        Row(name, f"{secs:,.2f} s", floor, secs / floor_secs, "≤ 2x floor", secs <= 2 * floor_secs),
+        Row(f"  same, config.yaml already parsed (`import_tokens`; parsing it took {parse_secs:,.2f} s)",
+            f"{store_secs:,.2f} s", floor, store_secs / floor_secs, "≤ 2x floor", store_secs <= 2 * floor_secs),
+    ]
 
 
 # --- key rotation ---------------------------------------------------------------------------------

@@ -84,6 +84,7 @@ _INSERT_USER = insert(users).values(
     created_at=bindparam("p_now"),
     updated_at=bindparam("p_now"),
 )
+_INSERT_USERS_RETURNING = _INSERT_USER.returning(users.c.id, users.c.twitch_user_id)
 _USER_FIELDS = frozenset({"twitch_user_id", "twitch_login", "display_name", "is_bot"})
 _USERS_BY_TWITCH_IDS_OR_LOGINS = select(*_USER_COLUMNS).where(
     users.c.twitch_user_id.in_(bindparam("p_twitch_ids", expanding=True))
@@ -199,13 +200,17 @@ class UserRepository:
             }
             for u in new_users
         ]
+        returning = _dialect(self.db).insert_executemany_returning
         try:
             with self.db.begin_nested():
-                self.db.execute(_INSERT_USER, params)
+                # RETURNING with many rows: SQLAlchemy sends them as multi-row INSERTs.
+                result = self.db.execute(_INSERT_USERS_RETURNING if returning else _INSERT_USER, params)
+                rows = result.all() if returning else None
         except IntegrityError as exc:
             raise DuplicateUser(f"one of {len(params)} new users has a Twitch user id or login already taken") from exc
-        created = self.find_users(twitch_user_ids=[p["p_twitch_id"] for p in params])
-        return {u["twitch_user_id"]: u["id"] for u in created}
+        if rows is None:
+            rows = [(u["id"], u["twitch_user_id"]) for u in self.find_users(twitch_user_ids=[p["p_twitch_id"] for p in params])]
+        return {twitch_user_id: user_id for user_id, twitch_user_id in rows}
 
     def set_display_names(self, names: Mapping[int, str | None]) -> None:
         """Set the ``display_name`` of many users at once, by kissbot id (``users.id``)."""

@@ -8,7 +8,7 @@ from sqlalchemy.orm import Session
 from kissbot.crypto import TokenCipher, generate_key
 from kissbot.engine import create_engine, writer
 from kissbot.migrations import upgrade
-from kissbot.errors import DecryptionError
+from kissbot.errors import DecryptionError, DuplicateUser, KissbotError
 from kissbot.repo import AuditRepository, ConfigRepository, InstanceRepository, TokenRepository, UserRepository
 
 
@@ -90,3 +90,35 @@ def test_decryption_error_names_the_user_in_a_session(kissbot_engine, kissbot_se
     attach_cipher(kissbot_engine, TokenCipher(generate_key()))
     with pytest.raises(DecryptionError, match=f"Failed to decrypt tokens for user {uid} \\(key version 1\\): wrong key or corrupted data"):
         TokenRepository(kissbot_session).get_tokens(uid)
+
+
+@pytest.mark.parametrize("returning", [True, False], ids=["returning", "reselect"])
+def test_batch_methods_write_no_event_of_their_own(kissbot_engine, monkeypatch, returning):
+    # create_users reads the new ids back with RETURNING, or (drivers without
+    # RETURNING on executemany, such as SQLite before 3.35) with a second query.
+    monkeypatch.setattr(kissbot_engine.dialect, "insert_executemany_returning", returning)
+    with Session(kissbot_engine) as s, s.begin():
+        users = UserRepository(s)
+        kept = users.create_user("1", "kept")
+        ids = users.create_users([{"twitch_user_id": 100 + i, "twitch_login": f"Bulk_{i}", "is_bot": i == 0} for i in range(450)])
+        assert sorted(ids) == sorted(str(100 + i) for i in range(450))
+        assert {u["id"]: u["twitch_login"] for u in users.find_users(["100", "549"], ["KEPT"])} == {
+            kept: "kept", ids["100"]: "bulk_0", ids["549"]: "bulk_449"
+        }
+        assert users.get_user("100")["is_bot"] and not users.get_user("101")["is_bot"]
+        tokens = TokenRepository(s)
+        tokens.store_tokens(ids["100"], "a0", "r0", 60)
+        assert tokens.store_many_tokens([(ids["100"], "a1", "r1", None), (ids["101"], "a2", "r2", ["chat:read"])], 3600) == 1
+        assert (tokens.get_tokens(ids["100"])["access_token"], tokens.get_tokens(ids["100"])["version"]) == ("a1", 2)
+        assert tokens.get_tokens(ids["101"])["scopes"] == ["chat:read"]
+        users.set_display_names({ids["101"]: "Bulk_One"})
+        assert users.get_user("101")["display_name"] == "Bulk_One"
+        AuditRepository(s).log_events("imported", [(ids["100"], {"login": "bulk_0"}), (ids["101"], None)])
+        events = AuditRepository(s).get_audit_log(limit=100)
+        # Only the single-row methods wrote events: user_created and tokens_created.
+        assert sorted(e["event_type"] for e in events) == ["imported", "imported", "tokens_created", "user_created"]
+        with pytest.raises(KissbotError, match="drop access_token"):
+            AuditRepository(s).log_events("imported", [(None, {"access_token": "secret"})])
+        with pytest.raises(DuplicateUser):
+            users.create_users([{"twitch_user_id": 999, "twitch_login": "new"}, {"twitch_user_id": 998, "twitch_login": "KEPT"}])
+        assert users.get_user("999") is None
