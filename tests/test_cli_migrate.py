@@ -424,6 +424,8 @@ def test_import_tio_updates_known_users_and_reports_unknown_ids(runner, deploy):
         assert mgr.get_tokens(mgr.get_user("157593948")["id"])["access_token"] == PLAINTEXT["morthy_"][0]
         assert mgr.get_user("555") is None
         assert len(mgr.get_audit_log(event_type="tokens_imported")) == 2
+        # One event per user and no other: the migration's four, then the import's two.
+        assert sorted(e["event_type"] for e in mgr.get_audit_log(limit=100)) == ["tokens_imported"] * 2 + ["tokens_migrated"] * 4
 
 
 def test_import_tio_dry_run_and_bad_files_write_nothing(runner, deploy):
