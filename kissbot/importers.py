@@ -350,7 +350,7 @@ def apply_batch(
     :class:`~kissbot.errors.InvalidImport` before anything is written. Entries
     for users that do not exist (live token files) are reported and skipped.
     Each user gets exactly one ``batch.audit_event`` without secrets. The
-    store is read and written set-wise: one query per 500 entries finds the
+    store is read and written set-wise: one query per 400 entries finds the
     users the batch names, and the users, tokens and events are written with
     one statement each, whatever the batch's size. The caller owns the
     transaction; with ``dry_run`` nothing is written.

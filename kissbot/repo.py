@@ -393,6 +393,12 @@ def _check_type(token_type: str) -> str:
     return token_type
 
 
+def _check_tokens(user_id: int, access_token: str, refresh_token: str) -> None:
+    for name, value in (("access_token", access_token), ("refresh_token", refresh_token)):
+        if not isinstance(value, str) or not value:
+            raise KissbotError(f"{name} for user {user_id} must be a non-empty string")
+
+
 def _token_params(
     user_id: int,
     token_type: str,
@@ -403,10 +409,7 @@ def _token_params(
     now: datetime,
     key_version: int,
 ) -> dict[str, Any]:
-    """The bound values of a token row write (the tokens are encrypted when bound); checks the tokens."""
-    for name, value in (("access_token", access_token), ("refresh_token", refresh_token)):
-        if not isinstance(value, str) or not value:
-            raise KissbotError(f"{name} for user {user_id} must be a non-empty string")
+    """The bound values of a token row write (the tokens are encrypted when bound)."""
     return {
         "p_user_id": user_id,
         "p_type": token_type,
@@ -452,6 +455,7 @@ class TokenRepository:
         the newer tokens are kept.
         """
         _check_type(token_type)
+        _check_tokens(user_id, access_token, refresh_token)
         now = utcnow()
         # The key version is read before the values are encrypted: a key file reloaded
         # in between can only make the row's key newer than its label, which rotation fixes.
@@ -514,6 +518,8 @@ class TokenRepository:
         inserts meanwhile makes the INSERT fail with ``IntegrityError``.
         """
         _check_type(token_type)
+        for user_id, access_token, refresh_token, _ in tokens:
+            _check_tokens(user_id, access_token, refresh_token)
         now = utcnow()
         expires_at = now + timedelta(seconds=expires_in)
         key_version = cipher_of(_dialect(self.db)).current_version  # before encrypting, as in store_tokens
