@@ -21,6 +21,7 @@ import functools
 import logging
 import os
 import sqlite3
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -265,6 +266,28 @@ def sqlite_error(exc: BaseException, path: Path | None, busy_timeout_ms: int | N
     return None
 
 
+def _ensure_wal(cursor: sqlite3.Cursor, busy_timeout_ms: int) -> None:
+    # WAL is persistent, so it is only switched on once per file. The switch
+    # needs an exclusive lock and SQLite reports SQLITE_BUSY at once, without
+    # its busy handler, when another process holds the new file (several bots
+    # creating one store together): retry it within the busy timeout.
+    if cursor.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+        return
+    deadline = time.monotonic() + busy_timeout_ms / 1000
+    pause = 0.001
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            code = getattr(exc, "sqlite_errorcode", None)
+            code = _SQLITE_MESSAGES.get(str(exc)) if code is None else code & 0xFF
+            if code not in _SQLITE_BUSY_CODES or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
 def _install_sqlite_events(engine: Engine, synchronous: str, busy_timeout_ms: int) -> None:
     path = sqlite_path(engine.url)
 
@@ -278,7 +301,7 @@ def _install_sqlite_events(engine: Engine, synchronous: str, busy_timeout_ms: in
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-            cursor.execute("PRAGMA journal_mode = WAL")
+            _ensure_wal(cursor, busy_timeout_ms)
             cursor.execute(f"PRAGMA synchronous = {synchronous}")
             cursor.execute("PRAGMA foreign_keys = ON")
         finally:
