@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import Integer, Text, column, delete, func, insert, select, table, update
+from sqlalchemy import Integer, Text, bindparam, column, delete, func, insert, select, table, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -482,6 +482,21 @@ def _add_version(engine: Engine, path: Path, ring: KeyRing, version: int, label:
     return new_ring
 
 
+_REENCRYPT_ROW = (
+    update(_raw_tokens)
+    .where(
+        _raw_tokens.c.id == bindparam("p_id"),
+        _raw_tokens.c.version == bindparam("p_version"),
+        _raw_tokens.c.key_version == bindparam("p_key_version"),
+    )
+    .values(
+        access_token_encrypted=bindparam("p_access"),
+        refresh_token_encrypted=bindparam("p_refresh"),
+        key_version=bindparam("p_target"),
+    )
+)
+
+
 def _reencrypt(
     engine: Engine, cipher: TokenCipher, batch_size: int, progress: Callable[[int], None] | None
 ) -> tuple[int, list[tuple[int, str, int]]]:
@@ -505,17 +520,14 @@ def _reencrypt(
                 for row in batch:
                     try:
                         values = {
-                            "access_token_encrypted": cipher.encrypt(cipher.decrypt(row.access_token_encrypted)),
-                            "refresh_token_encrypted": cipher.encrypt(cipher.decrypt(row.refresh_token_encrypted)),
+                            "p_access": cipher.encrypt(cipher.decrypt(row.access_token_encrypted)),
+                            "p_refresh": cipher.encrypt(cipher.decrypt(row.refresh_token_encrypted)),
                         }
                     except DecryptionError:
                         failed.append((row.user_id, row.token_type, row.key_version))
                         continue
-                    count += conn.execute(
-                        update(_raw_tokens)
-                        .where(t.id == row.id, t.version == row.version, t.key_version == row.key_version)
-                        .values(**values, key_version=target)
-                    ).rowcount
+                    params = {"p_id": row.id, "p_version": row.version, "p_key_version": row.key_version}
+                    count += conn.execute(_REENCRYPT_ROW, {**params, **values, "p_target": target}).rowcount
             after = batch[-1].id
             moved += count
             if progress is not None:
