@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,7 +9,7 @@ from contextlib import contextmanager
 import click
 from sqlalchemy.engine import Engine
 
-from kissbot.cli.main import StoreTarget, cli, store_options
+from kissbot.cli.main import StoreTarget, cli, echo_json, store_options
 from kissbot.keys import (
     ROTATE_BATCH_SIZE,
     KeySource,
@@ -72,7 +71,7 @@ def status(store: StoreTarget, as_json: bool) -> None:
     with _open(store) as (engine, source, db):
         report = key_status(engine, source, db)
     if as_json:
-        click.echo(json.dumps(report.as_dict(), indent=2))
+        echo_json(report.as_dict())
     else:
         click.echo(f"Key source: {report.source}")
         click.echo(f"Store key version: {report.encryption_key_version}")

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from kissbot.cli.main import StoreTarget, cli, store_options
+from kissbot.cli.main import StoreTarget, cli, echo_json, store_options
 from kissbot.errors import DatabaseError, UnsupportedBackend
 
 
@@ -219,7 +218,7 @@ def doctor(store: StoreTarget, as_json: bool) -> None:
 
     findings = diagnose(store.target, store.key_file)
     if as_json:
-        click.echo(json.dumps([f.as_dict() for f in findings], indent=2, ensure_ascii=False))
+        echo_json([f.as_dict() for f in findings])
     else:
         for f in findings:
             click.echo(f"[{f.level}] {f.message}" + (f"; fix: {f.fix}" if f.fix else ""))

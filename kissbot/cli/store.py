@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 
 import click
 
-from kissbot.cli.main import StoreTarget, cli, store_options
+from kissbot.cli.main import StoreTarget, cli, echo_json, store_options
 
 
 @cli.command("init-db")
@@ -56,7 +55,7 @@ def stats(store: StoreTarget, as_json: bool) -> None:
     with store.open(create=False) as mgr:
         figures = mgr.get_stats()
     if as_json:
-        click.echo(json.dumps(figures, indent=2))
+        echo_json(figures)
         return
     click.echo(f"Users: {figures['users_count']}")
     click.echo(f"Tokens: {figures['tokens_count']}")
