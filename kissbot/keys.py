@@ -41,7 +41,7 @@ from kissbot.crypto import (
     read_key_ring,
     write_key_file,
 )
-from kissbot.engine import writer
+from kissbot.engine import write_transaction, writer
 from kissbot.errors import DecryptionError, KeyFileError
 from kissbot.models import config, oauth_tokens
 from kissbot.repo import AuditRepository, ConfigRepository, TokenRepository
@@ -501,34 +501,57 @@ def _reencrypt(
     engine: Engine, cipher: TokenCipher, batch_size: int, progress: Callable[[int], None] | None
 ) -> tuple[int, list[tuple[int, str, int]]]:
     target = cipher.current_version
+    ring = cipher.ring
+    # A row is decrypted with the key its key_version names, not by trying the
+    # ring's keys newest first (a failed HMAC per token); the whole ring is the
+    # fallback for a row whose label is wrong.
+    own = {v: TokenCipher(KeyRing(((v, ring.key(v)),))) for v in ring.versions if v != target}
     t = _raw_tokens.c
+    pending = (
+        select(t.id, t.user_id, t.token_type, t.version, t.key_version,
+               t.access_token_encrypted, t.refresh_token_encrypted)
+        .where(t.key_version != target, t.id > bindparam("after"))
+        .order_by(t.id)
+        .limit(batch_size)
+    )
+
+    def reencrypt(stored: str, version: int) -> str:
+        decrypting = own.get(version)
+        try:
+            plaintext = (decrypting or cipher).decrypt(stored)
+        except DecryptionError:
+            if decrypting is None:
+                raise
+            plaintext = cipher.decrypt(stored)
+        return cipher.encrypt(plaintext)
+
     done = 0
     while True:
         moved, after, failed = 0, 0, []
         while True:
-            with writer(engine).begin() as conn:
-                batch = conn.execute(
-                    select(t.id, t.user_id, t.token_type, t.version, t.key_version,
-                           t.access_token_encrypted, t.refresh_token_encrypted)
-                    .where(t.key_version != target, t.id > after)
-                    .order_by(t.id)
-                    .limit(batch_size)
-                ).all()
+            with write_transaction(engine) as conn:
+                batch = conn.execute(pending, {"after": after}).all()
                 if not batch:
                     break
-                count = 0
-                for row in batch:
+                params = []
+                for row_id, user_id, token_type, version, key_version, access, refresh in batch:
                     try:
-                        values = {
-                            "p_access": cipher.encrypt(cipher.decrypt(row.access_token_encrypted)),
-                            "p_refresh": cipher.encrypt(cipher.decrypt(row.refresh_token_encrypted)),
-                        }
+                        params.append({
+                            "p_id": row_id, "p_version": version, "p_key_version": key_version, "p_target": target,
+                            "p_access": reencrypt(access, key_version), "p_refresh": reencrypt(refresh, key_version),
+                        })
                     except DecryptionError:
-                        failed.append((row.user_id, row.token_type, row.key_version))
-                        continue
-                    params = {"p_id": row.id, "p_version": row.version, "p_key_version": row.key_version}
-                    count += conn.execute(_REENCRYPT_ROW, {**params, **values, "p_target": target}).rowcount
-            after = batch[-1].id
+                        failed.append((user_id, token_type, key_version))
+                # Each UPDATE matches only a row still at the version and key
+                # version read above: a row a bot rewrote meanwhile is left for
+                # the next pass. rowcount sums them on drivers that say so.
+                if not params:
+                    count = 0
+                elif conn.dialect.supports_sane_multi_rowcount:
+                    count = conn.execute(_REENCRYPT_ROW, params).rowcount
+                else:
+                    count = sum(conn.execute(_REENCRYPT_ROW, p).rowcount for p in params)
+            after = batch[-1][0]
             moved += count
             if progress is not None:
                 progress(count)
