@@ -425,9 +425,10 @@ def rotate_keys(
     fingerprint is claimed in the store, then the key file is rewritten
     atomically with the new key first and the old ones kept, before any row
     is touched. Rows are then re-encrypted ``batch_size`` at a time, each
-    batch its own short write transaction, skipping rows a bot rewrote
-    meanwhile (bots pick up the new key from the file and write with it).
-    ``progress`` is called with the number of rows of each batch. Finally
+    batch its own short write transaction, never overwriting a row a bot
+    rewrote meanwhile (bots pick up the new key from the file and write with
+    it; a row still at an older version is re-encrypted by a later pass).
+    ``progress`` is called with the number of rows each batch re-encrypted. Finally
     ``encryption_key_version`` is set and the rotation audited.
 
     Raises :class:`DecryptionError` (naming the first user) if rows cannot be
@@ -525,9 +526,12 @@ def _reencrypt(
             plaintext = cipher.decrypt(stored)
         return cipher.encrypt(plaintext)
 
+    # Passes go on until one finds nothing left to write back (rows that do
+    # not decrypt stay behind): a row a bot rewrote between the read and the
+    # UPDATE is not matched by it, and is picked up by the next pass.
     done = 0
     while True:
-        moved, after, failed = 0, 0, []
+        tried, after, failed = 0, 0, []
         while True:
             with write_transaction(engine) as conn:
                 batch = conn.execute(pending, {"after": after}).all()
@@ -542,9 +546,7 @@ def _reencrypt(
                         })
                     except DecryptionError:
                         failed.append((user_id, token_type, key_version))
-                # Each UPDATE matches only a row still at the version and key
-                # version read above: a row a bot rewrote meanwhile is left for
-                # the next pass. rowcount sums them on drivers that say so.
+                # rowcount is exact (the sum over the rows) only on drivers that say so.
                 if not params:
                     count = 0
                 elif conn.dialect.supports_sane_multi_rowcount:
@@ -552,11 +554,11 @@ def _reencrypt(
                 else:
                     count = sum(conn.execute(_REENCRYPT_ROW, p).rowcount for p in params)
             after = batch[-1][0]
-            moved += count
+            tried += len(params)
+            done += count
             if progress is not None:
                 progress(count)
-        done += moved
-        if moved == 0:
+        if not tried:
             return done, failed
 
 

@@ -380,6 +380,65 @@ def test_rotation_leaves_undecryptable_rows_at_their_version_and_fails_closed(db
         assert mgr.get_tokens(ids[0])["access_token"] == f"access-{ids[0]}"
 
 
+def test_rows_a_bot_rewrites_during_a_batch_keep_the_bots_value_and_end_up_rotated(store_url, key_file):
+    with DatabaseManager(url=store_url, key_file=key_file) as mgr:
+        ids = fill(mgr, 6)
+    ring = read_key_ring(key_file)
+    engine = create_engine(store_url)
+    # Before each of the rotation's first two UPDATEs (its first two passes, as
+    # the batch holds every row), bots commit new tokens for rows it has just
+    # read: with the old key (a bot that encrypted before the key file changed)
+    # or with the new one.
+    races = [[(ids[1], 1), (ids[3], 2)], [(ids[1], 1)]]
+    written = {}
+
+    @sqlalchemy.event.listens_for(engine, "before_cursor_execute")
+    def bots_write_first(conn, cursor, statement, parameters, context, executemany):
+        if not races or not statement.lstrip().startswith("UPDATE oauth_tokens"):
+            return
+        new_ring = read_key_ring(key_file)
+        for uid, version in races.pop(0):
+            cipher = TokenCipher(KeyRing(((version, new_ring.key(version)),)))
+            written[uid] = f"bot-access-{uid}-{len(races)}"
+            conn.execute(  # in lower case, not to be taken for the rotation's UPDATE
+                sqlalchemy.text(
+                    "update oauth_tokens set access_token_encrypted = :a, refresh_token_encrypted = :r, "
+                    "key_version = :kv, version = version + 1 where user_id = :uid"
+                ),
+                {"a": cipher.encrypt(written[uid]), "r": cipher.encrypt("bot-refresh"), "kv": version, "uid": uid},
+            )
+
+    result = rotate_keys(engine, resolve_key_source(key_file=key_file), db="the store", batch_size=10)
+    engine.dispose()
+    assert races == []
+    assert result.rows == 5, "the old-key row is re-encrypted once, by the third pass; the new-key row is left alone"
+    new_key = read_key_ring(key_file).key(2)
+    assert new_key != ring.key(1)
+    with DatabaseManager(url=store_url, key_file=key_file) as mgr:
+        for uid in ids:
+            assert mgr.get_tokens(uid)["access_token"] == written.get(uid, f"access-{uid}"), "no bot write was overwritten"
+        assert mgr.get_audit_log(1)[0]["details"]["rows"] == 5
+        assert mgr.get_config("encryption_key_version") == 2
+    rows = raw_rows(store_url)
+    assert {kv for _, kv, _, _ in rows} == {2}
+    assert all(decrypts_with(new_key, a) and decrypts_with(new_key, r) for _, _, a, r in rows)
+
+
+def test_rotation_reencrypts_a_row_labelled_with_the_wrong_key_version(db_file, key_file):
+    with DatabaseManager(db_file, key_file) as mgr:
+        ids = fill(mgr, 2)
+    engine = create_engine(db_file)
+    rotate_keys(engine, resolve_key_source(key_file=key_file))
+    with sqlite3.connect(db_file) as conn:  # encrypted with v2, labelled v1
+        conn.execute("UPDATE oauth_tokens SET key_version = 1 WHERE user_id = ?", (ids[0],))
+    result = rotate_keys(engine, resolve_key_source(key_file=key_file))
+    engine.dispose()
+    assert (result.to_version, result.rows, result.resumed) == (2, 1, True)
+    assert {kv for _, kv, _, _ in raw_rows(db_file)} == {2}
+    with DatabaseManager(db_file, key_file) as mgr:
+        assert [mgr.get_tokens(uid)["access_token"] for uid in ids] == [f"access-{uid}" for uid in ids]
+
+
 ROTATION_ROWS = 3000
 
 
