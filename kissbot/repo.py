@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Union
 
-from sqlalchemy import bindparam, delete, false, func, insert, select, update
+from sqlalchemy import bindparam, delete, false, func, insert, literal_column, select, update
 from sqlalchemy.engine import Connection, Dialect, Result
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -58,6 +58,50 @@ _IN_CHUNK = 400
 def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
     for start in range(0, len(values), _IN_CHUNK):
         yield values[start : start + _IN_CHUNK]
+
+
+class _Prepared:
+    """A write statement compiled once per engine and run with ``exec_driver_sql``.
+
+    ``Connection.execute`` of even a prebuilt statement looks it up in the
+    engine's compiled cache and builds its parameters through the compiler on
+    every call, about as much again as the statement itself on a token write.
+    Here SQLAlchemy compiles the statement once per dialect; each call only
+    applies the same type processors (encryption, UTC timestamps) in the
+    compiled order. A :class:`Session` gets the statement itself, so its
+    autoflush still runs; a list of parameter sets takes ``execute`` too.
+    """
+
+    __slots__ = ("stmt",)
+
+    def __init__(self, stmt: Any) -> None:
+        self.stmt = stmt
+
+    def __call__(self, db: Executor, params: dict[str, Any]) -> Any:
+        if not isinstance(db, Connection):
+            return db.execute(self.stmt, params)
+        prepared = db.dialect.__dict__.setdefault(_PREPARED_ATTR, {})
+        entry = prepared.get(self)
+        if entry is None:
+            entry = prepared[self] = self._compile(db.dialect)
+        compiled, processors, order = entry
+        values = compiled.construct_params(params)
+        for name, process in processors:
+            values[name] = process(values[name])
+        return db.exec_driver_sql(compiled.string, values if order is None else tuple(values[k] for k in order))
+
+    def _compile(self, dialect: Dialect) -> tuple[Any, tuple[tuple[str, Any], ...], tuple[str, ...] | None]:
+        compiled = self.stmt.compile(dialect=dialect)
+        processors = tuple(
+            (name, process)
+            for name, bind in compiled.binds.items()
+            if (process := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None
+        )
+        order = tuple(compiled.positiontup) if compiled.positional else None
+        return compiled, processors, order
+
+
+_PREPARED_ATTR = "_kissbot_prepared"
 
 
 # --- users -------------------------------------------------------------------------------------
@@ -253,23 +297,27 @@ _STORED_VALUES = {
     "refresh_token_encrypted": bindparam("p_refresh"),
     "scopes": bindparam("p_scopes"),
     "expires_at": bindparam("p_expires_at"),
-    "needs_reauth": False,
-    "status": "valid",
-    "refresh_failures": 0,
+    # Constants are written into the SQL rather than bound: fewer parameters to
+    # process on every token write.
+    "needs_reauth": false(),
+    "status": literal_column("'valid'"),
+    "refresh_failures": literal_column("0"),
     "key_version": bindparam("p_key_version"),
     "updated_at": bindparam("p_now"),
 }
 _UPDATE_TOKENS = (
     update(oauth_tokens)
     .where(_ROW)
-    .values(**_STORED_VALUES, version=oauth_tokens.c.version + 1, last_refresh=bindparam("p_now"))
+    .values(**_STORED_VALUES, version=oauth_tokens.c.version + literal_column("1"), last_refresh=bindparam("p_now"))
 )
 _UPDATE_TOKENS_IF_VERSION = _UPDATE_TOKENS.where(oauth_tokens.c.version == bindparam("p_version"))
+_STORE_UPDATE = _Prepared(_UPDATE_TOKENS)
+_STORE_UPDATE_IF_VERSION = _Prepared(_UPDATE_TOKENS_IF_VERSION)
 _INSERT_TOKENS = insert(oauth_tokens).values(
     **_STORED_VALUES,
     user_id=bindparam("p_user_id"),
     token_type=bindparam("p_type"),
-    version=1,
+    version=literal_column("1"),
     created_at=bindparam("p_now"),
 )
 _VERSION = select(oauth_tokens.c.version).where(_ROW)
@@ -464,8 +512,8 @@ class TokenRepository:
             user_id, token_type, access_token, refresh_token, scopes, now + timedelta(seconds=expires_in), now, key_version
         )
         params["p_version"] = expected_version
-        update_stmt = _UPDATE_TOKENS if expected_version is None else _UPDATE_TOKENS_IF_VERSION
-        created = self.db.execute(update_stmt, params).rowcount == 0
+        write = _STORE_UPDATE if expected_version is None else _STORE_UPDATE_IF_VERSION
+        created = write(self.db, params).rowcount == 0
         if created:
             if expected_version is not None:
                 current = self.db.execute(_VERSION, params).scalar()
@@ -487,7 +535,7 @@ class TokenRepository:
                         f"tokens of user {user_id} ({token_type}) were just created by another process, "
                         f"not at version {expected_version}"
                     ) from exc
-                self.db.execute(_UPDATE_TOKENS, params)
+                _STORE_UPDATE(self.db, params)
                 created = False
         AuditRepository(self.db).log_event(
             "tokens_created" if created else "tokens_refreshed",
@@ -689,6 +737,7 @@ _HEARTBEAT = (
     .where(instances.c.id == bindparam("p_id"), instances.c.status != "disabled")
     .values(last_heartbeat=bindparam("p_now"), status=bindparam("p_status"), updated_at=bindparam("p_now"))
 )
+_BEAT = _Prepared(_HEARTBEAT)
 STALE_HEARTBEATS = 3
 """A running instance whose last heartbeat is older than this many ``health_check_interval`` is stale."""
 
@@ -747,7 +796,7 @@ class InstanceRepository:
         Raises :class:`InstanceDisabled` for a disabled instance: a late
         heartbeat does not bring back an instance that crashed too often.
         """
-        result = self.db.execute(_HEARTBEAT, {"p_id": instance_id, "p_now": utcnow(), "p_status": status})
+        result = _BEAT(self.db, {"p_id": instance_id, "p_now": utcnow(), "p_status": status})
         if result.rowcount == 0:
             if self.get_instance(instance_id) is None:
                 raise InstanceNotFound(f"no instance with id {instance_id}")
@@ -898,6 +947,7 @@ _INSERT_AUDIT = insert(audit_log).values(
     severity=bindparam("p_severity"),
     timestamp=bindparam("p_now"),
 )
+_LOG_EVENT = _Prepared(_INSERT_AUDIT)
 SEVERITIES = ("info", "warning", "error")
 
 
@@ -943,7 +993,7 @@ class AuditRepository:
         severity: str = "info",
     ) -> None:
         """Append one audit event. ``details`` must not hold tokens or keys."""
-        self.db.execute(_INSERT_AUDIT, _event_params(event_type, user_id, channel_id, details, severity, utcnow()))
+        _LOG_EVENT(self.db, _event_params(event_type, user_id, channel_id, details, severity, utcnow()))
 
     def log_events(
         self, event_type: str, events: Iterable[tuple[int | None, dict[str, Any] | None]], severity: str = "info"

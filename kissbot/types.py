@@ -66,6 +66,15 @@ class EncryptedString(TypeDecorator[str]):
             return None
         return Secret(cipher_of(dialect).decrypt(value))
 
+    def bind_processor(self, dialect: Dialect) -> Any:
+        # The same as process_bind_param without TypeDecorator's per-value
+        # indirection; the cipher is still looked up per value, since a store's
+        # key can be replaced while its compiled statements stay cached.
+        def process(value: str | None) -> str | None:
+            return None if value is None else cipher_of(dialect).encrypt(value)
+
+        return process
+
     def __repr__(self) -> str:
         return "EncryptedString()"
 
@@ -92,6 +101,20 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value.tzinfo is None:
             return value.replace(tzinfo=timezone.utc)
         return value.astimezone(timezone.utc)
+
+    def bind_processor(self, dialect: Dialect) -> Any:
+        if dialect.name != "sqlite":
+            return super().bind_processor(dialect)
+        # SQLite stores naive UTC text in SQLAlchemy's format, "2026-11-25
+        # 15:10:00.123456"; isoformat writes exactly that in one C call.
+        check = self.process_bind_param
+
+        def process(value: datetime | None) -> str | None:
+            if value is None:
+                return None
+            return check(value, dialect).isoformat(" ", "microseconds")
+
+        return process
 
     def result_processor(self, dialect: Dialect, coltype: object) -> Any:
         if dialect.name != "sqlite":
