@@ -12,11 +12,11 @@ from sqlalchemy.pool import NullPool
 
 from kissbot.engine import create_engine
 from kissbot.migrations import migration_connection
-from kissbot.models import Base
+from kissbot.schema import metadata
 from kissbot.types import EncryptedString, UTCDateTime
 
 config = context.config
-target_metadata = Base.metadata
+target_metadata = metadata
 
 
 def render_item(type_, obj, autogen_context):

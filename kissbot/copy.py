@@ -21,11 +21,11 @@ from sqlalchemy import Column, MetaData, Table, Text, delete, func, insert, sele
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
+from kissbot import schema
 from kissbot.crypto import TokenCipher
 from kissbot.engine import connect_sqlite_query_only, create_engine, sqlite_path, to_url, writer
 from kissbot.errors import CopyError, DatabaseError, DecryptionError, TargetNotEmpty, driver_message
 from kissbot.migrations import HEAD, KISSBOT_TABLES, _state, ensure_schema
-from kissbot.models import Base
 from kissbot.types import EncryptedString
 
 COPY_ORDER = ("users", "oauth_tokens", "instances", "audit_log", "config")
@@ -41,11 +41,11 @@ _DEFAULT_CONFIG_KEYS = frozenset(
 
 
 def _raw_tables() -> dict[str, Table]:
-    # The models' tables with token columns as plain Text: rows go across as stored ciphertext.
+    # kissbot's tables with token columns as plain Text: rows go across as stored ciphertext.
     metadata = MetaData()
     tables = {}
     for name in COPY_ORDER:
-        model = Base.metadata.tables[name]
+        model = schema.metadata.tables[name]
         columns = [
             Column(c.name, Text() if isinstance(c.type, EncryptedString) else c.type, primary_key=c.primary_key)
             for c in model.columns

@@ -27,7 +27,7 @@ from kissbot.engine import connect_sqlite_query_only, create_engine, is_memory, 
 from kissbot.errors import KeyFileError
 from kissbot.maintenance import integrity_problems
 from kissbot.migrations import HEAD, KISSBOT_TABLES, current_revision, is_known_revision
-from kissbot.models import instances, oauth_tokens, users
+from kissbot.schema import instances, oauth_tokens, users
 from kissbot.repo import ConfigRepository
 from kissbot.types import utcnow
 

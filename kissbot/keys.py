@@ -43,7 +43,7 @@ from kissbot.crypto import (
 )
 from kissbot.engine import write_transaction, writer
 from kissbot.errors import DecryptionError, KeyFileError
-from kissbot.models import config, oauth_tokens
+from kissbot.schema import config, oauth_tokens
 from kissbot.repo import AuditRepository, ConfigRepository, TokenRepository
 from kissbot.types import utcnow
 

@@ -12,11 +12,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import URL, Engine
-from sqlalchemy.orm import Session
 
 from kissbot.crypto import KeyRing
 from kissbot.engine import (
@@ -34,6 +33,9 @@ from kissbot.keys import load_cipher, read_key_source, resolve_key_source
 from kissbot.migrations import ensure_schema
 from kissbot.repo import AuditRepository, ConfigRepository, InstanceRepository, TokenRepository, UserRepository
 from kissbot.types import attach_cipher
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 CLEANUP_BATCH_SIZE = 5000
 CLEANUP_PAUSE_RATIO = 0.5
@@ -117,6 +119,8 @@ class DatabaseManager:
                 uid = UserRepository(s).create_user("1", "bot")
                 TokenRepository(s).store_tokens(uid, "a", "r", 3600)
         """
+        from sqlalchemy.orm import Session
+
         with Session(self._writer, expire_on_commit=False) as session, session.begin():
             yield session
 

@@ -1,57 +1,43 @@
-"""Declarative models of the five tables of the specification.
+"""Declarative ORM classes mapped onto the Core tables of :mod:`kissbot.schema`.
 
-Table, column and index names are the specification's. Every other constraint
-is named by :data:`NAMING_CONVENTION` so names are the same on SQLite and
-PostgreSQL and migrations can refer to them.
+For code that wants a :class:`~sqlalchemy.orm.Session` and objects; the
+library itself uses the tables only, so importing it does not import the ORM.
+The tables are also importable from here (``kissbot.models.users`` is
+``kissbot.schema.users``).
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Boolean, ForeignKey, Index, Integer, MetaData, Text, false, func
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped
 
-from kissbot.types import EncryptedString, UTCDateTime, utcnow
+from kissbot.schema import NAMING_CONVENTION, audit_log, config, instances, metadata, oauth_tokens, users
 
-NAMING_CONVENTION = {
-    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
-
-_SQLITE_AUTOINCREMENT = {"sqlite_autoincrement": True}
+__all__ = [
+    "NAMING_CONVENTION", "Base", "User", "OAuthToken", "Instance", "AuditLog", "Config",
+    "users", "oauth_tokens", "instances", "audit_log", "config",
+]
 
 
 class Base(DeclarativeBase):
-    """Declarative base sharing one :class:`MetaData` with the naming convention."""
+    """Declarative base sharing :data:`kissbot.schema.metadata` (with its naming convention)."""
 
-    metadata = MetaData(naming_convention=NAMING_CONVENTION)
-
-
-def _created_at() -> Mapped[datetime]:
-    return mapped_column(UTCDateTime, default=utcnow, server_default=func.current_timestamp())
-
-
-def _updated_at() -> Mapped[datetime]:
-    return mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow, server_default=func.current_timestamp())
+    metadata = metadata
 
 
 class User(Base):
     """A Twitch account: a bot or a channel. Logins are stored lowercase."""
 
-    __tablename__ = "users"
-    __table_args__ = _SQLITE_AUTOINCREMENT
+    __table__ = users
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    twitch_user_id: Mapped[str] = mapped_column(Text, unique=True)
-    twitch_login: Mapped[str] = mapped_column(Text, unique=True)
-    display_name: Mapped[str | None] = mapped_column(Text)
-    is_bot: Mapped[bool | None] = mapped_column(Boolean, default=False, server_default=false())
-    created_at: Mapped[datetime | None] = _created_at()
-    updated_at: Mapped[datetime | None] = _updated_at()
+    id: Mapped[int]
+    twitch_user_id: Mapped[str]
+    twitch_login: Mapped[str]
+    display_name: Mapped[str | None]
+    is_bot: Mapped[bool | None]
+    created_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime | None]
 
     def __repr__(self) -> str:
         return f"<User id={self.id} login={self.twitch_login!r}>"
@@ -66,32 +52,26 @@ class OAuthToken(Base):
     refresh the row at a time; ``key_version`` names the key that encrypted it.
     """
 
-    __tablename__ = "oauth_tokens"
-    __table_args__ = (
-        Index("idx_oauth_user", "user_id"),
-        Index("idx_oauth_expires", "expires_at"),
-        Index("uq_oauth_tokens_user_id_token_type", "user_id", "token_type", unique=True),
-        _SQLITE_AUTOINCREMENT,
-    )
+    __table__ = oauth_tokens
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    access_token_encrypted: Mapped[str] = mapped_column(EncryptedString)
-    refresh_token_encrypted: Mapped[str] = mapped_column(EncryptedString)
-    scopes: Mapped[str | None] = mapped_column(Text)
-    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    needs_reauth: Mapped[bool | None] = mapped_column(Boolean, default=False, server_default=false())
-    refresh_failures: Mapped[int | None] = mapped_column(Integer, default=0, server_default="0")
-    created_at: Mapped[datetime | None] = _created_at()
-    updated_at: Mapped[datetime | None] = _updated_at()
-    token_type: Mapped[str] = mapped_column(Text, default="bot", server_default="bot")
-    status: Mapped[str] = mapped_column(Text, default="valid", server_default="valid")
-    last_refresh: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    last_validated: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
-    refresh_lease_owner: Mapped[str | None] = mapped_column(Text)
-    refresh_lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    key_version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    id: Mapped[int]
+    user_id: Mapped[int]
+    access_token_encrypted: Mapped[str]
+    refresh_token_encrypted: Mapped[str]
+    scopes: Mapped[str | None]
+    expires_at: Mapped[datetime]
+    needs_reauth: Mapped[bool | None]
+    refresh_failures: Mapped[int | None]
+    created_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime | None]
+    token_type: Mapped[str]
+    status: Mapped[str]
+    last_refresh: Mapped[datetime | None]
+    last_validated: Mapped[datetime | None]
+    version: Mapped[int]
+    refresh_lease_owner: Mapped[str | None]
+    refresh_lease_expires_at: Mapped[datetime | None]
+    key_version: Mapped[int]
 
     def __repr__(self) -> str:
         return f"<OAuthToken user_id={self.user_id} type={self.token_type} expires_at={self.expires_at}>"
@@ -100,21 +80,20 @@ class OAuthToken(Base):
 class Instance(Base):
     """A bot process serving one channel."""
 
-    __tablename__ = "instances"
-    __table_args__ = _SQLITE_AUTOINCREMENT
+    __table__ = instances
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    channel_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
-    bot_user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
-    status: Mapped[str] = mapped_column(Text, default="stopped", server_default="stopped")
-    pid: Mapped[int | None] = mapped_column(Integer)
-    start_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    stop_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    last_heartbeat: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    crash_count: Mapped[int | None] = mapped_column(Integer, default=0, server_default="0")
-    config_overrides: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime | None] = _created_at()
-    updated_at: Mapped[datetime | None] = _updated_at()
+    id: Mapped[int]
+    channel_id: Mapped[int]
+    bot_user_id: Mapped[int]
+    status: Mapped[str]
+    pid: Mapped[int | None]
+    start_time: Mapped[datetime | None]
+    stop_time: Mapped[datetime | None]
+    last_heartbeat: Mapped[datetime | None]
+    crash_count: Mapped[int | None]
+    config_overrides: Mapped[str | None]
+    created_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime | None]
 
     def __repr__(self) -> str:
         return f"<Instance id={self.id} status={self.status!r} pid={self.pid}>"
@@ -123,21 +102,15 @@ class Instance(Base):
 class AuditLog(Base):
     """One audit event. ``details`` is JSON and never holds a secret."""
 
-    __tablename__ = "audit_log"
-    __table_args__ = (
-        Index("idx_audit_timestamp", "timestamp"),
-        Index("idx_audit_event_type", "event_type"),
-        Index("idx_audit_user", "user_id"),
-        _SQLITE_AUTOINCREMENT,
-    )
+    __table__ = audit_log
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    event_type: Mapped[str] = mapped_column(Text)
-    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
-    channel_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
-    details: Mapped[str | None] = mapped_column(Text)
-    severity: Mapped[str | None] = mapped_column(Text, default="info", server_default="info")
-    timestamp: Mapped[datetime | None] = mapped_column(UTCDateTime, default=utcnow, server_default=func.current_timestamp())
+    id: Mapped[int]
+    event_type: Mapped[str]
+    user_id: Mapped[int | None]
+    channel_id: Mapped[int | None]
+    details: Mapped[str | None]
+    severity: Mapped[str | None]
+    timestamp: Mapped[datetime | None]
 
     def __repr__(self) -> str:
         return f"<AuditLog id={self.id} event_type={self.event_type!r}>"
@@ -146,19 +119,12 @@ class AuditLog(Base):
 class Config(Base):
     """A system setting (key/value)."""
 
-    __tablename__ = "config"
+    __table__ = config
 
-    key: Mapped[str] = mapped_column(Text, primary_key=True)
-    value: Mapped[str] = mapped_column(Text)
-    description: Mapped[str | None] = mapped_column(Text)
-    updated_at: Mapped[datetime | None] = _updated_at()
+    key: Mapped[str]
+    value: Mapped[str]
+    description: Mapped[str | None]
+    updated_at: Mapped[datetime | None]
 
     def __repr__(self) -> str:
         return f"<Config key={self.key!r}>"
-
-
-users = User.__table__
-oauth_tokens = OAuthToken.__table__
-instances = Instance.__table__
-audit_log = AuditLog.__table__
-config = Config.__table__

@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from sqlalchemy import bindparam, delete, false, func, insert, literal_column, select, update
 from sqlalchemy.engine import Connection, Dialect, Result
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from kissbot.errors import (
     DecryptionError,
@@ -28,10 +27,13 @@ from kissbot.errors import (
     StaleTokens,
     UserNotFound,
 )
-from kissbot.models import audit_log, config, instances, oauth_tokens, users
+from kissbot.schema import audit_log, config, instances, oauth_tokens, users
 from kissbot.types import cipher_of, utcnow
 
-Executor = Union[Session, Connection]
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+Executor = Union["Session", Connection]
 """What a repository runs its statements on."""
 
 _SECRET_DETAIL_KEYS = frozenset({"access_token", "refresh_token", "token", "refresh", "client_secret", "key"})
@@ -432,7 +434,7 @@ def _decode_scopes(raw: str | None) -> list[str]:
 
 
 def _dialect(db: Executor) -> Dialect:
-    return db.get_bind().dialect if isinstance(db, Session) else db.dialect
+    return db.dialect if isinstance(db, Connection) else db.get_bind().dialect
 
 
 def _check_type(token_type: str) -> str:
