@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
+import subprocess
+import sys
 
+import click
 import pytest
 from cryptography.fernet import Fernet
 from click.testing import CliRunner
 
 from kissbot import DatabaseManager, __version__
+import kissbot.cli
 from kissbot.cli import cli
+from kissbot.cli.main import COMMAND_MODULES
 
 
 @pytest.fixture
@@ -99,9 +106,11 @@ def test_version(runner):
 
 
 def _all_commands(group, prefix=()):
-    for name, command in group.commands.items():
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
         yield (*prefix, name), command
-        if hasattr(command, "commands"):
+        if isinstance(command, click.Group):
             yield from _all_commands(command, (*prefix, name))
 
 
@@ -113,3 +122,32 @@ def test_every_command_has_help_with_an_example(runner):
         assert result.exit_code == 0, path
         assert "Example:" in result.output, f"kissbot {' '.join(path)} --help has no example"
         assert "kissbot " in result.output.split("Example:", 1)[1], path
+
+
+def test_every_command_module_is_known_to_the_group():
+    """`kissbot` imports a command's module only when the command is used, from COMMAND_MODULES."""
+    for module in pkgutil.iter_modules(kissbot.cli.__path__):
+        importlib.import_module(f"kissbot.cli.{module.name}")
+    defined = {name: command.callback.__module__ for name, command in cli.commands.items()}
+    assert defined == {name: f"kissbot.cli.{module}" for name, module in COMMAND_MODULES.items()}
+
+
+def test_stats_imports_neither_the_orm_nor_other_commands(tmp_path):
+    """A cold `kissbot stats` loads only what it needs (the ORM alone costs about half of `import sqlalchemy`)."""
+    db, key_file = tmp_path / "k.db", tmp_path / "k.key"
+    with DatabaseManager(db, key_file) as mgr:
+        mgr.store_tokens(mgr.create_user("1", "serda_bot", is_bot=True), "access", "refresh", 3600)
+    script = (
+        "import sys\n"
+        "from kissbot.cli import cli\n"
+        "cli.main(['stats', '--db', sys.argv[1], '--key-file', sys.argv[2]], standalone_mode=False)\n"
+        "loaded = [m for m in sys.modules if m.split('.')[0] in {'alembic', 'yaml', 'httpx'}\n"
+        "          or m.startswith(('sqlalchemy.orm', 'kissbot.cli.', 'kissbot.models', 'kissbot.importers'))]\n"
+        "print('loaded:', sorted(loaded))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(db), str(key_file)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Tokens: 1\n" in result.stdout
+    assert result.stdout.splitlines()[-1] == "loaded: ['kissbot.cli.main', 'kissbot.cli.store']"

@@ -8,6 +8,7 @@ Commands are a thin layer over the public API: they open a store with
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import logging
 import os
@@ -53,8 +54,33 @@ class StoreTarget:
         )
 
 
+COMMAND_MODULES = {
+    "init-db": "store", "stats": "store",
+    "adopt": "adopt",
+    "migrate-yaml": "migrate", "import-tio": "migrate",
+    "users": "inspection", "tokens": "inspection", "instances": "inspection", "audit": "inspection",
+    "config": "inspection",
+    "cleanup-logs": "ops", "backup": "ops", "restore": "ops", "maintenance": "ops", "doctor": "ops",
+    "refresh-worker": "refresh",
+    "copy": "copy",
+    "key": "key",
+}
+"""Each command of ``kissbot`` and the module of :mod:`kissbot.cli` that defines it."""
+
+
 class KissbotGroup(click.Group):
-    """A group that turns library and database errors into one-line messages."""
+    """The ``kissbot`` group: loads a command's module when the command is used
+    (:data:`COMMAND_MODULES`, so ``kissbot stats`` imports no other command's
+    dependencies), and turns library and database errors into one-line messages.
+    """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *COMMAND_MODULES})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMAND_MODULES:
+            importlib.import_module(f"kissbot.cli.{COMMAND_MODULES[cmd_name]}")
+        return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
         from sqlalchemy.exc import SQLAlchemyError
