@@ -34,11 +34,13 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from kissbot.errors import DecryptionError, KeyFileError
+
+if TYPE_CHECKING:
+    from cryptography.fernet import Fernet, MultiFernet
 
 DEFAULT_KEY_FILE = ".kissbot.key"
 _FERNET_PREFIX = "gAAAAA"
@@ -50,9 +52,18 @@ _HEADER = b'# kissbot key file: "v<version>:<Fernet key>" per line, newest first
 log = logging.getLogger(__name__)
 
 
+def _fernet() -> ModuleType:
+    # cryptography (~15 ms to import) is loaded when something is encrypted or
+    # decrypted: opening a store, reading its key file and checking its
+    # fingerprints (HMAC), as `kissbot stats` does, needs none of it.
+    import cryptography.fernet
+
+    return cryptography.fernet
+
+
 def generate_key() -> bytes:
     """Return a new random Fernet key."""
-    return Fernet.generate_key()
+    return _fernet().Fernet.generate_key()
 
 
 def fingerprint(key: bytes) -> str:
@@ -65,11 +76,11 @@ def fingerprint(key: bytes) -> str:
 
 
 def _valid(key: bytes) -> bool:
+    # Fernet's own check of a key (32 bytes, URL-safe base64), without importing cryptography.
     try:
-        Fernet(key)
+        return len(base64.urlsafe_b64decode(key)) == 32
     except (ValueError, TypeError, binascii.Error):
         return False
-    return True
 
 
 @dataclass(frozen=True, repr=False)
@@ -194,7 +205,7 @@ class TokenCipher:
         self._plaintexts: dict[str, str] = {}
 
     def _set(self, ring: KeyRing) -> None:
-        self._state = (ring, MultiFernet([Fernet(k) for _, k in ring.keys]))
+        self._state = (ring, _Fernets(k for _, k in ring.keys))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} v{self._state[0].primary}>"
@@ -211,18 +222,37 @@ class TokenCipher:
 
     def encrypt(self, plaintext: str) -> str:
         """Return the standard Fernet token of ``plaintext`` under the primary key."""
-        return self._state[1].encrypt(plaintext.encode()).decode("ascii")
+        return self._state[1].get().encrypt(plaintext.encode()).decode("ascii")
 
     def decrypt(self, stored: str) -> str:
         """Return the plaintext of a stored token; raise :class:`DecryptionError`."""
         plaintext = self._plaintexts.get(stored)
         if plaintext is not None:
             return plaintext
-        plaintext = _decrypt(self._state[1], stored)
+        plaintext = _decrypt(self._state[1].get(), stored)
         if len(self._plaintexts) >= _DECRYPTED_KEPT:
             self._plaintexts.clear()
         self._plaintexts[stored] = plaintext
         return plaintext
+
+
+class _Fernets:
+    """A ring's keys as one ``MultiFernet``, made on first use (see :func:`_fernet`).
+
+    Each ring has its own, so a rotation replacing the ring never races with it.
+    """
+
+    __slots__ = ("_keys", "_multi")
+
+    def __init__(self, keys: Iterable[bytes]) -> None:
+        self._keys = tuple(keys)
+        self._multi: MultiFernet | None = None
+
+    def get(self) -> MultiFernet:
+        if self._multi is None:
+            fernet = _fernet()
+            self._multi = fernet.MultiFernet([fernet.Fernet(k) for k in self._keys])
+        return self._multi
 
 
 def _decrypt(fernet: Fernet | MultiFernet, stored: str) -> str:
@@ -231,14 +261,14 @@ def _decrypt(fernet: Fernet | MultiFernet, stored: str) -> str:
         if not stored.startswith(_FERNET_PREFIX):
             token = base64.urlsafe_b64decode(token)
         return fernet.decrypt(token).decode()
-    except (InvalidToken, ValueError, TypeError, binascii.Error, UnicodeError):
+    except (_fernet().InvalidToken, ValueError, TypeError, binascii.Error, UnicodeError):
         raise DecryptionError("Failed to decrypt token: wrong key or corrupted data") from None
 
 
 def decrypts_with(key: bytes, stored: str) -> bool:
     """True if ``stored`` (a Fernet token, or a legacy wrapped one) decrypts with ``key`` alone."""
     try:
-        _decrypt(Fernet(key), stored)
+        _decrypt(_fernet().Fernet(key), stored)
     except DecryptionError:
         return False
     return True

@@ -175,6 +175,33 @@ def test_garbage_key_file_is_refused(store_url, key_file):
         DatabaseManager(url=store_url, key_file=key_file)
 
 
+@pytest.mark.parametrize(
+    "key",
+    [
+        base64.urlsafe_b64encode(bytes(range(32))),
+        base64.urlsafe_b64encode(bytes(range(32))).decode(),
+        base64.urlsafe_b64encode(bytes(range(32))).rstrip(b"="),
+        base64.urlsafe_b64encode(bytes(range(31))),
+        base64.urlsafe_b64encode(bytes(range(33))),
+        base64.b64encode(bytes(range(250, 256)) * 6)[:44],
+        b" " + base64.urlsafe_b64encode(bytes(range(32))),
+        base64.urlsafe_b64encode(bytes(range(32))) + "é".encode(),
+        b"not a key",
+        b"",
+    ],
+)
+def test_keys_are_accepted_exactly_when_fernet_accepts_them(key):
+    """kissbot checks keys without loading cryptography; it must agree with Fernet itself."""
+    try:
+        Fernet(key)
+    except (ValueError, TypeError):
+        with pytest.raises(KeyFileError, match="not a valid Fernet key"):
+            TokenCipher(key)
+    else:
+        cipher = TokenCipher(key)
+        assert Fernet(key).decrypt(cipher.encrypt("x").encode()) == b"x"
+
+
 def test_reprs_hold_no_key_material():
     key = Fernet.generate_key()
     cipher = TokenCipher(key)
