@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import random
 import re
 import sqlite3
 import stat
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy
+import yaml
 from click.testing import CliRunner
 
 from kissbot import DatabaseManager
@@ -389,6 +391,156 @@ def test_read_yaml_tokens_normalises_entries(deploy):
         (login, DISPLAY[login], TWITCH_IDS[login]) for login in PLAINTEXT
     ]
     assert all(PLAINTEXT[e.login][0] not in repr(e) for e in batch.entries)
+
+
+# --- what config.yaml's values mean -------------------------------------------------------------
+# YAML 1.1 as PyYAML's safe loader reads it: kissbot builds plain documents itself from libyaml's
+# events (faster), and these values must keep exactly the meaning and the errors they had.
+
+ONE_ENTRY = "twitch:\n  tokens:\n    {login}:\n      user_id: {user_id}\n      access_token: {access}\n      refresh_token: {refresh}\n{extra}"
+VALUE_ERRORS = {
+    "refresh-tilde": ({"refresh": "~"}, "twitch.tokens.Bot: refresh_token is missing"),
+    "refresh-null": ({"refresh": "null"}, "twitch.tokens.Bot: refresh_token is missing"),
+    "refresh-empty": ({"refresh": ""}, "twitch.tokens.Bot: refresh_token is missing"),
+    "access-int": ({"access": "12345"}, "twitch.tokens.Bot: access_token must be a string"),
+    "access-hex": ({"access": "0x1F"}, "twitch.tokens.Bot: access_token must be a string"),
+    "access-float": ({"access": "1.5"}, "twitch.tokens.Bot: access_token must be a string"),
+    "access-yes": ({"access": "yes"}, "twitch.tokens.Bot: access_token must be a string"),
+    "access-date": ({"access": "2024-01-31"}, "twitch.tokens.Bot: access_token must be a string"),
+    "access-list": ({"access": "[a, b]"}, "twitch.tokens.Bot: access_token must be a string"),
+    "user-id-float": ({"user_id": "12.5"}, "twitch.tokens.Bot: user_id must be a number or a string of digits"),
+    "user-id-on": ({"user_id": "on"}, "twitch.tokens.Bot: user_id must be a number or a string of digits"),
+    "user-id-tilde": ({"user_id": "~"}, "twitch.tokens.Bot: user_id is missing"),
+    "login-number": ({"login": "123"}, "twitch.tokens.123: the login must be a non-empty string"),
+    "login-yes": ({"login": "yes"}, "twitch.tokens.True: the login must be a non-empty string"),
+    "login-null": ({"login": "~"}, "twitch.tokens.None: the login must be a non-empty string"),
+    "is-bot-quoted": ({"extra": "      is_bot: 'yes'\n"}, "twitch.tokens.Bot: is_bot must be true or false"),
+    "is-bot-number": ({"extra": "      is_bot: 1\n"}, "twitch.tokens.Bot: is_bot must be true or false"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VALUE_ERRORS))
+def test_yaml_values_of_the_wrong_type_are_one_line_errors(runner, deploy, case):
+    fields, problem = VALUE_ERRORS[case]
+    values = {"login": "Bot", "user_id": "42", "access": "botaccess", "refresh": "botrefresh", "extra": "", **fields}
+    (deploy / "bad.yaml").write_text(ONE_ENTRY.format(**values), encoding="utf-8")
+    before = snapshot(deploy)
+    result = migrate(runner, deploy, config="bad.yaml")
+    assert (result.exit_code, result.stdout, result.stderr) == (1, "", f"Error: {problem}\n")
+    assert snapshot(deploy) == before
+
+
+def test_yaml_values_keep_their_yaml_1_1_meaning(runner, deploy):
+    (deploy / "edge.yaml").write_text(
+        "defaults: &viewer\n"
+        "  scopes: [chat:read]\n"
+        "started: 2024-01-31 10:00:00\n"
+        "twitch:\n"
+        "  bot_id: 77\n"
+        "  tokens:\n"
+        "    '123':\n"                        # quoted: a login of digits
+        "      user_id: '0042'\n"             # quoted: the digits as written
+        "      access_token: '12345'\n"
+        "      refresh_token: 1e5\n"          # YAML 1.1 floats need a dot: a string
+        "      scopes: chat:read chat:edit\n"
+        "    Bot:\n"
+        "      user_id: 77\n"
+        "      access_token: oauth:yes\n"
+        "      refresh_token: !!str 67890\n"  # an explicit tag
+        "      is_bot: off\n"                 # YAML 1.1 boolean: false, although user_id is bot_id
+        "    Friend:\n"
+        "      <<: *viewer\n"                 # a merge key and an alias
+        "      user_id: 0x10\n"               # YAML 1.1 hexadecimal: 16
+        "      access_token: \"friend access\"\n"
+        "      refresh_token: |\n"
+        "        friendrefresh\n"
+        "      is_bot: Yes\n",
+        encoding="utf-8",
+    )
+    result = migrate(runner, deploy, config="edge.yaml")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "users_created: 3\nusers_updated: 0\ntokens_stored: 3\nerrors: 0\n"
+    expected = {
+        "123": ("0042", False, "12345", "1e5", ["chat:read", "chat:edit"]),
+        "bot": ("77", False, "yes", "67890", []),
+        "friend": ("16", True, "friend access", "friendrefresh", ["chat:read"]),
+    }
+    with DatabaseManager(deploy / "kissbot.db", deploy / ".kissbot.key") as mgr:
+        for login, (twitch_id, is_bot, access, refresh, scopes) in expected.items():
+            user = mgr.get_user_by_login(login)
+            assert (user["twitch_user_id"], bool(user["is_bot"])) == (twitch_id, is_bot)
+            tokens = mgr.get_tokens(user["id"])
+            assert (tokens["access_token"], tokens["refresh_token"], tokens["scopes"]) == (access, refresh, scopes)
+
+
+@pytest.mark.parametrize("before_tokens, problem", [
+    ("bot:\n  started: 2024-13-01\n", "it holds a date or number that cannot be read"),
+    ("bot:\n  mask: 0x_\n", "it holds a date or number that cannot be read"),
+    ("bot: {name: x}\n---\n", "but found another document at line 2, column 1"),
+    ("bot: !!python/name:os.system x\n", "could not determine a constructor for the tag"),
+    ("bot: *nowhere\n", "found undefined alias at line 1, column 6"),
+], ids=["impossible-date", "bad-number", "two-documents", "python-tag", "undefined-alias"])
+def test_unreadable_yaml_anywhere_in_the_config_is_one_line_error(runner, deploy, before_tokens, problem):
+    entry = ONE_ENTRY.format(login="Bot", user_id="42", access="botaccess", refresh="botrefresh", extra="")
+    (deploy / "bad.yaml").write_text(before_tokens + entry, encoding="utf-8")
+    before = snapshot(deploy)
+    result = migrate(runner, deploy, config="bad.yaml")
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr.startswith(f"Error: {deploy}/bad.yaml is not valid YAML: "), result.stderr
+    assert problem in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+    assert snapshot(deploy) == before
+
+
+def _yaml_documents(count: int) -> list[str]:
+    """Random small documents of plain, quoted and block scalars that YAML 1.1 may read as anything."""
+    scalars = [
+        "1", "0", "-1", "+1", "012", "0o12", "0x1f", "0b11", "1_000", "1:20", "1.5", "1e5", "1.0e-5", ".5", ".inf", ".NaN",
+        "yes", "No", "on", "OFF", "y", "n", "true", "~", "null", "", "2001-01-01", "2001-1-1", "2001-01-01 10:00:00",
+        "2001-01-01T10:00:00Z", "2001-02-30", "abc", "oauth:abc", "chat:read", "a b", "'q'", '"d"', "'1'", "=", "<<",
+        "-", "12abc", "1209350837", "0.", "'yes'", "&a x", "*a", "!!str 1", "!!int '7'", "? k", "|\n  text",
+    ]
+    rng = random.Random(20261125)
+
+    def node(depth: int, indent: int) -> str:
+        r = rng.random()
+        if depth > 3 or r < 0.5:
+            return " " + rng.choice(scalars)
+        if r < 0.6:
+            return " [" + ", ".join(rng.choice(scalars) for _ in range(rng.randint(0, 3))) + "]"
+        if r < 0.8:
+            items = (f"{' ' * indent}{rng.choice(scalars)}:{node(depth + 1, indent + 2)}" for _ in range(rng.randint(1, 3)))
+        else:
+            items = (f"{' ' * indent}-{node(depth + 1, indent + 2)}" for _ in range(rng.randint(1, 3)))
+        return "\n" + "\n".join(items)
+
+    return ["".join(f"{rng.choice(scalars)}:{node(0, 2)}\n" for _ in range(rng.randint(1, 4))) for _ in range(count)]
+
+
+def test_config_loading_means_exactly_what_pyyaml_safe_load_means():
+    # kissbot's loader builds plain documents from libyaml's events itself and hands
+    # everything else to yaml.load: values (and their types) and errors must be the same.
+    from kissbot.importers import _YAML_LOADER, _load_yaml
+
+    def outcome(load, text):
+        try:
+            return "ok", typed(load(text))
+        except Exception as exc:
+            return "error", type(exc).__name__, str(exc)
+
+    def typed(value):
+        if isinstance(value, dict):
+            return [(repr(k), type(k).__name__, typed(v)) for k, v in value.items()]
+        if isinstance(value, list):
+            return [typed(v) for v in value]
+        return type(value).__name__, repr(value)
+
+    documents = [DEPLOYMENT_CONFIG, "", "---\n", "a: 1\na: 2\n", "? [a]\n: b\n", "a: [\n", "%YAML 1.1\n--- x\n...\n"]
+    readable = 0
+    for text in documents + _yaml_documents(3000):
+        expected = outcome(lambda t: yaml.load(t, Loader=_YAML_LOADER), text)
+        assert outcome(_load_yaml, text) == expected, text
+        readable += expected[0] == "ok"
+    assert readable > 1000
 
 
 # --- import-tio ---------------------------------------------------------------------------------
