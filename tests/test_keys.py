@@ -629,3 +629,26 @@ def test_golden_ciphertexts_decrypt_forever():
         assert cipher.decrypt(golden[name]) == golden["plaintext"], name
     assert decrypts_with(k1, golden["token_v1"]) and decrypts_with(k2, golden["token_v2"])
     assert decrypts_with(k1, golden["legacy_wrapped_v1"])
+
+
+def test_batch_store_encrypts_with_the_key_file_primary_and_records_it(db_file, key_file):
+    # A store left open while the key file gains a version: a batch (an import)
+    # looks at the file once, encrypts every token with its newest key and labels
+    # the rows with that version.
+    from kissbot.engine import write_transaction
+    from kissbot.repo import TokenRepository, UserRepository
+
+    with DatabaseManager(db_file, key_file) as mgr:
+        with write_transaction(mgr.engine) as conn:
+            ids = UserRepository(conn).create_users([{"twitch_user_id": str(i), "twitch_login": f"u{i}"} for i in range(3)])
+        old_key, new_key = read_key_ring(key_file).key(1), Fernet.generate_key()
+        key_file.write_bytes(read_key_ring(key_file).adding(2, new_key).dumps())
+        with write_transaction(mgr.engine) as conn:
+            TokenRepository(conn).store_many_tokens([(uid, f"a-{uid}", f"r-{uid}", None) for uid in ids.values()], 60)
+        assert mgr.get_tokens(ids["1"])["access_token"] == f"a-{ids['1']}"
+    rows = raw_rows(db_file)
+    assert len(rows) == 3
+    for _, version, access, refresh in rows:
+        assert version == 2
+        assert decrypts_with(new_key, access) and decrypts_with(new_key, refresh)
+        assert not decrypts_with(old_key, access)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from datetime import timedelta
+
 import pytest
 from sqlalchemy.orm import Session
 
@@ -122,3 +125,42 @@ def test_batch_methods_write_no_event_of_their_own(kissbot_engine, monkeypatch, 
         with pytest.raises(DuplicateUser):
             users.create_users([{"twitch_user_id": 999, "twitch_login": "new"}, {"twitch_user_id": 998, "twitch_login": "KEPT"}])
         assert users.get_user("999") is None
+
+
+def test_batch_methods_store_rows_exactly_as_the_single_row_methods(kissbot_engine):
+    # The batch methods write the values all their rows share (times, flags, token type)
+    # into the statement as SQL literals instead of binding them per row: what is
+    # stored, and what reads return, must not differ from the single-row methods'.
+    def stored(s, table, row_id):
+        row = s.connection().exec_driver_sql(f"SELECT * FROM {table} WHERE id = {row_id}").mappings().one()
+        skip = {"id", "user_id", "twitch_user_id", "twitch_login", "access_token_encrypted", "refresh_token_encrypted"}
+        return {k: re.sub(r"\d", "0", v) if isinstance(v, str) else (type(v), v if k not in TIMES else None)
+                for k, v in row.items() if k not in skip}
+
+    with Session(kissbot_engine) as s, s.begin():
+        users, tokens, audit = UserRepository(s), TokenRepository(s), AuditRepository(s)
+        single = users.create_user("1", "single", display_name="Same")
+        batch = users.create_users([{"twitch_user_id": "2", "twitch_login": "batch", "display_name": "Same"}])["2"]
+        assert stored(s, "users", single) == stored(s, "users", batch)
+        for _ in range(2):  # an INSERT, then an UPDATE of the row
+            tokens.store_tokens(single, "access", "refresh", 3600, scopes=["chat:read"])
+            tokens.store_many_tokens([(batch, "access", "refresh", ["chat:read"])], 3600)
+            ids = dict(s.connection().exec_driver_sql("SELECT user_id, id FROM oauth_tokens").all())
+            assert stored(s, "oauth_tokens", ids[single]) == stored(s, "oauth_tokens", ids[batch])
+            read = [tokens.get_tokens(uid) for uid in (single, batch)]
+            assert read[0].keys() == read[1].keys()
+            for key in read[0]:
+                if key in TIMES and read[0][key] is not None:
+                    assert abs(read[0][key] - read[1][key]) < timedelta(seconds=5) and read[1][key].utcoffset() == timedelta(0)
+                elif key != "user_id":
+                    assert read[0][key] == read[1][key], key
+        audit.log_event("imported", user_id=single, details={"login": "single"})
+        audit.log_events("imported", [(batch, {"login": "batch"})])
+        events = {e["user_id"]: e for e in audit.get_audit_log(event_type="imported")}
+        assert events[batch]["severity"] == events[single]["severity"] == "info"
+        assert abs(events[batch]["timestamp"] - events[single]["timestamp"]) < timedelta(seconds=5)
+        ids = dict(s.connection().exec_driver_sql("SELECT user_id, id FROM audit_log WHERE event_type = 'imported'").all())
+        assert stored(s, "audit_log", ids[single]) == stored(s, "audit_log", ids[batch]) | {"details": '{"login": "single"}'}
+
+
+TIMES = {"created_at", "updated_at", "expires_at", "last_refresh", "timestamp"}
