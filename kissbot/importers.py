@@ -492,17 +492,20 @@ def _write(db: Executor, batch: TokenBatch, ready: list[tuple[TokenEntry, dict[s
             if user is not None and e.display_name and user["display_name"] != e.display_name
         }
     )
-    tokens, events = [], []
-    for e, user in ready:
-        user_id = new_ids[e.twitch_user_id] if user is None else user["id"]
-        login = e.login or user["twitch_login"]
-        tokens.append((user_id, e.access_token, e.refresh_token, e.scopes))
-        events.append((user_id, {"login": login, "source": batch.source, "user_created": user is None}))
-    TokenRepository(db).store_many_tokens(tokens, expires_in)
-    AuditRepository(db).log_events(batch.audit_event, events)
+    user_ids = [new_ids[e.twitch_user_id] if user is None else user["id"] for e, user in ready]
+    TokenRepository(db).store_many_tokens(
+        ((user_id, e.access_token, e.refresh_token, e.scopes) for user_id, (e, _) in zip(user_ids, ready)), expires_in
+    )
+    AuditRepository(db).log_events(
+        batch.audit_event,
+        (
+            (user_id, {"login": e.login or user["twitch_login"], "source": batch.source, "user_created": user is None})
+            for user_id, (e, user) in zip(user_ids, ready)
+        ),
+    )
     if log.isEnabledFor(logging.INFO):
-        for _, details in events:
-            log.info("stored the tokens of %s from %s", details["login"], batch.source)
+        for e, user in ready:
+            log.info("stored the tokens of %s from %s", e.login or user["twitch_login"], batch.source)
 
 
 def import_tokens(

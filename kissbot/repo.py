@@ -225,6 +225,16 @@ class UserRepository:
     def find_users(self, twitch_user_ids: Iterable[str | int] = (), logins: Iterable[str] = ()) -> list[dict[str, Any]]:
         """Every user whose Twitch user id or login (any case) is among these, each once."""
         ids, lower = sorted({str(v) for v in twitch_user_ids}), sorted({login.lower() for login in logins})
+        if not (ids or lower):
+            return []
+        if self.count() <= len(ids) + len(lower):
+            # Fewer users than names (an import into a new or small store): one read of
+            # them all costs less than looking the names up 400 at a time.
+            wanted_ids, wanted_logins = set(ids), set(lower)
+            return [
+                u for u in _all_dicts(self.db.execute(select(*_USER_COLUMNS)))
+                if u["twitch_user_id"] in wanted_ids or u["twitch_login"] in wanted_logins
+            ]
         found: dict[int, dict[str, Any]] = {}
         for start in range(0, max(len(ids), len(lower)), _IN_CHUNK):
             params = {"p_twitch_ids": ids[start : start + _IN_CHUNK], "p_logins": lower[start : start + _IN_CHUNK]}
@@ -265,13 +275,12 @@ class UserRepository:
         try:
             with self.db.begin_nested():
                 # RETURNING with many rows: SQLAlchemy sends them as multi-row INSERTs.
-                result = self.db.execute(stmt.returning(users.c.id, users.c.twitch_user_id) if returning else stmt, params)
-                rows = result.all() if returning else None
+                result = self.db.execute(stmt.returning(users.c.twitch_user_id, users.c.id) if returning else stmt, params)
+                if returning:
+                    return {twitch_user_id: user_id for twitch_user_id, user_id in result}
         except IntegrityError as exc:
             raise DuplicateUser(f"one of {len(params)} new users has a Twitch user id or login already taken") from exc
-        if rows is None:
-            rows = [(u["id"], u["twitch_user_id"]) for u in self.find_users(twitch_user_ids=[p["p_twitch_id"] for p in params])]
-        return {twitch_user_id: user_id for user_id, twitch_user_id in rows}
+        return {u["twitch_user_id"]: u["id"] for u in self.find_users(twitch_user_ids=[p["p_twitch_id"] for p in params])}
 
     def set_display_names(self, names: Mapping[int, str | None]) -> None:
         """Set the ``display_name`` of many users at once, by kissbot id (``users.id``)."""
@@ -343,9 +352,8 @@ _INSERT_TOKENS = insert(oauth_tokens).values(
 )
 _VERSION = select(oauth_tokens.c.version).where(_ROW)
 _KEY_VERSION = select(oauth_tokens.c.key_version).where(_ROW)
-_USERS_WITH_TOKENS = select(oauth_tokens.c.user_id).where(
-    oauth_tokens.c.token_type == bindparam("p_type"), oauth_tokens.c.user_id.in_(bindparam("p_user_ids", expanding=True))
-)
+_USERS_WITH_TOKENS_OF_TYPE = select(oauth_tokens.c.user_id).where(oauth_tokens.c.token_type == bindparam("p_type"))
+_USERS_WITH_TOKENS = _USERS_WITH_TOKENS_OF_TYPE.where(oauth_tokens.c.user_id.in_(bindparam("p_user_ids", expanding=True)))
 _TOKENS_DUE = (
     select(
         oauth_tokens.c.user_id,
@@ -571,7 +579,7 @@ class TokenRepository:
 
     def store_many_tokens(
         self,
-        tokens: Sequence[tuple[int, str, str, list[str] | None]],
+        tokens: Iterable[tuple[int, str, str, list[str] | None]],
         expires_in: int | float,
         *,
         token_type: str = "bot",
@@ -587,8 +595,6 @@ class TokenRepository:
         inserts meanwhile makes the INSERT fail with ``IntegrityError``.
         """
         _check_type(token_type)
-        for user_id, access_token, refresh_token, _ in tokens:
-            _check_tokens(user_id, access_token, refresh_token)
         # A key-file cipher looks at its file (a stat) before each encryption; the
         # batch looks once, and its rows record the key that encrypted them.
         store_cipher = cipher_of(_dialect(self.db))
@@ -596,15 +602,15 @@ class TokenRepository:
             store_cipher.refresh()
         cipher = TokenCipher(store_cipher.ring)
         encrypt = cipher.encrypt
-        params = [
-            {
+        params = []
+        for user_id, access_token, refresh_token, scopes in tokens:
+            _check_tokens(user_id, access_token, refresh_token)
+            params.append({
                 "p_user_id": user_id,
                 "p_access": encrypt(access_token),
                 "p_refresh": encrypt(refresh_token),
                 "p_scopes": json.dumps(list(scopes)) if scopes is not None else None,
-            }
-            for user_id, access_token, refresh_token, scopes in tokens
-        ]
+            })
         now = utcnow()
         t = oauth_tokens.c
         stored = {
@@ -621,8 +627,12 @@ class TokenRepository:
         }
         of_type = _inline(self.db, t.token_type, token_type)
         existing: set[int] = set()
-        for chunk in _chunks([p["p_user_id"] for p in params]):
-            existing.update(self.db.execute(_USERS_WITH_TOKENS, {"p_type": token_type, "p_user_ids": chunk}).scalars())
+        if self.count() <= len(params):
+            # Fewer token rows than users in the batch: read which users have them at once.
+            existing.update(self.db.execute(_USERS_WITH_TOKENS_OF_TYPE, {"p_type": token_type}).scalars())
+        else:
+            for chunk in _chunks([p["p_user_id"] for p in params]):
+                existing.update(self.db.execute(_USERS_WITH_TOKENS, {"p_type": token_type, "p_user_ids": chunk}).scalars())
         updates = [p for p in params if p["p_user_id"] in existing]
         inserts = [p for p in params if p["p_user_id"] not in existing]
         if updates:

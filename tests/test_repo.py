@@ -164,3 +164,21 @@ def test_batch_methods_store_rows_exactly_as_the_single_row_methods(kissbot_engi
 
 
 TIMES = {"created_at", "updated_at", "expires_at", "last_refresh", "timestamp"}
+
+
+@pytest.mark.parametrize("stored", [3, 450], ids=["small-store", "large-store"])
+def test_batch_lookups_read_the_whole_table_or_by_chunks_alike(kissbot_engine, stored):
+    # With no more rows than names the batch methods read the whole table, otherwise
+    # they look the names up 400 at a time: the answers must not depend on it.
+    with Session(kissbot_engine) as s, s.begin():
+        users, tokens = UserRepository(s), TokenRepository(s)
+        ids = users.create_users([{"twitch_user_id": 100 + i, "twitch_login": f"User_{i}"} for i in range(stored)])
+        tokens.store_many_tokens([(ids[str(100 + i)], "a", "r", None) for i in range(0, stored, 2)], 60)
+        tokens.store_tokens(ids["101"], "b", "b", 60, token_type="broadcaster")
+        found = users.find_users(["100", "101", "9999"], ["USER_2", "nobody", "user_0"])
+        assert sorted(u["twitch_login"] for u in found) == ["user_0", "user_1", "user_2"]
+        # user_0 and user_2 hold bot tokens; user_1 only broadcaster ones: one new bot row.
+        batch = [(ids[str(100 + i)], f"a{i}", f"r{i}", None) for i in range(3)]
+        assert tokens.store_many_tokens(batch, 60) == 1
+        assert [tokens.get_tokens(ids[str(100 + i)])["version"] for i in range(3)] == [2, 1, 2]
+        assert tokens.get_tokens(ids["101"], token_type="broadcaster")["access_token"] == "b"
