@@ -89,6 +89,11 @@ def _plain_document(loader: Any) -> Any:
     if loader.yaml_path_resolvers:
         raise _NotPlain
     get_event, resolve, constructors = loader.get_event, loader.resolve, loader.yaml_constructors
+    # resolve() tries the implicit resolvers listed under a plain scalar's first
+    # character (and under None); a scalar with none to try is a string.
+    first_chars = loader.yaml_implicit_resolvers
+    if None in first_chars:
+        raise _NotPlain
     get_event()  # StreamStartEvent
     event = get_event()
     if type(event) is StreamEndEvent:
@@ -107,11 +112,12 @@ def _plain_document(loader: Any) -> Any:
             if event.anchor is not None or event.tag is not None:
                 raise _NotPlain
             value = event.value
-            tag = resolve(ScalarNode, value, event.implicit)
-            if tag != "tag:yaml.org,2002:str":
-                if tag not in _PLAIN_SCALAR_TAGS:
-                    raise _NotPlain
-                value = constructors[tag](loader, ScalarNode(tag, value))
+            if value[:1] in first_chars:
+                tag = resolve(ScalarNode, value, event.implicit)
+                if tag != "tag:yaml.org,2002:str":
+                    if tag not in _PLAIN_SCALAR_TAGS:
+                        raise _NotPlain
+                    value = constructors[tag](loader, ScalarNode(tag, value))
         elif kind is MappingStartEvent or kind is SequenceStartEvent:
             if event.anchor is not None or event.tag is not None or (type(container) is dict and key is no_key):
                 raise _NotPlain
