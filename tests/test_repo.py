@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
@@ -127,17 +128,33 @@ def test_batch_methods_write_no_event_of_their_own(kissbot_engine, monkeypatch, 
         assert users.get_user("999") is None
 
 
-def test_batch_methods_store_rows_exactly_as_the_single_row_methods(kissbot_engine):
+@contextmanager
+def executor(engine, kind):
+    """A Session or a Core Connection in a transaction (the batch methods hand rows to the driver on the latter)."""
+    if kind == "session":
+        with Session(engine) as s, s.begin():
+            yield s
+    else:
+        with engine.begin() as conn:
+            yield conn
+
+
+def core(db):
+    return db.connection() if isinstance(db, Session) else db
+
+
+@pytest.mark.parametrize("kind", ["session", "connection"])
+def test_batch_methods_store_rows_exactly_as_the_single_row_methods(kissbot_engine, kind):
     # The batch methods write the values all their rows share (times, flags, token type)
     # into the statement as SQL literals instead of binding them per row: what is
     # stored, and what reads return, must not differ from the single-row methods'.
     def stored(s, table, row_id):
-        row = s.connection().exec_driver_sql(f"SELECT * FROM {table} WHERE id = {row_id}").mappings().one()
+        row = core(s).exec_driver_sql(f"SELECT * FROM {table} WHERE id = {row_id}").mappings().one()
         skip = {"id", "user_id", "twitch_user_id", "twitch_login", "access_token_encrypted", "refresh_token_encrypted"}
         return {k: re.sub(r"\d", "0", v) if isinstance(v, str) else (type(v), v if k not in TIMES else None)
                 for k, v in row.items() if k not in skip}
 
-    with Session(kissbot_engine) as s, s.begin():
+    with executor(kissbot_engine, kind) as s:
         users, tokens, audit = UserRepository(s), TokenRepository(s), AuditRepository(s)
         single = users.create_user("1", "single", display_name="Same")
         batch = users.create_users([{"twitch_user_id": "2", "twitch_login": "batch", "display_name": "Same"}])["2"]
@@ -145,7 +162,7 @@ def test_batch_methods_store_rows_exactly_as_the_single_row_methods(kissbot_engi
         for _ in range(2):  # an INSERT, then an UPDATE of the row
             tokens.store_tokens(single, "access", "refresh", 3600, scopes=["chat:read"])
             tokens.store_many_tokens([(batch, "access", "refresh", ["chat:read"])], 3600)
-            ids = dict(s.connection().exec_driver_sql("SELECT user_id, id FROM oauth_tokens").all())
+            ids = dict(core(s).exec_driver_sql("SELECT user_id, id FROM oauth_tokens").all())
             assert stored(s, "oauth_tokens", ids[single]) == stored(s, "oauth_tokens", ids[batch])
             read = [tokens.get_tokens(uid) for uid in (single, batch)]
             assert read[0].keys() == read[1].keys()
@@ -159,18 +176,23 @@ def test_batch_methods_store_rows_exactly_as_the_single_row_methods(kissbot_engi
         events = {e["user_id"]: e for e in audit.get_audit_log(event_type="imported")}
         assert events[batch]["severity"] == events[single]["severity"] == "info"
         assert abs(events[batch]["timestamp"] - events[single]["timestamp"]) < timedelta(seconds=5)
-        ids = dict(s.connection().exec_driver_sql("SELECT user_id, id FROM audit_log WHERE event_type = 'imported'").all())
+        ids = dict(core(s).exec_driver_sql("SELECT user_id, id FROM audit_log WHERE event_type = 'imported'").all())
         assert stored(s, "audit_log", ids[single]) == stored(s, "audit_log", ids[batch]) | {"details": '{"login": "single"}'}
+        users.update_user(single, display_name="Renamed")
+        users.set_display_names({batch: "Renamed"})
+        assert stored(s, "users", single) == stored(s, "users", batch)
+        assert users.get_user("2")["display_name"] == "Renamed"
 
 
 TIMES = {"created_at", "updated_at", "expires_at", "last_refresh", "timestamp"}
 
 
+@pytest.mark.parametrize("kind", ["session", "connection"])
 @pytest.mark.parametrize("stored", [3, 450], ids=["small-store", "large-store"])
-def test_batch_lookups_read_the_whole_table_or_by_chunks_alike(kissbot_engine, stored):
+def test_batch_lookups_read_the_whole_table_or_by_chunks_alike(kissbot_engine, stored, kind):
     # With no more rows than names the batch methods read the whole table, otherwise
     # they look the names up 400 at a time: the answers must not depend on it.
-    with Session(kissbot_engine) as s, s.begin():
+    with executor(kissbot_engine, kind) as s:
         users, tokens = UserRepository(s), TokenRepository(s)
         ids = users.create_users([{"twitch_user_id": 100 + i, "twitch_login": f"User_{i}"} for i in range(stored)])
         tokens.store_many_tokens([(ids[str(100 + i)], "a", "r", None) for i in range(0, stored, 2)], 60)
