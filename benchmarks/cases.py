@@ -461,9 +461,10 @@ def cli_command(*names: str) -> Any:
 
     command: Any = cli
     for name in names:
-        if not isinstance(command, click.Group) or name not in command.commands:
+        # get_command, not .commands: kissbot imports a command's module when the command is looked up.
+        if not isinstance(command, click.Group):
             return None
-        command = command.commands[name]
+        command = command.get_command(click.Context(command), name)
     return command
 
 
