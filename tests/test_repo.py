@@ -188,6 +188,24 @@ TIMES = {"created_at", "updated_at", "expires_at", "last_refresh", "timestamp"}
 
 
 @pytest.mark.parametrize("kind", ["session", "connection"])
+def test_batch_methods_store_text_with_quotes_percent_signs_and_backslashes_as_given(kissbot_engine, kind):
+    # psycopg reads %(name)s and %% in the SQL it is handed: text written into a
+    # statement instead of bound would come back altered on PostgreSQL.
+    odd = "50%_it's \\ done %(x)s %%"
+    with executor(kissbot_engine, kind) as s:
+        users, audit = UserRepository(s), AuditRepository(s)
+        uid = users.create_users([{"twitch_user_id": "7", "twitch_login": "odd", "display_name": odd}])["7"]
+        users.set_display_names({uid: odd + "!"})
+        TokenRepository(s).store_many_tokens([(uid, odd, odd, [odd])], 60)
+        audit.log_events(odd, [(uid, {"note": odd})])
+        assert users.get_user("7")["display_name"] == odd + "!"
+        tokens = TokenRepository(s).get_tokens(uid)
+        assert (tokens["access_token"], tokens["refresh_token"], tokens["scopes"]) == (odd, odd, [odd])
+        [event] = audit.get_audit_log(event_type=odd)
+        assert (event["user_id"], event["details"]) == (uid, {"note": odd})
+
+
+@pytest.mark.parametrize("kind", ["session", "connection"])
 @pytest.mark.parametrize("stored", [3, 450], ids=["small-store", "large-store"])
 def test_batch_lookups_read_the_whole_table_or_by_chunks_alike(kissbot_engine, stored, kind):
     # With no more rows than names the batch methods read the whole table, otherwise
