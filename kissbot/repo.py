@@ -110,16 +110,23 @@ _PREPARED_ATTR = "_kissbot_prepared"
 
 
 def _inline(db: Executor, column: Column[Any], value: Any) -> ColumnElement[Any]:
-    """``value`` written into a batch statement as ``column``'s SQL literal, by the column type's literal processor.
+    """``value`` written into a batch statement as ``column``'s SQL literal, as the dialect stores it.
 
     A value every row of a batch shares (the time, the token type, …) is then
     converted once, instead of once per row as a bound parameter is: with a
     timestamp that is ~3 µs a row and a column. Text is bound instead: a
     caller's string could hold ``%``, which PostgreSQL's driver would see doubled.
+    The statement is new on each call: run it with :data:`_UNCACHED`.
     """
     if isinstance(value, str):
         raise TypeError("bind text values; _inline is for times, numbers and flags")
-    return literal_column(column.type.literal_processor(_dialect(db))(value), column.type)
+    dialect = _dialect(db)
+    # The dialect's own type, as for a bound value: SQLite's DATETIME always writes the microseconds.
+    return literal_column(column.type.dialect_impl(dialect).literal_processor(dialect)(value), column.type)
+
+
+_UNCACHED = {"compiled_cache": None}
+"""Execution options for a statement holding :func:`_inline` values: it would only fill the engine's compiled cache."""
 
 
 def _execute_many(db: Executor, stmt: Any, rows: list[dict[str, Any]]) -> None:
@@ -144,7 +151,7 @@ def _execute_many(db: Executor, stmt: Any, rows: list[dict[str, Any]]) -> None:
             else:
                 db.exec_driver_sql(compiled.string, [(row[compiled.positiontup[0]],) for row in rows])
             return
-    db.execute(stmt, rows)
+    db.execute(stmt, rows, execution_options=_UNCACHED)
 
 
 # --- users -------------------------------------------------------------------------------------
@@ -304,7 +311,11 @@ class UserRepository:
         try:
             with self.db.begin_nested():
                 # RETURNING with many rows: SQLAlchemy sends them as multi-row INSERTs.
-                result = self.db.execute(stmt.returning(users.c.twitch_user_id, users.c.id) if returning else stmt, params)
+                result = self.db.execute(
+                    stmt.returning(users.c.twitch_user_id, users.c.id) if returning else stmt,
+                    params,
+                    execution_options=_UNCACHED,
+                )
                 if returning:
                     return {twitch_user_id: user_id for twitch_user_id, user_id in result}
         except IntegrityError as exc:
@@ -1042,13 +1053,17 @@ class InstanceRepository:
 
 # --- audit log ---------------------------------------------------------------------------------
 
-_INSERT_AUDIT = insert(audit_log).values(
-    event_type=bindparam("p_event_type"),
-    user_id=bindparam("p_user_id"),
-    channel_id=bindparam("p_channel_id"),
-    details=bindparam("p_details"),
-    severity=bindparam("p_severity"),
-    timestamp=bindparam("p_now"),
+_INSERT_AUDIT = (
+    insert(audit_log)
+    .values(
+        event_type=bindparam("p_event_type"),
+        user_id=bindparam("p_user_id"),
+        channel_id=bindparam("p_channel_id"),
+        details=bindparam("p_details"),
+        severity=bindparam("p_severity"),
+        timestamp=bindparam("p_now"),
+    )
+    .inline()  # no implicit RETURNING of the new id on PostgreSQL: nothing reads it
 )
 _LOG_EVENT = _Prepared(_INSERT_AUDIT)
 SEVERITIES = ("info", "warning", "error")
