@@ -74,7 +74,8 @@ class _Prepared:
     Here SQLAlchemy compiles the statement once per dialect; each call only
     applies the same type processors (encryption, UTC timestamps) in the
     compiled order. A :class:`Session` gets the statement itself, so its
-    autoflush still runs; a list of parameter sets takes ``execute`` too.
+    autoflush still runs. One parameter set per call: batches use
+    :func:`_execute_many`.
     """
 
     __slots__ = ("stmt",)
