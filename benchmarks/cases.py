@@ -600,6 +600,12 @@ def bench_cold_stats(ctx: Context) -> list[Row]:
     ]
 
 
+def bench_metrics(ctx: Context) -> list[Row]:
+    from benchmarks.metrics_scrape import bench_metrics_scrape  # it imports this module's helpers
+
+    return bench_metrics_scrape(ctx)
+
+
 CASES: dict[str, Callable[[Context], list[Row]]] = {
     "get": bench_get_tokens,
     "store": bench_store_tokens,
@@ -609,4 +615,5 @@ CASES: dict[str, Callable[[Context], list[Row]]] = {
     "migrate": bench_migrate_yaml,
     "rotation": bench_rotation,
     "cold": bench_cold_stats,
+    "metrics": bench_metrics,
 }

@@ -19,7 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from kissbot.engine import connect_sqlite_query_only, sqlite_error, sqlite_path, writer
 from kissbot.errors import DatabaseError, NoDatabase, OutdatedSchema, SchemaError, UnversionedDatabase, driver_message
 
-HEAD = "0002"
+HEAD = "0003"
 """The newest revision this version of kissbot knows (checked against the scripts by the tests)."""
 
 KISSBOT_TABLES = frozenset({"users", "oauth_tokens", "instances", "audit_log", "config"})

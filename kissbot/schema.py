@@ -76,6 +76,7 @@ oauth_tokens = Table(
     Column("key_version", Integer, nullable=False, default=1, server_default="1"),
     Index("idx_oauth_user", "user_id"),
     Index("idx_oauth_expires", "expires_at"),
+    Index("idx_oauth_state", "token_type", "needs_reauth", "key_version", "refresh_failures"),
     Index("uq_oauth_tokens_user_id_token_type", "user_id", "token_type", unique=True),
     sqlite_autoincrement=True,
 )

@@ -23,6 +23,7 @@ ROWS = (
     "migrate-yaml of",
     "key rotation of",
     "cold `kissbot stats` process",
+    "metrics scrape of",
 )
 NUMBER = re.compile(r"\d")
 

@@ -141,7 +141,7 @@ def test_stats_imports_neither_the_orm_nor_other_commands(tmp_path):
         "import sys\n"
         "from kissbot.cli import cli\n"
         "cli.main(['stats', '--db', sys.argv[1], '--key-file', sys.argv[2]], standalone_mode=False)\n"
-        "loaded = [m for m in sys.modules if m.split('.')[0] in {'alembic', 'cryptography', 'yaml', 'httpx'}\n"
+        "loaded = [m for m in sys.modules if m.split('.')[0] in {'alembic', 'cryptography', 'yaml', 'httpx', 'prometheus_client'}\n"
         "          or m.startswith(('sqlalchemy.orm', 'kissbot.cli.', 'kissbot.models', 'kissbot.importers'))]\n"
         "print('loaded:', sorted(loaded))\n"
     )

@@ -207,7 +207,7 @@ def test_source_must_be_at_head(sqlite_url, postgresql_url, key_file, tmp_path):
     result = CliRunner().invoke(cli, ["copy", "--from", sqlite_url, "--to", postgresql_url, "--key-file", str(key_file)])
     assert result.exit_code == 1
     assert result.output == (
-        f"Error: source {shown(sqlite_url)} is at migration 0001, not 0002: run `kissbot init-db --db {path}` first\n"
+        f"Error: source {shown(sqlite_url)} is at migration 0001, not {HEAD}: run `kissbot init-db --db {path}` first\n"
     )
     assert open(path, "rb").read() == before
     assert table_rows(postgresql_url) == {}
