@@ -16,7 +16,7 @@ from kissbot.copy import COPY_ORDER, copy_store
 from kissbot.crypto import TokenCipher, read_key_ring
 from kissbot.engine import create_engine
 from kissbot.errors import TargetNotEmpty
-from kissbot.migrations import downgrade
+from kissbot.migrations import HEAD, downgrade
 from kissbot.models import AuditLog
 from kissbot.repo import ConfigRepository
 from kissbot.types import utcnow
