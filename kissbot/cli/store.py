@@ -29,8 +29,11 @@ def init_db(store: StoreTarget) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, synchronous=store.synchronous)
     try:
-        with engine.connect() as conn:
-            existed = bool(set(inspect(conn).get_table_names()) & KISSBOT_TABLES)
+        if path is not None:  # connecting would turn a database that is then refused into WAL mode
+            existed = path.exists()
+        else:
+            with engine.connect() as conn:
+                existed = bool(set(inspect(conn).get_table_names()) & KISSBOT_TABLES)
         click.echo(f"📦 {'Opening' if existed else 'Creating'} database: {shown}")
         ensure_schema(engine)
         with engine.connect() as conn:
