@@ -55,33 +55,34 @@ def edit(db: Path, script: str) -> None:
 HOSTILE = {
     "delete-trigger": (
         "CREATE TRIGGER wipe AFTER UPDATE ON oauth_tokens BEGIN DELETE FROM oauth_tokens WHERE id != NEW.id; END;",
-        "trigger wipe on oauth_tokens is not part of migration 0002",
+        f"trigger wipe on oauth_tokens is not part of migration {HEAD}",
     ),
     "revert-trigger": (
         "CREATE TRIGGER keep_old AFTER UPDATE OF refresh_token_encrypted ON oauth_tokens BEGIN "
         "UPDATE oauth_tokens SET refresh_token_encrypted = OLD.refresh_token_encrypted WHERE id = NEW.id; END;",
-        "trigger keep_old on oauth_tokens is not part of migration 0002",
+        f"trigger keep_old on oauth_tokens is not part of migration {HEAD}",
     ),
     "leak-trigger": (
         "CREATE TRIGGER leak AFTER UPDATE ON oauth_tokens BEGIN "
         "INSERT INTO audit_log (event_type, details) VALUES ('x', NEW.refresh_token_encrypted); END;",
-        "trigger leak on oauth_tokens is not part of migration 0002",
+        f"trigger leak on oauth_tokens is not part of migration {HEAD}",
     ),
-    "view": ("CREATE VIEW plain AS SELECT * FROM oauth_tokens;", "view plain is not part of migration 0002"),
-    "extra-table": ("CREATE TABLE stash (v TEXT);", "table stash is not part of migration 0002"),
+    "view": ("CREATE VIEW plain AS SELECT * FROM oauth_tokens;", f"view plain is not part of migration {HEAD}"),
+    "extra-table": ("CREATE TABLE stash (v TEXT);", f"table stash is not part of migration {HEAD}"),
     "0001-stamped-on-0002": (
         "UPDATE alembic_version SET version_num = '0001';",
-        "index uq_oauth_tokens_user_id_token_type on oauth_tokens is not part of migration 0001",
+        "index idx_oauth_state on oauth_tokens is not part of migration 0001",
     ),
     "dropped-key-version": (
-        "ALTER TABLE oauth_tokens DROP COLUMN key_version;",
-        "column oauth_tokens.key_version of migration 0002 is missing",
+        # SQLite drops no indexed column: its index idx_oauth_state goes first, and is reported first.
+        "DROP INDEX idx_oauth_state; ALTER TABLE oauth_tokens DROP COLUMN key_version;",
+        f"index idx_oauth_state on oauth_tokens of migration {HEAD} is missing",
     ),
     "renamed-column": (
         "PRAGMA writable_schema = ON; "
         "UPDATE sqlite_master SET sql = replace(sql, 'scopes', 'scopez') WHERE name = 'oauth_tokens'; "
         "PRAGMA writable_schema = OFF;",
-        "column oauth_tokens.scopes of migration 0002 is missing",
+        f"column oauth_tokens.scopes of migration {HEAD} is missing",
     ),
     "key-version-abc": (
         "UPDATE config SET value = 'abc' WHERE key = 'encryption_key_version';",
@@ -149,7 +150,7 @@ def test_adopt_refuses_a_hostile_database_and_changes_nothing(runner, store, tmp
     before = digest(folder)
     result = runner.invoke(cli, ["adopt", "--db", str(target), "--key-file", str(folder / ".kissbot.key")])
     assert result.exit_code == 1, result.output
-    revision = "0001" if kind == "0001-stamped-on-0002" else "0002"
+    revision = "0001" if kind == "0001-stamped-on-0002" else HEAD
     first = HOSTILE[kind][1]
     assert re.fullmatch(
         rf"Error: {re.escape(f'{target} says it is at migration {revision} but is not a database kissbot made: {first}')}"

@@ -23,6 +23,7 @@ from cryptography.fernet import Fernet
 from kissbot import DatabaseManager
 from kissbot.backup import backup_sqlite
 from kissbot.cli import cli
+from kissbot.migrations import HEAD
 
 from test_adopt import build_v4
 
@@ -118,7 +119,7 @@ def test_a_failed_adopt_leaves_the_v4_file_untouched_no_wal_no_backup(runner, tm
     before = digest(folder)
     result = runner.invoke(cli, ["adopt", "--db", str(db), "--key-file", str(key_file), "--assume-tz", "UTC"])
     assert one_line_error(result) == (
-        "Error: cannot adopt: the adopted database would not match migration 0002: users.display_name holds blob "
+        f"Error: cannot adopt: the adopted database would not match migration {HEAD}: users.display_name holds blob "
         "in 1 row(s), kissbot stores text; nothing was changed\n"
     )
     assert digest(folder) == before, "no WAL conversion, no backup, nothing written"
