@@ -82,6 +82,7 @@ def assert_one_rotation(mgr: DatabaseManager, twitch, spent: str, holders: list[
     assert twitch.refreshes_per_token() == {spent: 1}, "exactly one refresh request reached Twitch"
     stored = mgr.get_tokens_by_twitch_id(TWITCH_ID)
     assert stored["refresh_token"] != spent and not stored["needs_reauth"]
+    assert stored["version"] == 2, "the rotation was stored once, and nothing stored over it"
     assert stored["scopes"] == ["chat:read", "chat:edit"]
     assert twitch.is_live(stored["access_token"])
     assert holders == [digest(stored["access_token"])] * len(holders), "every process holds the stored token"

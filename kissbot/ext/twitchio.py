@@ -99,8 +99,9 @@ class KissbotTokens:
 
     async def add_token(self, token: str, refresh: str) -> ValidateTokenPayload:
         """Add a token to the client; one kissbot does not know yet (a new authorisation) is stored."""
+        known = refresh in self._kissbot_rows  # before a refresh on add replaces it
         answer: ValidateTokenPayload = await super().add_token(token, refresh)  # type: ignore[misc]
-        if refresh not in self._kissbot_rows and answer.user_id and answer.login:
+        if not known and answer.user_id and answer.login:
             held = self.tokens.get(answer.user_id)
             if held is not None:
                 token_type = "bot" if answer.user_id == self.bot_id else "broadcaster"
