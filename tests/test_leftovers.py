@@ -143,3 +143,78 @@ def test_restore_through_a_symlink_restores_its_target_and_keeps_the_link(runner
     (previous,) = [p for p in db.parent.iterdir() if p.name.startswith("kissbot.db.backup_")]
     with closing(sqlite3.connect(previous)) as conn:
         assert conn.execute("SELECT twitch_login FROM users ORDER BY id").fetchall() == [("alice",), ("bob",)]
+
+
+# --- read-only commands never migrate, create or convert ------------------------------------------
+
+READ_ONLY = [
+    ["stats"], ["users"], ["tokens"], ["instances"], ["audit"], ["config", "list"],
+    ["config", "get", "max_crash_count"], ["key", "status"], ["maintenance", "integrity"],
+]
+
+
+def old_store(folder: Path) -> tuple[Path, Path]:
+    """A store at migration 0001 (with a user), as an older kissbot left it."""
+    from kissbot.engine import create_engine
+    from kissbot.migrations import upgrade
+
+    db = folder / "kissbot.db"
+    engine = create_engine(db)
+    try:
+        upgrade(engine, "0001")
+        with engine.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO users (twitch_user_id, twitch_login) VALUES ('11', 'alice')")
+    finally:
+        engine.dispose()
+    return db, folder / ".kissbot.key"
+
+
+@pytest.mark.parametrize("command", READ_ONLY, ids=" ".join)
+def test_a_read_only_command_does_not_migrate_an_old_store(runner, tmp_path, command):
+    db, key = old_store(tmp_path)
+    before = digest(tmp_path)
+    result = runner.invoke(cli, [*command, "--db", str(db), "--key-file", str(key)])
+    if command != ["maintenance", "integrity"]:
+        assert one_line_error(result) == (
+            f"Error: database {db} is at migration 0001, this kissbot needs 0002: migrate it with kissbot init-db\n"
+        )
+    assert digest(tmp_path) == before, "nothing migrated, created or converted"
+
+
+@pytest.mark.parametrize("command", READ_ONLY, ids=" ".join)
+def test_a_read_only_command_leaves_an_empty_file_empty(runner, tmp_path, command):
+    db = tmp_path / "kissbot.db"
+    db.touch()
+    result = runner.invoke(cli, [*command, "--db", str(db), "--key-file", str(tmp_path / "k")])
+    if command == ["maintenance", "integrity"]:
+        assert (result.exit_code, result.output) == (0, "integrity_check: ok\n")
+    else:
+        assert one_line_error(result) == f"Error: database {db} has no kissbot tables; create them with kissbot init-db\n"
+    assert [(p.name, p.stat().st_size) for p in tmp_path.iterdir()] == [("kissbot.db", 0)]
+
+
+def test_a_refused_key_retire_records_nothing(runner, store):
+    db, key = store
+    with closing(sqlite3.connect(db)) as conn:  # a store that has not recorded its key's fingerprint yet
+        conn.execute("DELETE FROM config WHERE key = 'key_fingerprint_v1'")
+        conn.commit()
+    before = digest(db.parent)
+    result = runner.invoke(cli, ["key", "retire", "1", "--db", str(db), "--key-file", str(key)])
+    assert one_line_error(result) == (
+        f"Error: key version 1 is the primary key of {key}: run kissbot key rotate, then retire it\n"
+    )
+    assert digest(db.parent) == before
+
+
+def test_a_failed_migrate_yaml_on_an_old_store_leaves_no_backup_and_no_migration(runner, tmp_path):
+    db, key = old_store(tmp_path)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "twitch:\n  tokens:\n    alice:\n      user_id: '99'\n      access_token: a-token\n      refresh_token: r-token\n"
+    )
+    before = digest(tmp_path)
+    result = runner.invoke(cli, ["migrate-yaml", str(config), "--db", str(db), "--key-file", str(key)])
+    assert one_line_error(result) == (
+        "Error: twitch.tokens.alice: login 'alice' belongs to Twitch user id 11 in the database, not 99\n"
+    )
+    assert digest(tmp_path) == before, "no backup, no migration, no key"
