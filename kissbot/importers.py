@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,7 +206,14 @@ class ImportReport:
 
 def _read_text(path: Path, what: str) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        # Non-blocking, so that a FIFO is refused instead of waiting for a writer forever.
+        with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as fh:
+            mode = os.fstat(fh.fileno()).st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError
+            if not stat.S_ISREG(mode):
+                raise ImportSourceError(f"{what} {path} is not a regular file")
+            return fh.read().decode("utf-8")
     except FileNotFoundError:
         raise ImportSourceError(f"{what} {path} not found") from None
     except IsADirectoryError:

@@ -218,3 +218,88 @@ def test_a_failed_migrate_yaml_on_an_old_store_leaves_no_backup_and_no_migration
         "Error: twitch.tokens.alice: login 'alice' belongs to Twitch user id 11 in the database, not 99\n"
     )
     assert digest(tmp_path) == before, "no backup, no migration, no key"
+
+
+# --- odd files, missing folders, full disks, file modes --------------------------------------------
+
+
+def test_import_tio_refuses_a_fifo_instead_of_hanging(tmp_path):
+    fifo = tmp_path / "tokens.json"
+    os.mkfifo(fifo)
+    # A subprocess, bounded in time: on a hang the test fails instead of blocking the suite.
+    result = run_kissbot("import-tio", str(fifo), "--db", str(tmp_path / "kissbot.db"))
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", f"Error: token file {fifo} is not a regular file\n")
+    config = run_kissbot("migrate-yaml", str(fifo), "--db", str(tmp_path / "kissbot.db"))
+    assert config.stderr == f"Error: config file {fifo} is not a regular file\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokens.json"]
+
+
+def test_a_missing_directory_is_reported_as_missing(runner, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("twitch:\n  tokens:\n    alice:\n      user_id: '1'\n      access_token: a\n      refresh_token: r\n")
+    db = tmp_path / "nowhere" / "kissbot.db"
+    result = runner.invoke(cli, ["migrate-yaml", str(config), "--db", str(db), "--key-file", str(tmp_path / "k")])
+    assert one_line_error(result) == f"Error: cannot open database {db}: directory {db.parent} does not exist\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
+STORE_FILES = textwrap.dedent(
+    """
+    import os, stat, sys
+    from kissbot import DatabaseManager
+
+    os.umask(int(sys.argv[2], 8))
+    db = os.path.join(sys.argv[1], "kissbot.db")
+    with DatabaseManager(db, os.path.join(sys.argv[1], ".kissbot.key")) as mgr:
+        mgr.store_tokens(mgr.create_user("1", "alice"), "access", "refresh", 60)
+        for name in sorted(os.listdir(sys.argv[1])):
+            print(name, oct(stat.S_IMODE(os.stat(os.path.join(sys.argv[1], name)).st_mode)))
+    """
+)
+
+
+@pytest.mark.parametrize("umask", ["022", "000"])
+def test_the_database_and_its_wal_and_shm_are_created_0600(tmp_path, umask):
+    made = subprocess.run(
+        [sys.executable, "-c", STORE_FILES, str(tmp_path), umask], capture_output=True, text=True, timeout=PROCESS_TIMEOUT
+    )
+    assert made.returncode == 0, made.stderr
+    assert made.stdout == (
+        ".kissbot.key 0o600\nkissbot.db 0o600\nkissbot.db-shm 0o600\nkissbot.db-wal 0o600\n"
+    )
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 512 KiB tmpfs: a real file system that fills up (mounting needs root with CAP_SYS_ADMIN)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill up: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_at_first_key_creation_says_so(runner, full_disk):
+    db, key = full_disk / "kissbot.db", full_disk / ".kissbot.key"
+    assert runner.invoke(cli, ["init-db", "--db", str(db)]).exit_code == 0
+    config = full_disk.parent / "config.yaml"
+    config.write_text("twitch:\n  tokens:\n    alice:\n      user_id: '1'\n      access_token: a\n      refresh_token: r\n")
+    fd = os.open(full_disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    result = runner.invoke(cli, ["migrate-yaml", str(config), "--db", str(db), "--key-file", str(key), "--no-backup"])
+    message = one_line_error(result)
+    assert "disk I/O error" not in message
+    assert message in (
+        f"Error: cannot write database {db}: the disk is full; free some space and run it again\n",
+        f"Error: cannot create key file {key}: No space left on device\n",
+    )
