@@ -37,14 +37,23 @@ def test_init_db_reports_like_the_spec(runner, tmp_path):
     )
     again = runner.invoke(cli, ["init-db", "--db", str(db)])
     assert again.exit_code == 0
-    assert again.output.startswith(f"📦 Opening database: {db}\n")
+    assert again.output == (
+        f"📦 Opening database: {db}\n"
+        "✅ WAL mode enabled: wal\n"
+        "✅ Tables up to date: audit_log, config, instances, oauth_tokens, users\n"
+        f"✅ Database initialized successfully: {db}\n"
+    )
 
 
 def test_init_db_on_postgresql(runner, postgresql_url):
     result = runner.invoke(cli, ["init-db", "--url", postgresql_url])
     assert result.exit_code == 0, result.output
+    assert result.output.startswith("📦 Creating database: postgresql+psycopg://")
     assert "✅ Tables created: audit_log, config, instances, oauth_tokens, users\n" in result.output
     assert "WAL" not in result.output
+    again = runner.invoke(cli, ["init-db", "--url", postgresql_url])
+    assert again.output.startswith("📦 Opening database: postgresql+psycopg://")
+    assert "✅ Tables up to date: audit_log, config, instances, oauth_tokens, users\n" in again.output
 
 
 def test_stats_json_and_text(runner, store_url, tmp_path):
@@ -103,6 +112,11 @@ def test_unusable_database_is_one_line_exit_1_and_writes_nothing(runner, tmp_pat
 def test_version(runner):
     result = runner.invoke(cli, ["--version"])
     assert result.output == f"kissbot, version {__version__}\n"
+
+
+def test_python_dash_m_kissbot_is_the_kissbot_command(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "kissbot", "--version"], capture_output=True, text=True, cwd=tmp_path)
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"kissbot, version {__version__}\n", "")
 
 
 def _all_commands(group, prefix=()):
