@@ -8,9 +8,9 @@ import threading
 import click
 
 from kissbot.cli.main import Seconds, StoreTarget, cli, store_options
-from kissbot.validation import MAX_EXPIRES_IN
-
 DAY = 24 * 3600
+MAX_INTERVAL = 10**10
+"""Longest validation interval, in seconds (~300 years, "never"): dates computed from it stay representable."""
 from kissbot.twitch import (
     CLIENT_ID_ENV,
     CLIENT_SECRET_ENV,
@@ -40,7 +40,7 @@ from kissbot.twitch import (
     help="Twitch application client secret (prefer the environment variable).",
 )
 @click.option(
-    "--validate-interval", type=Seconds(0, MAX_EXPIRES_IN),
+    "--validate-interval", type=Seconds(0, MAX_INTERVAL),
     help="Seconds between validations of a token  [default: config token_validate_interval, else 3600].",
 )
 @click.option(
