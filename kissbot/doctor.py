@@ -150,17 +150,16 @@ def _check_database(
             Finding("error", "migration", f"migration {revision} is unknown to this kissbot version (head {HEAD})", "upgrade kissbot")
         )
         return
-    if path is not None:
-        problems = database_problems(conn, revision)
-        if problems:
-            findings.append(
-                Finding("error", "schema", f"{shown} is not a database kissbot made: {summary(problems)}",
-                        "stop the bots and restore a backup made by kissbot with `kissbot restore BACKUP`")
-            )
-            return
+    problems = database_problems(conn, revision)
+    if problems:
         findings.append(
-            Finding("ok", "schema", f"schema: exactly migration {revision}'s tables, columns and indexes; rows well-typed")
+            Finding("error", "schema", f"{shown} is not a database kissbot made: {summary(problems)}",
+                    "stop the bots and restore a backup made by kissbot (`kissbot restore BACKUP`, pg_restore on PostgreSQL)")
         )
+        return
+    findings.append(
+        Finding("ok", "schema", f"schema: exactly migration {revision}'s tables, columns and indexes; rows well-typed")
+    )
     _check_tokens(conn, key_path, cipher, findings)
     _check_instances(conn, findings)
 
