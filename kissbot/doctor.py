@@ -78,7 +78,7 @@ def diagnose(target: str | os.PathLike[str] | URL, key_file: str | os.PathLike[s
         with engine.connect() as conn:
             _check_database(conn, path, shown, key_path, cipher, findings)
         if path is not None:
-            _check_leftovers(path, findings)
+            _check_leftovers(path, key_path, findings)
     except (SQLAlchemyError, sqlite3.Error, OSError) as exc:
         findings.append(
             Finding("error", "database", f"cannot read database {shown}: {getattr(exc, 'orig', None) or exc}",
@@ -164,17 +164,18 @@ def _check_database(
     _check_instances(conn, findings)
 
 
-def _check_leftovers(path: Path, findings: list[Finding]) -> None:
+def _check_leftovers(path: Path, key_path: Path, findings: list[Finding]) -> None:
     from kissbot.backup import leftovers
 
-    found = leftovers(path)
+    # Backups (and copies of the key made with them) go beside the database by default.
+    found = leftovers(path) + leftovers(path.with_name(key_path.name))
     if not found:
         findings.append(Finding("ok", "leftovers", "no temporary files left by interrupted runs"))
         return
     names = ", ".join(p.name for p in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
     findings.append(
         Finding("warning", "leftovers", f"{len(found)} temporary files left by interrupted backup, restore or import runs: {names}",
-                f"the next `kissbot backup` removes them, or delete them: rm {path.parent}/.{path.name}.*.tmp*")
+                f"the next `kissbot backup` removes them, or delete them from {path.parent}")
     )
 
 
