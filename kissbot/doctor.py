@@ -23,11 +23,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from kissbot.crypto import TokenCipher, read_key_ring, verify_tokens
-from kissbot.engine import connect_sqlite_query_only, create_engine, is_memory, sqlite_path, to_url
+from kissbot.engine import connect_sqlite_query_only, create_engine
+from kissbot.urls import is_memory, sqlite_path, to_url
 from kissbot.errors import KeyFileError
 from kissbot.maintenance import integrity_problems
 from kissbot.migrations import HEAD, KISSBOT_TABLES, current_revision, is_known_revision
-from kissbot.schema import instances, oauth_tokens, users
+from kissbot.models import instances, oauth_tokens, users
 from kissbot.repo import ConfigRepository
 from kissbot.types import utcnow
 
