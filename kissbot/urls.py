@@ -18,7 +18,7 @@ from sqlalchemy.exc import ArgumentError
 from kissbot.errors import ConfigurationError
 
 SUPPORTED = {"sqlite": ("pysqlite",), "postgresql": ("psycopg",)}
-"""Backends and drivers kissbot runs on; a URL without a driver gets the first."""
+"""Backends and the driver kissbot runs each on."""
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9.+-]*):")
 _PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9.+-]*:/*[^/:@]*:)[^@]*@")
@@ -35,7 +35,7 @@ def shown(url: URL | str) -> str:
 def parse_url(text: str) -> URL:
     """The :class:`URL` ``text`` names; :class:`ConfigurationError` unless it is a well-formed supported URL.
 
-    ``postgresql://`` means ``postgresql+psycopg://``.
+    ``postgresql://`` means ``postgresql+psycopg://`` (SQLAlchemy's default, psycopg2, is not kissbot's driver).
     """
     scheme = _SCHEME.match(text)
     if scheme is None or not text[scheme.end():].startswith("//"):
@@ -53,7 +53,7 @@ def parse_url(text: str) -> URL:
     if drivers is None or (driver is not None and driver not in drivers):
         supported = ", ".join(f"{b}+{d[0]}://" for b, d in SUPPORTED.items())
         raise ConfigurationError(f"unsupported database URL {shown(url)!r}: kissbot supports {supported}")
-    if driver is None:
+    if driver is None and backend == "postgresql":
         url = url.set(drivername=f"{backend}+{drivers[0]}")
     if url.port is not None and not 0 < url.port < 65536:
         raise ConfigurationError(f"malformed database URL {shown(url)!r}: port {url.port} is out of range")
