@@ -24,7 +24,7 @@ from kissbot.errors import DatabaseBusy, DatabaseError, DatabaseUnavailable, Kis
 from kissbot.urls import shown, sqlite_path
 
 # SQLite primary result codes (sqlite3 only names them from Python 3.11).
-_PERM, _BUSY, _LOCKED, _READONLY, _CORRUPT, _CANTOPEN, _NOTADB = 3, 5, 6, 8, 11, 14, 26
+_PERM, _BUSY, _LOCKED, _READONLY, _IOERR, _CORRUPT, _FULL, _CANTOPEN, _NOTADB = 3, 5, 6, 8, 10, 11, 13, 14, 26
 SQLITE_BUSY_CODES = frozenset({_BUSY, _LOCKED})
 _SQLITE_OPEN_CODES = frozenset({_CANTOPEN, _READONLY, _PERM})
 _SQLITE_DAMAGE_CODES = frozenset({_CORRUPT, _NOTADB})
@@ -35,6 +35,8 @@ _SQLITE_MESSAGES = {
     "attempt to write a readonly database": _READONLY,
     "file is not a database": _NOTADB,
     "database disk image is malformed": _CORRUPT,
+    "database or disk is full": _FULL,
+    "disk I/O error": _IOERR,
 }
 # PostgreSQL SQLSTATEs: lock_timeout / statement_timeout, and a server going away under a session.
 _PG_BUSY_STATES = frozenset({"55P03", "57014"})
@@ -67,7 +69,11 @@ def sqlite_error(exc: BaseException, path: Path | None, busy_timeout_ms: int | N
             f'`ps aux | grep "main.py\\|supervisor"` and force a WAL checkpoint with '
             f'`sqlite3 {where} "PRAGMA wal_checkpoint(RESTART);"`'
         )
+    if code == _FULL or (code == _IOERR and path is not None and _disk_full(path)):
+        return DatabaseError(f"cannot write database {where}: the disk is full; free some space and run it again")
     if code in _SQLITE_OPEN_CODES:
+        if path is not None and not path.parent.is_dir():
+            return DatabaseError(f"cannot open database {where}: directory {path.parent} does not exist")
         if path is not None and not os.access(path.parent, os.W_OK):
             return DatabaseError(
                 f"cannot open database {where}: its directory is not writable, and SQLite's WAL mode must create "
@@ -77,6 +83,14 @@ def sqlite_error(exc: BaseException, path: Path | None, busy_timeout_ms: int | N
     if code in _SQLITE_DAMAGE_CODES:
         return DatabaseError(f"database {where} is damaged or not a SQLite database ({exc}); restore it from a backup")
     return None
+
+
+def _disk_full(path: Path) -> bool:
+    # SQLite reports a write that found no space while creating -wal/-shm as a mere I/O error.
+    try:
+        return os.statvfs(path.parent).f_bavail == 0
+    except OSError:
+        return False
 
 
 def postgresql_error(context: Any, where: str, lock_timeout_ms: int) -> DatabaseError | None:

@@ -38,7 +38,7 @@ from kissbot import dberrors
 from kissbot.crypto import TokenCipher
 from kissbot.errors import ConfigurationError
 from kissbot.types import attach_cipher
-from kissbot.urls import is_memory, to_url
+from kissbot.urls import is_memory, sqlite_path, to_url
 
 DEFAULT_DB_PATH = "kissbot.db"
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -184,7 +184,28 @@ def _ensure_wal(cursor: sqlite3.Cursor, busy_timeout_ms: int) -> None:
         pause = min(pause * 2, 0.05)
 
 
+def create_private_file(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 if it does not exist (an empty file is an empty SQLite database).
+
+    SQLite would create a database 0644 (less the umask), and gives its
+    ``-wal`` and ``-shm`` files the database's mode: tokens are encrypted, but
+    logins, audit events and the WAL's copies of them are nobody else's business.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except OSError:
+        return  # it exists, or SQLite reports why it cannot be opened
+    os.close(fd)
+
+
 def _sqlite_sessions(engine: Engine, synchronous: str, busy_timeout_ms: int) -> None:
+    path = sqlite_path(engine.url)
+    if path is not None:
+
+        @event.listens_for(engine, "do_connect")
+        def _create_private(*_args: Any) -> None:
+            create_private_file(path)
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # pysqlite's own BEGIN handling off: the "begin" listener below says when and how.
