@@ -41,7 +41,7 @@ from kissbot.engine import connect_sqlite_query_only, create_engine, is_memory, 
 from kissbot.errors import ConfigurationError, KissbotError, NoDatabase, driver_message
 from kissbot.migrations import current_revision, ensure_schema
 from kissbot.repo import STALE_HEARTBEATS, ConfigRepository
-from kissbot.schema import audit_log, instances, oauth_tokens, users
+from kissbot.models import audit_log, instances, oauth_tokens, users
 from kissbot.types import utcnow
 
 log = logging.getLogger(__name__)

@@ -189,8 +189,8 @@ PG_HOSTILE = {
         "trigger wipe on oauth_tokens is not part of migration {head}",
     ),
     "view": ("CREATE VIEW plain AS SELECT * FROM oauth_tokens", "view plain is not part of migration {head}"),
-    "dropped-key-version": (
-        "ALTER TABLE oauth_tokens DROP COLUMN key_version", "column oauth_tokens.key_version of migration {head} is missing"
+    "dropped-key-version": (  # PostgreSQL drops the column's index idx_oauth_state with it, reported first
+        "ALTER TABLE oauth_tokens DROP COLUMN key_version", "index idx_oauth_state on oauth_tokens of migration {head} is missing"
     ),
     "retyped-column": (
         "ALTER TABLE oauth_tokens ALTER COLUMN key_version TYPE text",

@@ -31,7 +31,7 @@ from kissbot import DatabaseManager, __version__
 from kissbot.cli import cli
 from kissbot.engine import sqlite_path, to_url
 from kissbot.migrations import HEAD
-from kissbot.schema import instances, oauth_tokens
+from kissbot.models import instances, oauth_tokens
 from kissbot.types import utcnow
 
 REPO = Path(__file__).resolve().parent.parent
