@@ -10,7 +10,8 @@ the store (token types, event types, channel logins) are bounded: at most
 ``other``.
 
 :class:`RefreshMetrics` holds the refresh worker's own counters and latency
-histogram (``kissbot refresh-worker --metrics-port``).
+histogram (``kissbot refresh-worker --metrics-port``): refresh.py reports to it
+through its ``observer`` hook and never imports prometheus_client.
 
 Requires the ``metrics`` extra (``pip install 'kissbot[metrics]'``).
 """
@@ -20,6 +21,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
+import weakref
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy
-from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, Histogram, generate_latest, start_http_server
+from prometheus_client import Counter as CounterMetric
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import case, func, select, text
@@ -378,3 +382,83 @@ def serve(registry: CollectorRegistry, host: str = "127.0.0.1", port: int = DEFA
     """
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server
+
+
+# --- the refresh worker's own metrics ------------------------------------------------------------
+
+_OUTCOMES = {
+    "refreshed": ("refreshes", "refreshed"),
+    "reauth": ("refreshes", "reauth"),
+    "failed": ("refreshes", "failed"),
+    "stale": ("refreshes", "stale"),
+    "validated": ("validations", "validated"),
+    "validation_failed": ("validations", "failed"),
+    "skipped_locked": ("skips", "locked"),
+    "skipped_fresh": ("skips", "fresh"),
+    "backing_off": ("skips", "backing_off"),
+}
+"""Each :class:`kissbot.refresh.Outcome` value: the counter it adds to, and its label."""
+TWITCH_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class RefreshMetrics:
+    """The refresh worker's counters and Twitch latency histogram, in a registry of their own.
+
+    Give it to a worker, ``TokenRefresher(…, observer=metrics)``, and serve
+    :attr:`registry` (``kissbot refresh-worker --metrics-port``). Twitch
+    requests are timed from sending to the answer's headers: ``POST`` to the
+    token endpoint is ``endpoint="token"``, ``GET`` to ``/validate`` is
+    ``endpoint="validate"``.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.refreshes = CounterMetric(
+            "kissbot_refresh_worker_refreshes", "Token refreshes by outcome: refreshed, reauth (marked for reauth), "
+            "failed (transient, retried after a backoff), stale (a newer write won).",
+            ["outcome"], registry=self.registry,
+        )
+        self.validations = CounterMetric(
+            "kissbot_refresh_worker_validations", "Token validations by outcome: validated, failed (Twitch not reached "
+            "or answered neither 200 nor 401; a 401 leads to a refresh).",
+            ["outcome"], registry=self.registry,
+        )
+        self.skips = CounterMetric(
+            "kissbot_refresh_worker_skips", "Due tokens left alone: locked (another worker's lease), fresh (done "
+            "meanwhile), backing_off (waiting after a failure).",
+            ["reason"], registry=self.registry,
+        )
+        self.backoffs = CounterMetric(
+            "kissbot_refresh_worker_backoffs", "Backoffs started: transient refresh failures.", registry=self.registry
+        )
+        self.twitch = Histogram(
+            "kissbot_refresh_worker_twitch_request_duration_seconds",
+            "Time from sending a request to Twitch to its answer's headers, by endpoint (token, validate).",
+            ["endpoint"], buckets=TWITCH_BUCKETS, registry=self.registry,
+        )
+        for family, label in _OUTCOMES.values():
+            getattr(self, family).labels(label)
+        for endpoint in ("token", "validate"):
+            self.twitch.labels(endpoint)
+        self._sent: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+    def outcome(self, outcome: Any) -> None:
+        """Count one :class:`kissbot.refresh.Outcome`."""
+        family, label = _OUTCOMES[outcome.value]
+        getattr(self, family).labels(label).inc()
+        if outcome.value == "failed":
+            self.backoffs.inc()
+
+    def instrument(self, http: Any) -> None:
+        """Time every request of the :class:`httpx.Client` ``http``."""
+        http.event_hooks["request"].append(self._sending)
+        http.event_hooks["response"].append(self._answered)
+
+    def _sending(self, request: Any) -> None:
+        self._sent[request] = time.perf_counter()
+
+    def _answered(self, response: Any) -> None:
+        sent = self._sent.pop(response.request, None)
+        if sent is not None:
+            endpoint = "token" if response.request.method == "POST" else "validate"
+            self.twitch.labels(endpoint).observe(time.perf_counter() - sent)

@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote, quote_plus
 
 import httpx
@@ -141,6 +141,16 @@ class RefreshCounters:
         return " ".join(f"{name}={value}" for name, value in self.as_dict().items())
 
 
+class RefreshObserver(Protocol):
+    """What ``TokenRefresher(observer=…)`` reports to, e.g. :class:`kissbot.metrics.RefreshMetrics`."""
+
+    def instrument(self, http: httpx.Client) -> None:
+        """Called once with the refresher's HTTP client (to time its requests)."""
+
+    def outcome(self, outcome: Outcome) -> None:
+        """Called with every token's outcome."""
+
+
 @dataclass(frozen=True)
 class _Row:
     user_id: int
@@ -165,7 +175,8 @@ class TokenRefresher:
     waits about ``backoff_base`` seconds, doubling per failure up to
     ``backoff_max``. ``validate_interval`` overrides config
     ``token_validate_interval``. ``http`` replaces the :class:`httpx.Client`
-    (the refresher then does not close it).
+    (the refresher then does not close it). ``observer`` (a
+    :class:`RefreshObserver`) is told every outcome and may time the requests.
 
     Use it as a context manager, or call :meth:`close`.
     """
@@ -185,6 +196,7 @@ class TokenRefresher:
         validate_interval: float | None = None,
         http: httpx.Client | None = None,
         owner: str | None = None,
+        observer: RefreshObserver | None = None,
     ) -> None:
         if not client_id:
             raise MissingClientCredentials(f"no Twitch client id: set {CLIENT_ID_ENV}")
@@ -206,6 +218,9 @@ class TokenRefresher:
             timeout=httpx.Timeout(timeout), headers={"User-Agent": f"kissbot/{__version__}"}
         )
         self.counters = RefreshCounters()
+        self.observer = observer
+        if observer is not None:
+            observer.instrument(self._http)
 
     @classmethod
     def from_env(cls, store: DatabaseManager | Engine, **kwargs: Any) -> TokenRefresher:
@@ -504,6 +519,8 @@ class TokenRefresher:
 
     def _done(self, row: _Row, outcome: Outcome, detail: str) -> TokenResult:
         self.counters.add(outcome)
+        if self.observer is not None:
+            self.observer.outcome(outcome)
         level = {
             Outcome.REAUTH: logging.ERROR,
             Outcome.FAILED: logging.WARNING,

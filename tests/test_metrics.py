@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
@@ -197,6 +198,60 @@ def test_a_store_that_went_away_answers_store_up_0(sqlite_url, key_file, caplog)
     assert "metrics: cannot read the store: unable to open database file" in caplog.text
 
 
+def test_refresh_metrics_count_every_outcome_and_time_twitch(mgr, fake_twitch):
+    from kissbot.metrics import RefreshMetrics, render
+    from kissbot.refresh import TokenRefresher
+
+    fake_twitch.accept_unknown = True
+    for n in range(3):
+        mgr.store_tokens(mgr.create_user(str(10 + n), f"bot_{n}", is_bot=True), f"a{n}", f"r{n}", expires_in=30)
+    answers = iter([None, (503, {"status": 503, "message": "unavailable"}), (400, {"status": 400, "message": "Invalid refresh token"})])
+    fake_twitch.on_token_request = lambda: setattr(fake_twitch, "token_answer", next(answers, None))
+    metrics = RefreshMetrics()
+    with TokenRefresher(
+        mgr, fake_twitch.client_id, "secret", token_url=fake_twitch.token_url, validate_url=fake_twitch.validate_url,
+        backoff_base=3600, validate_interval=0, observer=metrics,
+    ) as worker:
+        results = worker.cycle() + worker.refresh_due()
+    got = samples(render(metrics.registry))
+    outcomes = Counter(r.outcome.value for r in results)
+    assert outcomes == {"refreshed": 1, "failed": 1, "reauth": 1, "validated": 1, "backing_off": 1}
+    assert {k: got[k] for k in got if k[0].endswith("_total") and "refresh_worker" in k[0]} == {
+        ("kissbot_refresh_worker_refreshes_total", (("outcome", "refreshed"),)): 1,
+        ("kissbot_refresh_worker_refreshes_total", (("outcome", "failed"),)): 1,
+        ("kissbot_refresh_worker_refreshes_total", (("outcome", "reauth"),)): 1,
+        ("kissbot_refresh_worker_refreshes_total", (("outcome", "stale"),)): 0,
+        ("kissbot_refresh_worker_validations_total", (("outcome", "validated"),)): 1,
+        ("kissbot_refresh_worker_validations_total", (("outcome", "failed"),)): 0,
+        ("kissbot_refresh_worker_skips_total", (("reason", "locked"),)): 0,
+        ("kissbot_refresh_worker_skips_total", (("reason", "fresh"),)): 0,
+        ("kissbot_refresh_worker_skips_total", (("reason", "backing_off"),)): 1,
+        ("kissbot_refresh_worker_backoffs_total", ()): 1,
+    }
+    assert got[("kissbot_refresh_worker_twitch_request_duration_seconds_count", (("endpoint", "token"),))] == len(
+        fake_twitch.token_forms
+    )
+    assert got[("kissbot_refresh_worker_twitch_request_duration_seconds_count", (("endpoint", "validate"),))] == len(
+        fake_twitch.validate_headers
+    )
+    assert got[("kissbot_refresh_worker_twitch_request_duration_seconds_sum", (("endpoint", "token"),))] > 0
+
+
+def test_refresh_worker_metrics_on_a_taken_port_is_one_line(sqlite_url, key_file, monkeypatch):
+    monkeypatch.setenv("TWITCH_CLIENT_ID", "client-id")
+    monkeypatch.setenv("TWITCH_CLIENT_SECRET", "client-secret")
+    with DatabaseManager(url=sqlite_url, key_file=key_file) as mgr:
+        populate(mgr)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(
+            cli, ["refresh-worker", "--once", "--metrics-port", str(port), *store_args(sqlite_url, key_file)]
+        )
+    assert (result.exit_code, result.output) == (1, f"Error: cannot listen on 127.0.0.1:{port}: Address already in use\n")
+
+
 def test_label_values_from_the_store_are_bounded(sqlite_url, key_file):
     with DatabaseManager(url=sqlite_url, key_file=key_file) as mgr:
         populate(mgr)
@@ -279,7 +334,37 @@ def processes():
     PROMETHEUS is None and not os.environ.get("CI"),
     reason="Prometheus is not installed (apt-get install prometheus; .ci/run installs it)",
 )
-def test_real_prometheus_scrapes_every_metric_panel_and_rule(tmp_path, key_file, processes):
+def start_serving(command: list[str], what: str, processes: list, log: Path, **popen) -> str:
+    """Start a kissbot command that serves metrics; return its host:port (it says so on stderr, into ``log``)."""
+    with open(log, "w") as stderr:
+        processes.append(subprocess.Popen(command, stderr=stderr, **popen))
+    first = re.compile(rf"\AServing {what} on http://127\.0\.0\.1:(\d+)/metrics\n")
+    match = wait_for(f"{what} to listen", lambda: first.match(log.read_text()))
+    return f"127.0.0.1:{match[1]}"
+
+
+def busy_refresh_worker(tmp_path: Path, twitch, processes: list) -> str:
+    """A refresh worker (with --metrics-port) that refreshes two tokens every second, half of the requests failing."""
+    db, key = tmp_path / "worker.db", tmp_path / "worker.key"
+    with DatabaseManager(db, key_file=key) as mgr:
+        mgr.set_config("max_refresh_failures", 1_000_000)
+        for n in range(2):
+            mgr.store_tokens(mgr.create_user(str(50 + n), f"worker_bot_{n}", is_bot=True), f"a{n}", f"r{n}", 30)
+    twitch.accept_unknown, twitch.expires_in = True, 30  # refreshed tokens are due again at once
+    flaky = iter(range(10**9))
+    twitch.on_token_request = lambda: setattr(
+        twitch, "token_answer", (503, {"status": 503, "message": "unavailable"}) if next(flaky) % 2 else None
+    )
+    kissbot = Path(sys.executable).with_name("kissbot")
+    env = {**os.environ, **twitch.env(), "TWITCH_CLIENT_SECRET": "worker-secret"}
+    return start_serving(
+        [str(kissbot), "refresh-worker", "--db", str(db), "--key-file", str(key), "--interval", "1",
+         "--backoff-base", "0", "--validate-interval", "0", "--metrics-port", "0"],
+        "refresh worker metrics", processes, tmp_path / "worker.log", env=env,
+    )
+
+
+def test_real_prometheus_scrapes_every_metric_panel_and_rule(tmp_path, key_file, processes, fake_twitch):
     assert PROMETHEUS and PROMTOOL, "CI must install Debian's prometheus package (.ci/run does)"
     db = tmp_path / "kissbot.db"
     with DatabaseManager(db, key_file=key_file) as mgr:
@@ -289,22 +374,22 @@ def test_real_prometheus_scrapes_every_metric_panel_and_rule(tmp_path, key_file,
     (backup_file,) = tmp_path.glob("kissbot.db.backup_*")
 
     kissbot = Path(sys.executable).with_name("kissbot")
-    exporter = subprocess.Popen(
-        [str(kissbot), "metrics", "serve", "--db", str(db), "--port", "0"],
-        stderr=subprocess.PIPE, text=True,
+    target = start_serving(
+        [str(kissbot), "metrics", "serve", "--db", str(db), "--port", "0"], "kissbot metrics", processes,
+        tmp_path / "exporter.log",
     )
-    processes.append(exporter)
-    line = exporter.stderr.readline()
-    match = re.fullmatch(r"Serving kissbot metrics on http://127\.0\.0\.1:(\d+)/metrics\n", line)
-    assert match, line
-    target = f"127.0.0.1:{match[1]}"
+    exporter = processes[-1]
+    worker = busy_refresh_worker(tmp_path, fake_twitch, processes)
 
     port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(yaml.safe_dump({
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(RULES)],
-        "scrape_configs": [{"job_name": "kissbot", "static_configs": [{"targets": [target]}]}],
+        "scrape_configs": [
+            {"job_name": "kissbot", "static_configs": [{"targets": [target]}]},
+            {"job_name": "kissbot-refresh-worker", "static_configs": [{"targets": [worker]}]},
+        ],
     }))
     prometheus = subprocess.Popen(
         [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
@@ -314,6 +399,9 @@ def test_real_prometheus_scrapes_every_metric_panel_and_rule(tmp_path, key_file,
     processes.append(prometheus)
     base = f"http://127.0.0.1:{port}"
     wait_for("three scrapes", lambda: (r := query(base, "count_over_time(kissbot_store_up[1m])")) and float(r[0]["value"][1]) >= 3)
+    wait_for("refreshes, failed and not, between scrapes", lambda: len(query(
+        base, 'increase(kissbot_refresh_worker_refreshes_total{outcome=~"refreshed|failed"}[1m]) > 0'
+    )) == 2)
 
     for (name, labels), value in EXPECTED.items():
         selector = name + "{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}"
@@ -339,5 +427,12 @@ def test_real_prometheus_scrapes_every_metric_panel_and_rule(tmp_path, key_file,
     check = subprocess.run([PROMTOOL, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stdout + check.stderr
 
-    exporter.send_signal(signal.SIGTERM)
-    assert exporter.wait(timeout=10) == 0
+    with urllib.request.urlopen(f"http://{worker}/metrics", timeout=5) as response:
+        text = response.read()
+    assert b"worker-secret" not in text
+    check = subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+    for proc in processes:
+        proc.send_signal(signal.SIGTERM)
+    assert [proc.wait(timeout=10) for proc in processes[:2]] == [0, 0]

@@ -4,19 +4,54 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import click
 
 from kissbot.cli.main import StoreTarget, cli, store_options
 
 
-def _registry(store: StoreTarget, max_channels: int):  # -> (CollectorRegistry, Engine)
+def need_prometheus() -> None:
+    """Fail with one line if prometheus-client is not installed."""
     try:
-        from kissbot.metrics import open_engine, store_registry
-    except ImportError as exc:
+        import prometheus_client  # noqa: F401
+    except ImportError:
         raise click.ClickException(
-            f"kissbot metrics needs prometheus-client ({exc.name} is missing): pip install 'kissbot[metrics]'"
+            "kissbot metrics needs prometheus-client: pip install 'kissbot[metrics]'"
         ) from None
+
+
+@contextmanager
+def serving(registry: Any, host: str, port: int, what: str) -> Iterator[Any]:
+    """Serve ``registry`` on http://HOST:PORT/metrics from a thread while the block runs (saying where on stderr)."""
+    from kissbot.metrics import serve
+
+    try:
+        server = serve(registry, host, port)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    click.echo(f"Serving {what} on http://{host}:{server.server_port}/metrics", err=True)
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def refresh_metrics():  # -> kissbot.metrics.RefreshMetrics
+    """The refresh worker's metrics (``refresh-worker --metrics-port``)."""
+    need_prometheus()
+    from kissbot.metrics import RefreshMetrics
+
+    return RefreshMetrics()
+
+
+def _registry(store: StoreTarget, max_channels: int):  # -> (CollectorRegistry, Engine)
+    need_prometheus()
+    from kissbot.metrics import open_engine, store_registry
+
     engine = open_engine(store.target)
     return store_registry(engine, max_channels=max_channels), engine
 
@@ -69,20 +104,12 @@ def serve(store: StoreTarget, host: str, port: int, max_channels: int) -> None:
     Example:
         kissbot metrics serve --db kissbot.db --host 0.0.0.0 --port 9464
     """
-    from kissbot.metrics import serve as serve_registry
-
     registry, engine = _registry(store, max_channels)
     stop = threading.Event()
     try:
-        try:
-            server = serve_registry(registry, host, port)
-        except OSError as exc:
-            raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-        click.echo(f"Serving kissbot metrics on http://{host}:{server.server_port}/metrics", err=True)
-        stop.wait()
-        server.shutdown()
-        server.server_close()
+        with serving(registry, host, port, "kissbot metrics"):
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: stop.set())
+            stop.wait()
     finally:
         engine.dispose()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from contextlib import nullcontext
 
 import click
 
@@ -51,6 +52,11 @@ from kissbot.twitch import (
     "--timeout", type=Seconds(0, 3600, min_open=True), default=10.0, show_default=True,
     help="HTTP timeout in seconds.",
 )
+@click.option(
+    "--metrics-port", type=click.IntRange(0, 65535),
+    help="Serve the worker's Prometheus metrics on this port (0: any free port; needs kissbot[metrics]).",
+)
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address of --metrics-port.")
 @store_options
 def refresh_worker(
     store: StoreTarget,
@@ -63,6 +69,8 @@ def refresh_worker(
     validate_interval: float | None,
     backoff_base: float,
     timeout: float,
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> None:
     """Refresh tokens before they expire and validate them hourly.
 
@@ -78,6 +86,7 @@ def refresh_worker(
         export TWITCH_CLIENT_ID=… TWITCH_CLIENT_SECRET=…
         kissbot refresh-worker --db kissbot.db -v
         kissbot refresh-worker --url postgresql+psycopg://kissbot@db/kissbot --once
+        kissbot refresh-worker --db kissbot.db --metrics-port 9465   # Prometheus metrics
     """
     if not client_id:
         raise click.ClickException(f"no Twitch client id: set {CLIENT_ID_ENV} or pass --client-id")
@@ -85,7 +94,13 @@ def refresh_worker(
         raise click.ClickException(f"no Twitch client secret: set {CLIENT_SECRET_ENV} or pass --client-secret")
     from kissbot.refresh import TokenRefresher
 
-    with store.open(create=False) as mgr, TokenRefresher(
+    observer = metrics = None
+    if metrics_port is not None:
+        from kissbot.cli.metrics import refresh_metrics, serving
+
+        observer = refresh_metrics()
+        metrics = serving(observer.registry, metrics_host, metrics_port, "refresh worker metrics")
+    with metrics or nullcontext(), store.open(create=False) as mgr, TokenRefresher(
         mgr,
         client_id,
         client_secret,
@@ -94,6 +109,7 @@ def refresh_worker(
         timeout=timeout,
         backoff_base=backoff_base,
         validate_interval=validate_interval,
+        observer=observer,
     ) as refresher:
         if once:
             refresher.cycle()
