@@ -48,7 +48,7 @@ def read_live_tokens(
     pytwitchapi_without_login = create_users and login is None and _is_pytwitchapi(path)
     batch = read_token_file(path, login="" if pytwitchapi_without_login else login)
     problems = list(batch.problems)
-    raw = json.loads(path.read_text(encoding="utf-8"))
+    raw = {key.strip(): value for key, value in json.loads(path.read_text(encoding="utf-8")).items()}
     entries = []
     for entry in batch.entries:
         if entry.twitch_user_id is not None:  # TwitchIO's file: keyed by Twitch user id
