@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy import inspect
 
 from kissbot import __version__
 from kissbot.errors import ImportSourceError
@@ -71,6 +72,10 @@ def drop_rolled_back(
 ) -> tuple[list[TokenEntry], list[dict[str, Any] | None]]:
     """The entries of ``ready`` (and their users) whose stored tokens are older than the file; a line in ``skipped`` for each other."""
     assert batch.written_at is not None
+    if "last_refresh" not in {c["name"] for c in inspect(db).get_columns("oauth_tokens")}:
+        # A store before migration 0002 (import_tokens' look before migrating it): no
+        # kissbot process refreshed its tokens; the write, once migrated, checks again.
+        return ready, users
     known = [user["id"] for user in users if user is not None]
     written = TokenRepository(db).written_at(known, token_type=batch.token_type) if known else {}
     kept_entries, kept_users = [], []
