@@ -333,18 +333,29 @@ def _check_tokens(user_id: int, access_token: str, refresh_token: str) -> None:
             raise ValidationError(f"{name} for user {user_id} must be a non-empty string")
 
 
-def _stored(access_token: Any, refresh_token: Any, expires_at: datetime, now: datetime, key_version: int) -> dict[str, Any]:
-    """What every write of a token row sets: the tokens (encrypted when bound), fresh flags, the key version."""
-    return {
-        "access_token_encrypted": access_token,
-        "refresh_token_encrypted": refresh_token,
-        "expires_at": expires_at,
-        "needs_reauth": False,
-        "status": "valid",
-        "refresh_failures": 0,
-        "key_version": key_version,
-        "updated_at": now,
-    }
+# Every write of a token row: the tokens (encrypted when bound), fresh flags, the key version.
+# ``scopes`` NULL keeps the stored scopes on a replace. Built once; a call binds ``b_*`` values.
+_WRITTEN = {
+    "access_token_encrypted": bindparam("b_access"),
+    "refresh_token_encrypted": bindparam("b_refresh"),
+    "expires_at": bindparam("b_expires_at"),
+    "needs_reauth": False,
+    "status": "valid",
+    "refresh_failures": 0,
+    "key_version": bindparam("b_key_version"),
+    "updated_at": bindparam("b_now"),
+}
+_REPLACE = (
+    update(oauth_tokens)
+    .where(_t.user_id == bindparam("b_user_id"), _t.token_type == bindparam("b_token_type"))
+    .values(**_WRITTEN, scopes=func.coalesce(bindparam("b_scopes"), _t.scopes), version=_t.version + 1,
+            last_refresh=bindparam("b_now"))
+)
+_REPLACE_IF_VERSION = _REPLACE.where(_t.version == bindparam("b_version"))
+_INSERT = insert(oauth_tokens).values(
+    **_WRITTEN, scopes=bindparam("b_scopes"), user_id=bindparam("b_user_id"), token_type=bindparam("b_token_type"),
+    version=1, created_at=bindparam("b_now"),
+)
 
 
 class TokenRepository:
@@ -386,17 +397,16 @@ class TokenRepository:
         check.check_expires_in(expires_in)
         scopes = check.check_scopes(scopes)
         now = utcnow()
-        # The key version is read before the values are encrypted: a key file reloaded
-        # in between can only make the row's key newer than its label, which rotation fixes.
-        key_version = cipher_of(_dialect(self.db)).current_version
-        values = _stored(access_token, refresh_token, now + timedelta(seconds=expires_in), now, key_version)
-        if scopes is not None:
-            values["scopes"] = _scopes_json(scopes)
-        replace = update(oauth_tokens).where(_row(user_id, token_type)).values(
-            **values, version=_t.version + 1, last_refresh=now
-        )
-        write = replace if expected_version is None else replace.where(_t.version == expected_version)
-        created = self.db.execute(write).rowcount == 0
+        params = {
+            "b_user_id": user_id, "b_token_type": token_type, "b_access": access_token, "b_refresh": refresh_token,
+            "b_scopes": _scopes_json(scopes), "b_expires_at": now + timedelta(seconds=expires_in), "b_now": now,
+            # Read before the values are encrypted: a key file reloaded in between can only
+            # make the row's key newer than its label, which rotation fixes.
+            "b_key_version": cipher_of(_dialect(self.db)).current_version,
+            "b_version": expected_version,
+        }
+        write = _REPLACE if expected_version is None else _REPLACE_IF_VERSION
+        created = self.db.execute(write, params).rowcount == 0
         if created:
             if expected_version is not None:
                 current = self.db.execute(select(_t.version).where(_row(user_id, token_type))).scalar()
@@ -405,12 +415,9 @@ class TokenRepository:
                         f"tokens of user {user_id} ({token_type}) are at version {current or 0}, "
                         f"not {expected_version}: another process stored newer tokens"
                     )
-            new = insert(oauth_tokens).values(
-                **values, user_id=user_id, token_type=token_type, version=1, created_at=now
-            )
             try:
                 with self.db.begin_nested():
-                    self.db.execute(new)
+                    self.db.execute(_INSERT, params)
             except IntegrityError as exc:
                 # Either the user does not exist, or (PostgreSQL: SQLite writers
                 # are serialised) another transaction inserted the row first.
@@ -421,7 +428,7 @@ class TokenRepository:
                         f"tokens of user {user_id} ({token_type}) were just created by another process, "
                         f"not at version {expected_version}"
                     ) from exc
-                self.db.execute(replace)
+                self.db.execute(_REPLACE, params)
                 created = False
         AuditRepository(self.db).log_event(
             "tokens_created" if created else "tokens_refreshed",
@@ -449,16 +456,16 @@ class TokenRepository:
         """
         _check_type(token_type)
         check.check_expires_in(expires_in)
+        now = utcnow()
+        shared = {
+            "b_token_type": token_type, "b_expires_at": now + timedelta(seconds=expires_in), "b_now": now,
+            "b_key_version": cipher_of(_dialect(self.db)).current_version,
+        }
         rows = []
         for user_id, access_token, refresh_token, scopes in tokens:
             _check_tokens(user_id, access_token, refresh_token)
-            rows.append({"b_user_id": user_id, "b_access": access_token, "b_refresh": refresh_token,
+            rows.append({**shared, "b_user_id": user_id, "b_access": access_token, "b_refresh": refresh_token,
                          "b_scopes": _scopes_json(scopes)})
-        if not rows:
-            return 0
-        now = utcnow()
-        key_version = cipher_of(_dialect(self.db)).current_version
-        values = _stored(bindparam("b_access"), bindparam("b_refresh"), now + timedelta(seconds=expires_in), now, key_version)
         existing: set[int] = set()
         for chunk in _chunks([r["b_user_id"] for r in rows]):
             has_tokens = select(_t.user_id).where(_t.token_type == token_type, _t.user_id.in_(chunk))
@@ -466,19 +473,9 @@ class TokenRepository:
         updates = [r for r in rows if r["b_user_id"] in existing]
         inserts = [r for r in rows if r["b_user_id"] not in existing]
         if updates:
-            stmt = (
-                update(oauth_tokens)
-                .where(_t.user_id == bindparam("b_user_id"), _t.token_type == token_type)
-                .values(**values, scopes=func.coalesce(bindparam("b_scopes"), _t.scopes), version=_t.version + 1,
-                        last_refresh=now)
-            )
-            self.db.execute(stmt, updates)
+            self.db.execute(_REPLACE, updates)
         if inserts:
-            stmt = insert(oauth_tokens).values(
-                **values, scopes=bindparam("b_scopes"), user_id=bindparam("b_user_id"), token_type=token_type,
-                version=1, created_at=now,
-            )
-            self.db.execute(stmt, inserts)
+            self.db.execute(_INSERT, inserts)
         return len(inserts)
 
     def get_tokens(self, user_id: int, *, token_type: str = "bot") -> dict[str, Any] | None:
