@@ -311,13 +311,15 @@ def _decode_scopes(raw: str | None) -> list[str]:
     return [str(s) for s in value] if isinstance(value, list) else [str(value)]
 
 
-def _listed(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A token row as the repository returns it: scopes decoded, NULL flags and counts as False and 0."""
+def _listed(row: Mapping[str, Any], now: datetime) -> dict[str, Any]:
+    """A token row as the repository returns it: scopes decoded, NULL flags and counts as False and 0,
+    ``expired`` once ``expires_at`` has passed."""
     return {
         **row,
         "scopes": _decode_scopes(row["scopes"]),
         "needs_reauth": bool(row["needs_reauth"]),
         "refresh_failures": row["refresh_failures"] or 0,
+        "expired": row["expires_at"] <= now,
     }
 
 
@@ -481,6 +483,8 @@ class TokenRepository:
     def get_tokens(self, user_id: int, *, token_type: str = "bot") -> dict[str, Any] | None:
         """The decrypted tokens of ``user_id``, or None if it has none.
 
+        ``expired`` is True once ``expires_at`` has passed (``status`` stays
+        ``valid`` until a refresh fails: an expired token is refreshable).
         Raises :class:`DecryptionError` naming the user and the row's key
         version if they do not decrypt.
         """
@@ -495,7 +499,7 @@ class TokenRepository:
                 user_id=user_id,
                 key_version=key_version,
             ) from exc
-        return _listed(tokens) if tokens is not None else None
+        return _listed(tokens, utcnow()) if tokens is not None else None
 
     def get_tokens_needing_refresh(self, buffer_minutes: float = 10) -> list[dict[str, Any]]:
         """Tokens expiring within ``buffer_minutes`` (or expired), soonest first; nothing decrypted."""
@@ -583,8 +587,10 @@ class TokenRepository:
         With ``decrypt``, each row also holds ``access_token`` and
         ``refresh_token``; a row whose tokens do not decrypt holds None for
         both and ``decrypt_error`` True instead of failing the whole list.
+        ``expired`` is True for a token past its ``expires_at``.
         """
-        rows = [_listed(r) for r in self.db.execute(_TOKEN_LIST).mappings()]
+        now = utcnow()
+        rows = [_listed(r, now) for r in self.db.execute(_TOKEN_LIST).mappings()]
         if decrypt:
             for row in rows:
                 try:
