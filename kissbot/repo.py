@@ -608,7 +608,7 @@ class TokenRepository:
 
     def written_at(self, user_ids: Sequence[int], *, token_type: str = "bot") -> dict[int, datetime]:
         """When the stored tokens of these users were written (their last refresh, else their creation), by user id."""
-        t = oauth_tokens.c
+        t = _t
         found: dict[int, datetime] = {}
         for chunk in _chunks(list(user_ids)):
             stmt = select(t.user_id, func.coalesce(t.last_refresh, t.created_at, t.updated_at).label("written")).where(
@@ -619,9 +619,13 @@ class TokenRepository:
 
     def set_last_validated(self, times: Mapping[int, datetime], *, token_type: str = "bot") -> None:
         """Store when Twitch last accepted each user's access token (``last_validated``), by user id."""
-        stmt = update(oauth_tokens).where(_ROW).values(last_validated=bindparam("p_now"))
-        for user_id, when in times.items():
-            self.db.execute(stmt, {"p_user_id": user_id, "p_type": token_type, "p_now": when})
+        if times:
+            stmt = (
+                update(oauth_tokens)
+                .where(_t.user_id == bindparam("b_user_id"), _t.token_type == token_type)
+                .values(last_validated=bindparam("b_when"))
+            )
+            self.db.execute(stmt, [{"b_user_id": user_id, "b_when": when} for user_id, when in times.items()])
 
     def count(self) -> int:
         """Number of token rows."""
