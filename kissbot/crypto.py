@@ -43,6 +43,8 @@ if TYPE_CHECKING:
     from cryptography.fernet import Fernet, MultiFernet
 
 DEFAULT_KEY_FILE = ".kissbot.key"
+MAX_KEY_VERSION = 2**31 - 1
+"""The highest key version: token rows record it in an INTEGER column (32 bits on PostgreSQL)."""
 _FERNET_PREFIX = "gAAAAA"
 _DECRYPTED_KEPT = 4096
 _FINGERPRINT_LABEL = b"kissbot key fingerprint v1"
@@ -95,6 +97,9 @@ class KeyRing:
     def __post_init__(self) -> None:
         if not self.keys:
             raise KeyFileError("no encryption key given")
+        for version, _ in self.keys:
+            if not 1 <= version <= MAX_KEY_VERSION:
+                raise KeyFileError(f"key version {version} is out of range: versions go from 1 to {MAX_KEY_VERSION}")
         ordered = tuple(sorted(self.keys, key=lambda vk: -vk[0]))
         if len({v for v, _ in ordered}) != len(ordered):
             raise KeyFileError("a key version appears twice")
@@ -137,7 +142,13 @@ class KeyRing:
                 match = _VERSIONED.match(item)
                 if match is None:
                     raise KeyFileError(f"{origin}: entry {number} is not \"v<version>:<key>\": {fix}")
-                versioned.append((int(match.group(1)), match.group(2).strip()))
+                version = int(match.group(1)) if len(match.group(1)) <= 10 else MAX_KEY_VERSION + 1
+                if version > MAX_KEY_VERSION:
+                    raise KeyFileError(
+                        f"{origin}: entry {number} has key version {match.group(1)[:12]}"
+                        f"{'…' if len(match.group(1)) > 12 else ''}, above the highest ({MAX_KEY_VERSION}): {fix}"
+                    )
+                versioned.append((version, match.group(2).strip()))
         keys = []
         for number, (version, text) in enumerate(versioned, 1):
             key = text.encode("ascii", "replace")

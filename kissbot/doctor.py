@@ -22,13 +22,13 @@ from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
+from kissbot import settings
 from kissbot.crypto import TokenCipher, read_key_ring, verify_tokens
 from kissbot.engine import connect_sqlite_query_only, create_engine, is_memory, sqlite_path, to_url
 from kissbot.errors import KeyFileError
 from kissbot.maintenance import integrity_problems
 from kissbot.migrations import HEAD, KISSBOT_TABLES, current_revision, is_known_revision
 from kissbot.schema import instances, oauth_tokens, users
-from kissbot.repo import ConfigRepository
 from kissbot.types import utcnow
 
 STALE_HEARTBEATS = 3
@@ -43,7 +43,7 @@ class Finding:
     """``ok``, ``warning`` or ``error``."""
     check: str
     """What was checked: ``key-file``, ``database``, ``integrity``, ``journal-mode``,
-    ``migration``, ``decryption``, ``reauth`` or ``instances``."""
+    ``migration``, ``config``, ``decryption``, ``reauth`` or ``instances``."""
     message: str
     fix: str | None = None
 
@@ -156,6 +156,8 @@ def _check_database(
             Finding("error", "migration", f"migration {revision} is unknown to this kissbot version (head {HEAD})", "upgrade kissbot")
         )
         return
+    for corrupt in settings.problems(conn):
+        findings.append(Finding("error", "config", corrupt.problem, corrupt.fix))
     _check_tokens(conn, key_path, cipher, findings)
     _check_instances(conn, findings)
 
@@ -184,8 +186,7 @@ def _check_tokens(conn: Connection, key_path: Path, cipher: TokenCipher | None, 
             Finding("error", "decryption", f"{len(rows)} users have tokens but there is no usable key to decrypt them",
                     f"restore {key_path} from your backup")
         )
-    config = ConfigRepository(conn)
-    max_failures = int(config.get_config("max_crash_count", default=3))
+    max_failures = settings.value(conn, "max_crash_count", strict=False)
     unhealthy = conn.execute(
         select(
             oauth_tokens.c.user_id,
@@ -214,7 +215,7 @@ def _check_tokens(conn: Connection, key_path: Path, cipher: TokenCipher | None, 
 
 
 def _check_instances(conn: Connection, findings: list[Finding]) -> None:
-    interval = float(ConfigRepository(conn).get_config("health_check_interval", default=30))
+    interval = settings.value(conn, "health_check_interval", strict=False)
     limit = timedelta(seconds=STALE_HEARTBEATS * interval)
     now = utcnow()
     channel, bot = users.alias("channel"), users.alias("bot")

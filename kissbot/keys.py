@@ -42,9 +42,10 @@ from kissbot.crypto import (
     write_key_file,
 )
 from kissbot.engine import write_transaction, writer
-from kissbot.errors import DecryptionError, KeyFileError
+from kissbot import settings
+from kissbot.errors import CorruptConfig, DecryptionError, KeyFileError
 from kissbot.schema import config, oauth_tokens
-from kissbot.repo import AuditRepository, ConfigRepository, TokenRepository
+from kissbot.repo import AuditRepository, TokenRepository
 from kissbot.types import utcnow
 
 ENV_KEY = "KISSBOT_KEY"
@@ -117,6 +118,8 @@ class _StoreKeys:
     recorded: dict[int, str]
     rows: dict[int, int]
     current: int
+    corrupt_current: bool = False
+    """``encryption_key_version`` was not a valid version: ``current`` is derived from the rows."""
 
     @property
     def highest(self) -> int:
@@ -124,16 +127,32 @@ class _StoreKeys:
 
 
 def _store_keys(conn: Connection) -> _StoreKeys:
-    prefix = FINGERPRINT_KEY.format("")
+    # Config rows that are not what kissbot writes (by hand in SQL, or from
+    # before values were checked) never stop a store from opening: a malformed
+    # fingerprint counts as not recorded, a corrupt encryption_key_version is
+    # derived from the rows; verify_key records both again.
     recorded = {}
-    for key, value in conn.execute(select(config.c.key, config.c.value).where(config.c.key.startswith(prefix))):
-        suffix = key[len(prefix):]
-        if suffix.isdigit():
-            recorded[int(suffix)] = value
+    for key, value in conn.execute(
+        select(config.c.key, config.c.value).where(config.c.key.startswith(FINGERPRINT_KEY.format("")))
+    ):
+        version = settings.fingerprint_version(key)
+        if version is not None and settings.is_fingerprint(value):
+            recorded[version] = value
     by_version = select(_raw_tokens.c.key_version, func.count()).group_by(_raw_tokens.c.key_version)
     rows = {version: count for version, count in conn.execute(by_version)}
-    current = int(ConfigRepository(conn).get_config(KEY_VERSION_KEY, default=1))
-    return _StoreKeys(recorded, rows, current)
+    try:
+        return _StoreKeys(recorded, rows, settings.value(conn, KEY_VERSION_KEY))
+    except CorruptConfig:
+        return _StoreKeys(recorded, rows, max(rows, default=1), corrupt_current=True)
+
+
+def _set_key_version(conn: Connection, version: int) -> None:
+    # encryption_key_version is internal: ConfigRepository.set_config refuses it.
+    now = utcnow()
+    done = conn.execute(update(config).where(config.c.key == KEY_VERSION_KEY).values(value=str(version), updated_at=now))
+    if done.rowcount == 0:
+        description = settings.SETTINGS[KEY_VERSION_KEY].description
+        conn.execute(insert(config).values(key=KEY_VERSION_KEY, value=str(version), description=description, updated_at=now))
 
 
 def _problems(conn: Connection, ring: KeyRing, label: str, db: str, known: _StoreKeys) -> list[str]:
@@ -198,25 +217,30 @@ def verify_key(engine: Engine, ring: KeyRing, label: str = "key", db: str = "the
         raise KeyFileError(problems[0])
     missing = [v for v in ring.versions if v not in known.recorded]
     adopt = not known.rows and known.current < ring.primary
-    if not missing and not adopt:
+    if not missing and not adopt and not known.corrupt_current:
         return
     with writer(engine).begin() as conn:
         for version in missing:
             if not _record_fingerprint(conn, version, ring.key(version)):
-                stored = ConfigRepository(conn).get_config(FINGERPRINT_KEY.format(version))
-                if stored != fingerprint(ring.key(version)):
+                if _store_keys(conn).recorded.get(version) != fingerprint(ring.key(version)):
                     raise KeyFileError(
                         f"{label} does not match {db}: another process recorded a different key version {version}"
                     )
         if adopt and not TokenRepository(conn).count():
-            ConfigRepository(conn).set_config(KEY_VERSION_KEY, ring.primary)
+            _set_key_version(conn, ring.primary)
+        elif known.corrupt_current:
+            _set_key_version(conn, known.current)
 
 
 def _record_fingerprint(conn: Connection, version: int, key: bytes) -> bool:
-    """Insert the fingerprint of ``version`` unless one is recorded; True if inserted."""
+    """Record the fingerprint of ``version`` unless a well-formed one is; True if recorded."""
     name = FINGERPRINT_KEY.format(version)
-    if conn.execute(select(config.c.key).where(config.c.key == name)).first() is not None:
-        return False
+    stored = conn.execute(select(config.c.value).where(config.c.key == name)).first()
+    if stored is not None:
+        if settings.is_fingerprint(stored.value):
+            return False
+        conn.execute(update(config).where(config.c.key == name).values(value=fingerprint(key), updated_at=utcnow()))
+        return True
     try:
         with conn.begin_nested():
             conn.execute(
@@ -456,7 +480,7 @@ def rotate_keys(
             key_version=first[2],
         )
     with writer(engine).begin() as conn:
-        ConfigRepository(conn).set_config(KEY_VERSION_KEY, target)
+        _set_key_version(conn, target)
         AuditRepository(conn).log_event(
             "key_rotated",
             details={"to_version": target, "fingerprint": fingerprint(ring.key(target)), "rows": done, "resumed": resumed},
@@ -631,7 +655,7 @@ def reset_keys(engine: Engine, source: KeySource) -> ResetResult:
             conn.execute(delete(oauth_tokens))
             conn.execute(delete(config).where(config.c.key.startswith(FINGERPRINT_KEY.format(""))))
             _record_fingerprint(conn, version, key)
-            ConfigRepository(conn).set_config(KEY_VERSION_KEY, version)
+            _set_key_version(conn, version)
             AuditRepository(conn).log_event(
                 "key_reset",
                 details={"tokens_deleted": rows, "users": users, "version": version, "fingerprint": fingerprint(key)},

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import text
 from sqlalchemy.engine import URL, Engine
 
+from kissbot import settings
 from kissbot.crypto import KeyRing
 from kissbot.engine import (
     DEFAULT_BUSY_TIMEOUT_MS,
@@ -293,7 +294,8 @@ class DatabaseManager:
         batch. Returns the number deleted.
         """
         if days is None:
-            days = int(self.get_config("log_retention_days", default=30))
+            with self.engine.connect() as conn:
+                days = settings.value(conn, "log_retention_days")
         deleted = 0
         while True:
             started = time.monotonic()

@@ -20,6 +20,7 @@ from sqlalchemy import Column, ColumnElement, Text, bindparam, delete, false, fu
 from sqlalchemy.engine import Connection, Dialect, Result
 from sqlalchemy.exc import IntegrityError
 
+from kissbot import settings
 from kissbot.crypto import KeyFileCipher, TokenCipher
 from kissbot.errors import (
     DecryptionError,
@@ -963,7 +964,7 @@ class InstanceRepository:
         return reaped
 
     def _stale_cutoff(self) -> datetime:
-        interval = float(ConfigRepository(self.db).get_config("health_check_interval", default=30))
+        interval = settings.value(self.db, "health_check_interval")
         return utcnow() - timedelta(seconds=STALE_HEARTBEATS * interval)
 
     def _stop(self, instance_id: int, *, crash: bool, stale_before: datetime | None = None) -> dict[str, Any] | None:
@@ -982,8 +983,8 @@ class InstanceRepository:
         crash_count = (row.crash_count or 0) + (1 if crash else 0)
         status = "stopped"
         if crash:
-            limit = ConfigRepository(self.db).get_config("max_crash_count", default=3)
-            status = "disabled" if crash_count >= int(limit) else "crashed"
+            limit = settings.value(self.db, "max_crash_count")
+            status = "disabled" if crash_count >= limit else "crashed"
         now = utcnow()
         self.db.execute(
             update(instances)
@@ -1169,7 +1170,7 @@ class AuditRepository:
         caller can commit between batches. Returns the number deleted.
         """
         if days is None:
-            days = int(ConfigRepository(self.db).get_config("log_retention_days", default=30))
+            days = settings.value(self.db, "log_retention_days")
         if days < 0:
             raise KissbotError(f"days must be zero or more, not {days}")
         cutoff = utcnow() - timedelta(days=days)
@@ -1193,15 +1194,11 @@ class AuditRepository:
 _CONFIG_VALUE = select(config.c.value).where(config.c.key == bindparam("p_key"))
 
 
-def _decode_value(raw: str) -> Any:
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw
-
-
 class ConfigRepository:
-    """System settings. Values are stored as text and read back with their JSON type."""
+    """System settings. Values are stored as text and read back with their JSON type.
+
+    The keys kissbot reads are typed and checked on write and on read (:mod:`kissbot.settings`).
+    """
 
     __slots__ = ("db",)
 
@@ -1209,13 +1206,16 @@ class ConfigRepository:
         self.db = db
 
     def get_config(self, key: str, default: Any = None) -> Any:
-        """The value of ``key`` (``"60"`` reads as 60), or ``default``."""
+        """The value of ``key`` (``"60"`` reads as 60), or ``default``; a corrupt known setting raises :class:`CorruptConfig`."""
         raw = self.db.execute(_CONFIG_VALUE, {"p_key": key}).scalar()
-        return default if raw is None else _decode_value(raw)
+        return default if raw is None else settings.decode(key, raw)
 
     def set_config(self, key: str, value: Any, description: str | None = None) -> None:
-        """Set ``key`` to ``value``; strings are stored as given, anything else as JSON."""
-        text = value if isinstance(value, str) else json.dumps(value)
+        """Set ``key`` to ``value``; strings are stored as given, anything else as JSON.
+
+        Raises :class:`ConfigurationError` for an internal key or a value out of a known key's type and range.
+        """
+        text = settings.checked(key, value)
         values: dict[str, Any] = {"value": text, "updated_at": utcnow()}
         if description is not None:
             values["description"] = description
@@ -1223,6 +1223,6 @@ class ConfigRepository:
             self.db.execute(insert(config).values(key=key, **values))
 
     def list_config(self) -> list[dict[str, Any]]:
-        """Every setting, by key, values decoded."""
+        """Every setting, by key, values decoded (a corrupt known setting as its stored text)."""
         rows = self.db.execute(select(*config.c).order_by(config.c.key))
-        return [{**r._asdict(), "value": _decode_value(r.value)} for r in rows]
+        return [{**r._asdict(), "value": settings.decode(r.key, r.value, strict=False)} for r in rows]
