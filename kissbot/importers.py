@@ -41,7 +41,6 @@ from yaml.events import (
 from yaml.nodes import ScalarNode
 
 from kissbot.backup import backup_sqlite, default_backup_path
-from kissbot.crypto import DEFAULT_KEY_FILE
 from kissbot.engine import DEFAULT_DB_PATH, sqlite_path, to_url, write_transaction
 from kissbot.errors import ImportSourceError, InvalidImport, NoDatabase, OutdatedSchema
 from kissbot.repo import AuditRepository, Executor, TokenRepository, UserRepository
@@ -524,7 +523,7 @@ def import_tokens(
     batch: TokenBatch,
     *,
     db_path: str | os.PathLike[str] = DEFAULT_DB_PATH,
-    key_file: str | os.PathLike[str] = DEFAULT_KEY_FILE,
+    key_file: str | os.PathLike[str] | None = None,
     url: str | None = None,
     expires_in: int = YAML_EXPIRES_IN,
     skip_invalid: bool = False,

@@ -3,7 +3,8 @@
 Key sources, first match wins: a ``key=`` given in code, the ``KISSBOT_KEY``
 environment variable (a Fernet key, or several comma-separated, newest first,
 optionally written ``v<N>:<key>``), then the key file (``--key-file`` /
-``key_file=``, else ``KISSBOT_KEY_FILE``, else ``.kissbot.key``).
+``key_file=``, else ``KISSBOT_KEY_FILE``, else ``.kissbot.key`` beside the
+database; see :func:`default_key_file`).
 
 The store records a fingerprint of each key version in its ``config`` table
 (``key_fingerprint_v<N>``; see :func:`kissbot.crypto.fingerprint`, never the
@@ -19,20 +20,24 @@ key file throughout.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import Integer, Text, bindparam, column, delete, func, insert, select, table, update
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from kissbot.crypto import (
     DEFAULT_KEY_FILE,
+    MAX_KEY_VERSION,
+    POINT_ELSEWHERE,
     KeyFileCipher,
     KeyRing,
     TokenCipher,
+    backup_notice,
     create_key_file,
     decrypts_with,
     fingerprint,
@@ -41,7 +46,7 @@ from kissbot.crypto import (
     read_key_ring,
     write_key_file,
 )
-from kissbot.engine import write_transaction, writer
+from kissbot.engine import sqlite_path, to_url, write_transaction, writer
 from kissbot import settings
 from kissbot.errors import CorruptConfig, DecryptionError, KeyFileError
 from kissbot.schema import config, oauth_tokens
@@ -53,6 +58,7 @@ ENV_KEY_FILE = "KISSBOT_KEY_FILE"
 FINGERPRINT_KEY = "key_fingerprint_v{}"
 KEY_VERSION_KEY = "encryption_key_version"
 ROTATE_BATCH_SIZE = 500
+log = logging.getLogger(__name__)
 _PROBE_ROWS = 5
 
 # The token table without EncryptedString: ciphertext in, ciphertext out.
@@ -88,14 +94,41 @@ class KeySource:
         return ENV_KEY if self.kind == "env" else "the given key"
 
 
+def default_key_file(db: str | os.PathLike[str] | URL | None = None) -> Path:
+    """The key file of the store ``db`` when none is named: ``.kissbot.key`` beside a SQLite database.
+
+    For a URL, an in-memory database or no ``db``, it is ``.kissbot.key`` in
+    the current directory. An existing database whose key is only in the
+    current directory (where kissbot looked before) keeps using it, with a
+    warning saying where to move it. The path is absolute.
+    """
+    here = Path(os.path.abspath(DEFAULT_KEY_FILE))
+    path = sqlite_path(to_url(db)) if db is not None else None
+    if path is None:
+        return here
+    beside = Path(os.path.abspath(path)).parent / DEFAULT_KEY_FILE
+    if beside != here and not os.path.lexists(beside) and os.path.lexists(here) and path.exists():
+        log.warning(
+            "using key file %s (the current directory) for %s: kissbot looks beside the database first, "
+            "move the key to %s",
+            here, path, beside,
+        )
+        return here
+    return beside
+
+
 def resolve_key_source(
     key: KeyRing | bytes | str | list[bytes] | None = None,
     key_file: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
+    *,
+    db: str | os.PathLike[str] | URL | None = None,
 ) -> KeySource:
-    """Pick the key source: ``key``, else ``KISSBOT_KEY``, else ``key_file`` / ``KISSBOT_KEY_FILE`` / ``.kissbot.key``.
+    """Pick the key source: ``key``, else ``KISSBOT_KEY``, else the key file.
 
-    A key given in code wins over the environment (a test's key is never
+    The key file is ``key_file``, else ``KISSBOT_KEY_FILE``, else
+    :func:`default_key_file` of the store ``db`` (``.kissbot.key`` beside
+    it). A key given in code wins over the environment (a test's key is never
     replaced by the operator's); ``KISSBOT_KEY`` wins over every key file.
     """
     environ = os.environ if environ is None else environ
@@ -106,8 +139,8 @@ def resolve_key_source(
         fix = "set it to a Fernet key, or several comma-separated, newest first"
         return KeySource("env", ring=KeyRing.parse(value.split(","), ENV_KEY, fix))
     if key_file is None:
-        key_file = environ.get(ENV_KEY_FILE) or DEFAULT_KEY_FILE
-    return KeySource("file", path=Path(key_file))
+        key_file = environ.get(ENV_KEY_FILE) or default_key_file(db)
+    return KeySource("file", path=Path(os.path.abspath(key_file)))
 
 
 # --- what the store knows --------------------------------------------------------------------
@@ -162,18 +195,19 @@ def _problems(conn: Connection, ring: KeyRing, label: str, db: str, known: _Stor
         if stored is not None and stored != fp:
             problems.append(
                 f"{label} does not match {db}: key version {version} has fingerprint {fp} but the store "
-                f"recorded {stored}; use the key this store was written with (restore it from your backup)"
+                f"recorded {stored}; use the key this store was written with (restore it from your backup, "
+                f"or point to it with {POINT_ELSEWHERE})"
             )
         elif stored is None and known.rows.get(version) and not _probe(conn, ring.key(version), version):
             problems.append(
                 f"{label} does not decrypt the tokens in {db} (key version {version}); "
-                "use the key they were written with (restore it from your backup)"
+                f"use the key they were written with (restore it from your backup, or point to it with {POINT_ELSEWHERE})"
             )
     for version, count in sorted(known.rows.items()):
         if version not in ring.versions:
             problems.append(
                 f"{label} lacks key version {version}, which encrypts {count} token rows in {db}; "
-                "restore the key file from your backup"
+                f"restore the key file from your backup, or point to one that has it with {POINT_ELSEWHERE}"
             )
     return problems
 
@@ -295,7 +329,7 @@ def load_cipher(
         if holders:
             raise KeyFileError(
                 f"key file {path} not found but {db} holds tokens for {holders} users; "
-                "restore the key from your backup"
+                f"restore the key from your backup, or point to it with {POINT_ELSEWHERE}"
             )
         if not create:
             return None
@@ -466,7 +500,13 @@ def rotate_keys(
             known = _store_keys(conn)
         resumed = ring.primary > known.current or any(v != ring.primary for v in known.rows)
         if not resumed:
-            ring = _add_version(engine, path, ring, max(known.highest, *ring.versions) + 1, source.label)
+            version = max(known.highest, *ring.versions) + 1
+            if version > MAX_KEY_VERSION:
+                raise KeyFileError(
+                    f"cannot rotate: key version {version - 1} is the highest there can be ({MAX_KEY_VERSION}); "
+                    "keep using it, or start again from a new key with kissbot key reset (which deletes every token)"
+                )
+            ring = _add_version(engine, path, ring, version, source.label)
     target = ring.primary
     cipher = TokenCipher(ring)
     done, failed = _reencrypt(engine, cipher, batch_size, progress)
@@ -501,6 +541,7 @@ def _add_version(engine: Engine, path: Path, ring: KeyRing, version: int, label:
         )
     new_ring = ring.adding(version, key)
     write_key_file(path, new_ring)
+    backup_notice(path, new_ring, f"key version {version} added (earlier backups of the key file lack it)")
     return new_ring
 
 
@@ -661,5 +702,7 @@ def reset_keys(engine: Engine, source: KeySource) -> ResetResult:
                 details={"tokens_deleted": rows, "users": users, "version": version, "fingerprint": fingerprint(key)},
                 severity="warning",
             )
-        write_key_file(path, KeyRing(((version, key),)))
+        new_ring = KeyRing(((version, key),))
+        write_key_file(path, new_ring)
+    backup_notice(path, new_ring, "key reset")
     return ResetResult(rows, users, version, fingerprint(key))

@@ -48,7 +48,7 @@ READ_CACHE_SIZE = 1024
 class DatabaseManager:
     """The store, as the specification's ``DatabaseManager``.
 
-    ``DatabaseManager(db_path="kissbot.db", key_file=".kissbot.key")`` opens (and
+    ``DatabaseManager(db_path="kissbot.db")`` opens (and
     creates or migrates) the database, then loads the key and checks it against
     the fingerprints the store recorded, before any token is decrypted. ``url``
     selects another database (``postgresql+psycopg://…``). ``synchronous``
@@ -57,7 +57,8 @@ class DatabaseManager:
     Keys come from, first match wins: ``key`` (one Fernet key, a list newest
     first, or a :class:`~kissbot.crypto.KeyRing`), the ``KISSBOT_KEY``
     environment variable, then the key file: ``key_file``, else
-    ``KISSBOT_KEY_FILE``, else ``.kissbot.key``. A missing key file is
+    ``KISSBOT_KEY_FILE``, else ``.kissbot.key`` beside the database (see
+    :func:`~kissbot.keys.default_key_file`). A missing key file is
     created (atomically, mode 0600) only while the database holds no tokens;
     a key file follows rotations while the store is open
     (see :mod:`kissbot.keys`).
@@ -85,7 +86,7 @@ class DatabaseManager:
         create: bool = True,
     ) -> None:
         self.url = to_url(url if url is not None else db_path)
-        self.key_source = resolve_key_source(key, key_file)
+        self.key_source = resolve_key_source(key, key_file, db=self.url)
         self.key_file: Path | None = self.key_source.path
         path = sqlite_path(self.url)
         if not create and path is not None and not path.exists():

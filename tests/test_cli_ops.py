@@ -382,7 +382,10 @@ def test_restore_into_a_missing_database_and_without_a_key(runner, store, tmp_pa
     target = tmp_path / "new" / "kissbot.db"
     target.parent.mkdir()
     no_key = runner.invoke(cli, ["restore", "--db", str(target), "--key-file", str(tmp_path / "nokey"), str(backup)])
-    assert one_line_error(no_key) == f"Error: key file {tmp_path / 'nokey'} not found\n"
+    assert one_line_error(no_key) == (
+        f"Error: key file {tmp_path / 'nokey'} not found: restore {tmp_path / 'nokey'} from your backup, "
+        "or point to the right key with --key-file PATH or KISSBOT_KEY_FILE\n"
+    )
     assert list(target.parent.iterdir()) == []
     result = runner.invoke(cli, ["restore", "--db", str(target), "--key-file", str(key), str(backup)])
     assert result.output == f"Restored {target} from {backup} (tokens of 2 users decrypt with {key})\n"

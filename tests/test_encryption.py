@@ -163,7 +163,7 @@ def test_missing_key_with_tokens_refuses_and_creates_nothing(store_url, key_file
         DatabaseManager(url=store_url, key_file=key_file)
     assert str(caught.value) == (
         f"key file {key_file} not found but {make_url(store_url).database} holds tokens for 1 users; "
-        "restore the key from your backup"
+        "restore the key from your backup, or point to it with --key-file PATH or KISSBOT_KEY_FILE"
     )
     assert not key_file.exists()
 
