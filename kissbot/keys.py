@@ -461,7 +461,17 @@ def pending_rotation(engine: Engine, source: KeySource) -> tuple[int, int]:
         known = _store_keys(conn)
     if ring.primary > known.current or any(v != ring.primary for v in known.rows):
         return ring.primary, sum(n for v, n in known.rows.items() if v != ring.primary)
-    return max(known.highest, *ring.versions) + 1, sum(known.rows.values())
+    return _next_version(known, ring), sum(known.rows.values())
+
+
+def _next_version(known: _StoreKeys, ring: KeyRing) -> int:
+    version = max(known.highest, *ring.versions) + 1
+    if version > MAX_KEY_VERSION:
+        raise KeyFileError(
+            f"cannot rotate: key version {version - 1} is the highest there can be ({MAX_KEY_VERSION}); "
+            "keep using it, or start again from a new key with kissbot key reset (which deletes every token)"
+        )
+    return version
 
 
 def rotate_keys(
@@ -500,13 +510,7 @@ def rotate_keys(
             known = _store_keys(conn)
         resumed = ring.primary > known.current or any(v != ring.primary for v in known.rows)
         if not resumed:
-            version = max(known.highest, *ring.versions) + 1
-            if version > MAX_KEY_VERSION:
-                raise KeyFileError(
-                    f"cannot rotate: key version {version - 1} is the highest there can be ({MAX_KEY_VERSION}); "
-                    "keep using it, or start again from a new key with kissbot key reset (which deletes every token)"
-                )
-            ring = _add_version(engine, path, ring, version, source.label)
+            ring = _add_version(engine, path, ring, _next_version(known, ring), source.label)
     target = ring.primary
     cipher = TokenCipher(ring)
     done, failed = _reencrypt(engine, cipher, batch_size, progress)

@@ -711,7 +711,7 @@ class TokenRepository:
         except DecryptionError as exc:
             key_version = self.db.execute(_KEY_VERSION, params).scalar()
             raise DecryptionError(
-                f"Failed to decrypt tokens for user {user_id} (key version {key_version}): "
+                f"Failed to decrypt tokens for user {user_id} ({settings.describe_key(self.db, key_version)}): "
                 "wrong key or corrupted data",
                 user_id=user_id,
                 key_version=key_version,

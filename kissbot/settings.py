@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,3 +208,36 @@ def fingerprint_version(key: str) -> int | None:
         return None
     version = int(suffix)
     return version if 1 <= version <= MAX_KEY_VERSION else None
+
+
+def describe_key(db: Any, version: int | None) -> str:
+    """``key version 2, fingerprint 0123456789abcdef``: the key a token row needs, as errors name it.
+
+    The fingerprint is the one the store recorded for ``version`` (through
+    ``db``, a Connection or Session), left out if it recorded none.
+    """
+    recorded = db.execute(_VALUE, {"p_key": f"{FINGERPRINT_PREFIX}{version}"}).scalar() if version else None
+    return f"key version {version}" + (f", fingerprint {recorded}" if is_fingerprint(recorded) else "")
+
+
+def needed_keys(conn: Any, user_ids: Iterable[int]) -> str:
+    """``key version 1 (fingerprint 0123456789abcdef)``, … for the token rows of ``user_ids``, as errors name them.
+
+    ``conn`` is a SQLAlchemy Connection or a :mod:`sqlite3` connection (a
+    backup being checked); a store from before key versions needs version 1.
+    """
+    run = getattr(conn, "exec_driver_sql", None) or conn.execute
+    columns = run("SELECT * FROM oauth_tokens WHERE 1 = 0")
+    names = list(columns.keys()) if hasattr(columns, "keys") else [d[0] for d in columns.description]
+    ids = ", ".join(str(int(i)) for i in user_ids) or "NULL"
+    versions = (
+        [v for (v,) in run(f"SELECT DISTINCT key_version FROM oauth_tokens WHERE user_id IN ({ids}) ORDER BY 1")]
+        if "key_version" in names
+        else [1]
+    )
+    recorded = dict(run(f"SELECT key, value FROM config WHERE key LIKE '{FINGERPRINT_PREFIX}%'"))
+    shown = []
+    for version in versions:
+        fp = recorded.get(f"{FINGERPRINT_PREFIX}{version}")
+        shown.append(f"key version {version}" + (f" (fingerprint {fp})" if is_fingerprint(fp) else ""))
+    return ", ".join(shown)

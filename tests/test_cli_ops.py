@@ -259,7 +259,8 @@ def _foreign_backup(tmp_path: Path) -> Path:
         ("corrupt", r"fails integrity_check \(|is not a usable SQLite database \(database disk image is malformed\)"),
         ("foreign", re.escape("is not a kissbot database (no kissbot tables or no alembic_version); nothing restored")),
         ("future", re.escape("is at migration 9999_future, which this kissbot version does not know; nothing restored")),
-        ("other-key", re.escape("tokens of 1 of 1 users do not decrypt with the current key (made with another key?); nothing restored")),
+        ("other-key", r"tokens of 1 of 1 users do not decrypt with the current key: they need key version 1 "
+                      r"\(fingerprint [0-9a-f]{16}\), restore that key from your backup; nothing restored"),
     ],
 )
 def test_restore_refuses_a_bad_backup_and_changes_nothing(runner, store, tmp_path, kind, message):
