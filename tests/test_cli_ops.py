@@ -207,7 +207,10 @@ def test_backup_refuses_an_existing_destination_a_missing_database_and_postgresq
     missing = runner.invoke(cli, ["backup", "--db", str(tmp_path / "none.db"), str(tmp_path / "x")])
     assert one_line_error(missing) == f"Error: database {tmp_path / 'none.db'} does not exist\n"
     without_key = runner.invoke(cli, ["backup", "--db", str(db), "--with-key", "--key-file", str(tmp_path / "k"), str(tmp_path / "x")])
-    assert one_line_error(without_key) == f"Error: key file {tmp_path / 'k'} not found\n"
+    assert one_line_error(without_key) == (
+        f"Error: key file {tmp_path / 'k'} not found: restore {tmp_path / 'k'} from your backup, "
+        "or point to the right key with --key-file PATH or KISSBOT_KEY_FILE\n"
+    )
     assert snapshot(tmp_path) == before
     pg = runner.invoke(cli, ["backup", "--url", postgresql_url])
     assert "pg_dump" in one_line_error(pg)
