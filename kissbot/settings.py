@@ -235,7 +235,7 @@ def needed_keys(conn: Any, user_ids: Iterable[int]) -> str:
         if "key_version" in names
         else [1]
     )
-    recorded = dict(run(f"SELECT key, value FROM config WHERE key LIKE '{FINGERPRINT_PREFIX}%'"))
+    recorded = dict(run(f"SELECT key, value FROM config WHERE key LIKE '{FINGERPRINT_PREFIX}%'").fetchall())
     shown = []
     for version in versions:
         fp = recorded.get(f"{FINGERPRINT_PREFIX}{version}")
