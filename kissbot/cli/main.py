@@ -163,7 +163,7 @@ def _set_verbosity(ctx: click.Context, _param: click.Parameter, verbose: int) ->
         notices.setLevel(logging.WARNING)
         notices.setFormatter(logging.Formatter("Warning: %(message)s"))
         logging.getLogger("kissbot").addHandler(notices)
-        _ctx.call_on_close(lambda: logging.getLogger("kissbot").removeHandler(notices))
+        ctx.call_on_close(lambda: logging.getLogger("kissbot").removeHandler(notices))
         return
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-8s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
