@@ -25,7 +25,7 @@ from sqlalchemy import bindparam, select
 
 from kissbot.crypto import MAX_KEY_VERSION
 from kissbot.errors import ConfigurationError, CorruptConfig
-from kissbot.schema import config
+from kissbot.models import config
 
 FINGERPRINT_PREFIX = "key_fingerprint_v"
 _INTEGER = re.compile(r"^[+-]?[0-9]{1,20}$")
