@@ -1,6 +1,6 @@
 """How long one refresh pass takes for N due tokens with K `kissbot refresh-worker --once` processes.
 
-Uses the tests' fake Twitch on 127.0.0.1 (with ``--latency`` seconds per
+Uses kissbot's fake Twitch (:mod:`kissbot.fake_twitch`) on 127.0.0.1 (with ``--latency`` seconds per
 token request, Twitch's own answer time) and checks each token was refreshed
 exactly once.
 
@@ -23,12 +23,12 @@ from sqlalchemy.engine import make_url
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout, for the tests' fake Twitch
 
 from kissbot import DatabaseManager  # noqa: E402
-from tests.test_refresh import WORKER, FakeTwitch, worker_env  # noqa: E402
+from kissbot.fake_twitch import FakeTwitch  # noqa: E402
+from tests.test_refresh import CLIENT_ID, CLIENT_SECRET, WORKER, worker_env  # noqa: E402
 
 
 def one_pass(url: str | None, tokens: int, workers: int, latency: float) -> float:
-    twitch = FakeTwitch()
-    twitch.delay = latency
+    twitch = FakeTwitch(CLIENT_ID, CLIENT_SECRET, latency=latency, accept_unknown=True)
     with tempfile.TemporaryDirectory() as tmp:
         key = Path(tmp) / "k.key"
         schema = None

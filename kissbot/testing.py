@@ -7,6 +7,10 @@ random key, so tests are isolated from each other and from any real store::
         uid = kissbot_manager.create_user("1", "my_bot", is_bot=True)
         kissbot_manager.store_tokens(uid, "access", "refresh", expires_in=3600)
         assert MyBot(kissbot_manager).token() == "access"
+
+``fake_twitch`` serves a fake Twitch (OAuth token, validate, device and
+authorize endpoints, Helix ``/users``) on 127.0.0.1 for the test; see
+:class:`kissbot.fake_twitch.FakeTwitch`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import pytest
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
+
+    from kissbot.fake_twitch import FakeTwitch
     from sqlalchemy.orm import Session
 
     from kissbot.manager import DatabaseManager
@@ -63,3 +69,12 @@ def kissbot_manager(kissbot_key: bytes) -> Iterator[DatabaseManager]:
 
     with DatabaseManager(url="sqlite://", key=kissbot_key) as manager:
         yield manager
+
+
+@pytest.fixture
+def fake_twitch() -> Iterator[FakeTwitch]:
+    """A :class:`~kissbot.fake_twitch.FakeTwitch` on a free port of 127.0.0.1, stopped after the test."""
+    from kissbot.fake_twitch import FakeTwitch
+
+    with FakeTwitch() as twitch:
+        yield twitch

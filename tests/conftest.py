@@ -45,6 +45,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     outcome = yield
     report = outcome.get_result()
     report.postgresql = runs_on_postgresql(item)
+    if report.skipped and isinstance(report.longrepr, tuple) and report.longrepr[2].endswith(NO_POSTGRES):
+        # one summary line for all of them, not one per test
+        report.longrepr = (__file__, postgres_base_url.__code__.co_firstlineno, report.longrepr[2])
     if report.postgresql and report.skipped and os.environ.get(POSTGRES_ENV):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"

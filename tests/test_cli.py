@@ -105,6 +105,11 @@ def test_version(runner):
     assert result.output == f"kissbot, version {__version__}\n"
 
 
+def test_python_dash_m_kissbot_is_the_kissbot_command(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "kissbot", "--version"], capture_output=True, text=True, cwd=tmp_path)
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"kissbot, version {__version__}\n", "")
+
+
 def _all_commands(group, prefix=()):
     ctx = click.Context(group)
     for name in group.list_commands(ctx):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -13,11 +12,9 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs
 
 import pytest
 from click.testing import CliRunner
@@ -27,6 +24,7 @@ from kissbot.cli import cli
 from kissbot.crypto import TokenCipher, read_key_ring
 from kissbot.engine import create_engine
 from kissbot.errors import ClientCredentialsRejected, MissingClientCredentials, UserNotFound
+from kissbot.fake_twitch import FakeTwitch
 from kissbot.refresh import Outcome, TokenRefresher
 from kissbot.repo import TokenRepository
 from kissbot.types import utcnow
@@ -37,105 +35,12 @@ WORKER = [sys.executable, "-c", "from kissbot.cli import cli; cli()", "refresh-w
 PROCESS_TIMEOUT = 120
 
 
-class FakeTwitch:
-    """Twitch's ``/token`` and ``/validate`` on 127.0.0.1, recording what it received.
-
-    ``token_answer`` is ``(status, body)`` for every refresh (a rotated pair of
-    tokens by default); ``invalid_access`` holds the access tokens ``/validate``
-    answers 401 for. ``gate`` makes the first ``gate`` refresh requests wait for
-    each other, so that many workers are provably refreshing at once.
-    """
-
-    def __init__(self) -> None:
-        self.token_forms: list[dict[str, str]] = []
-        self.validate_headers: list[str] = []
-        self.issued: list[str] = []
-        self.token_answer: tuple[int, dict[str, Any]] | None = None
-        self.scope: Any = ["chat:read", "chat:edit"]
-        self.invalid_access: set[str] = set()
-        self.delay = 0.0
-        self.on_token_request: Callable[[], None] | None = None
-        self.lock = threading.Lock()
-        self.gate: threading.Barrier | None = None
-        self._gated = 0
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.server.daemon_threads = True
-        host, port = self.server.server_address[:2]
-        self.token_url = f"http://{host}:{port}/oauth2/token"
-        self.validate_url = f"http://{host}:{port}/oauth2/validate"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def hold_first(self, count: int) -> None:
-        self.gate = threading.Barrier(count, timeout=30)
-
-    def refreshes_per_token(self) -> Counter[str]:
-        return Counter(form["refresh_token"] for form in self.token_forms)
-
-    def _token(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
-        with self.lock:
-            self.token_forms.append(form)
-            wait = self.gate is not None and self._gated < self.gate.parties
-            self._gated += wait
-        if wait:
-            self.gate.wait()
-        if self.delay:
-            time.sleep(self.delay)
-        if self.on_token_request is not None:
-            self.on_token_request()
-        if self.token_answer is not None:
-            return self.token_answer
-        access, refresh = f"new-access-{uuid.uuid4().hex}", f"new-refresh-{uuid.uuid4().hex}"
-        with self.lock:
-            self.issued += [access, refresh]
-        return 200, {
-            "access_token": access, "refresh_token": refresh, "expires_in": 14400,
-            "scope": self.scope, "token_type": "bearer",
-        }
-
-    def _validate(self, authorization: str) -> tuple[int, dict[str, Any]]:
-        with self.lock:
-            self.validate_headers.append(authorization)
-        if authorization.removeprefix("OAuth ") in self.invalid_access:
-            return 401, {"status": 401, "message": "invalid access token"}
-        return 200, {"client_id": CLIENT_ID, "login": "serda_bot", "scopes": [], "user_id": "1", "expires_in": 3000}
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        twitch = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"])).decode()
-                assert self.headers["Content-Type"] == "application/x-www-form-urlencoded"
-                form = {k: v[0] for k, v in parse_qs(body, keep_blank_values=True, strict_parsing=True).items()}
-                self._answer(*twitch._token(form))
-
-            def do_GET(self) -> None:
-                self._answer(*twitch._validate(self.headers.get("Authorization", "")))
-
-            def _answer(self, status: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        return Handler
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
-def twitch() -> Iterator[FakeTwitch]:
-    server = FakeTwitch()
-    yield server
-    server.close()
+def twitch(fake_twitch: FakeTwitch) -> FakeTwitch:
+    """kissbot's fake Twitch with this file's application, taking the made-up tokens the tests store."""
+    fake_twitch.client_id, fake_twitch.client_secret = CLIENT_ID, CLIENT_SECRET
+    fake_twitch.accept_unknown = True
+    return fake_twitch
 
 
 def closed_port() -> int:
@@ -172,7 +77,7 @@ def worker_env(twitch: FakeTwitch, **extra: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("scope", [["chat:read", "chat:edit"], "chat:read chat:edit"], ids=["scope-list", "scope-string"])
 def test_a_due_token_is_refreshed_and_the_rotated_refresh_token_kept(mgr, bot, twitch, scope):
-    twitch.scope = scope
+    twitch.answer_scope = scope
     old_refresh = "eyJfaWQmNzMtNGCJ9%6VFV5+LNrZ/FUj8oU12=="  # needs form-encoding
     mgr.store_tokens(bot, "old-access", old_refresh, 30, scopes=["chat:read"])
     fresh = mgr.create_user("42", "fresh_bot", is_bot=True)
@@ -273,7 +178,7 @@ def test_a_success_resets_the_failure_count(mgr, bot, twitch):
 
 def test_timeouts_and_connection_errors_are_transient(mgr, bot, twitch):
     mgr.store_tokens(bot, "a", "r", 30)
-    twitch.delay = 2
+    twitch.latency = 2
     with refresher(mgr, twitch, timeout=0.2, backoff_base=0) as worker:
         [result] = worker.refresh_due()
     assert (result.outcome, result.detail) == (Outcome.FAILED, "timeout (ReadTimeout); failure 1/3, next try in 0s")
@@ -371,7 +276,7 @@ def test_due_tokens_are_left_to_the_refresh_and_failed_validations_retried(mgr, 
 
 def test_a_401_on_validation_triggers_a_refresh(mgr, bot, twitch):
     mgr.store_tokens(bot, "revoked-access", "bot-refresh", 14400)
-    twitch.invalid_access.add("revoked-access")
+    twitch.expire("revoked-access")
     with refresher(mgr, twitch) as worker:
         assert outcomes(worker.validate_due()) == [(bot, "bot", Outcome.REFRESHED)]
         assert [f["refresh_token"] for f in twitch.token_forms] == ["bot-refresh"]
@@ -384,7 +289,7 @@ def test_a_401_on_validation_triggers_a_refresh(mgr, bot, twitch):
 @pytest.mark.parametrize("answer", [(500, {}), (400, {"status": 400, "message": "Invalid refresh token"})])
 def test_a_failed_refresh_after_a_401_marks_reauth(mgr, bot, twitch, answer):
     mgr.store_tokens(bot, "revoked-access", "bot-refresh", 14400)
-    twitch.invalid_access.add("revoked-access")
+    twitch.expire("revoked-access")
     twitch.token_answer = answer
     with refresher(mgr, twitch) as worker:
         assert outcomes(worker.validate_due()) == [(bot, "bot", Outcome.REAUTH)]
@@ -503,7 +408,7 @@ def seed_due_tokens(mgr: DatabaseManager, count: int) -> dict[int, str]:
 def test_two_worker_processes_refresh_each_due_token_exactly_once(mgr, twitch, store_url, key_file):
     refresh_tokens = seed_due_tokens(mgr, 10)
     twitch.hold_first(2)
-    twitch.delay = 0.05
+    twitch.latency = 0.05
     args = [*WORKER, "--once", "--url", store_url, "--key-file", str(key_file)]
     workers = [
         subprocess.Popen(args, env=worker_env(twitch), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -525,7 +430,7 @@ def test_two_worker_processes_refresh_each_due_token_exactly_once(mgr, twitch, s
 def test_the_worker_log_holds_no_secret(mgr, bot, twitch, store_url, key_file):
     refresh_tokens = seed_due_tokens(mgr, 2)
     mgr.store_tokens(bot, "revoked-access-secret", "bot-refresh-secret", 14400)
-    twitch.invalid_access.add("revoked-access-secret")
+    twitch.expire("revoked-access-secret")
     secrets = [CLIENT_SECRET, "revoked-access-secret", "bot-refresh-secret", *refresh_tokens.values()]
     secrets += [mgr.get_tokens(user)["access_token"] for user in refresh_tokens]
     args = [*WORKER, "--once", "-vv", "--url", store_url, "--key-file", str(key_file)]

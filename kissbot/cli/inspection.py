@@ -7,6 +7,7 @@ exist, they say so instead of creating an empty store and a key.
 from __future__ import annotations
 
 import json
+import sys
 from datetime import datetime
 from typing import Any
 
@@ -42,6 +43,14 @@ def _table(headers: list[str], rows: list[list[Any]]) -> None:
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
 
 
+def _refuse_group_store_options(ctx: click.Context) -> None:
+    # `kissbot instances --db x reset 3` would reset instance 3 of the default database.
+    if ctx.invoked_subcommand and any(ctx.get_parameter_source(p) is ParameterSource.COMMANDLINE for p in _STORE_PARAMS):
+        raise click.UsageError(
+            f"give --db/--url/--key-file/-v after the subcommand: kissbot {ctx.info_name} {ctx.invoked_subcommand} … --db PATH"
+        )
+
+
 # --- users -------------------------------------------------------------------------------------
 
 
@@ -69,12 +78,13 @@ def users(store: StoreTarget, as_json: bool) -> None:
 # --- tokens ------------------------------------------------------------------------------------
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @click.option("--reveal", is_flag=True, help="Print the full token values (a warning goes to stderr).")
 @_JSON
 @store_options
-def tokens(store: StoreTarget, reveal: bool, as_json: bool) -> None:
-    """List each user's tokens: expiry, needs_reauth, refresh failures.
+@click.pass_context
+def tokens(ctx: click.Context, store: StoreTarget, reveal: bool, as_json: bool) -> None:
+    """List each user's tokens: expiry, needs_reauth, refresh failures (alone), or store tokens (`set`).
 
     Token values are masked to their first 4 characters unless --reveal.
 
@@ -82,7 +92,11 @@ def tokens(store: StoreTarget, reveal: bool, as_json: bool) -> None:
     Example:
         kissbot tokens --db kissbot.db
         kissbot tokens --json
+        kissbot tokens set serda_bot --expires-in 14400 --db kissbot.db
     """
+    _refuse_group_store_options(ctx)
+    if ctx.invoked_subcommand:
+        return
     with store.open(create=False) as mgr:
         rows = mgr.list_tokens(decrypt=True)
     if reveal:
@@ -111,15 +125,59 @@ def tokens(store: StoreTarget, reveal: bool, as_json: bool) -> None:
     )
 
 
+def _read_tokens() -> tuple[str, str]:
+    """The access and refresh tokens from a hidden prompt or, when stdin is not a terminal, its first two lines."""
+    stdin = sys.stdin
+    tokens = []
+    for name in ("access token", "refresh token"):
+        value = click.prompt(name, hide_input=True, err=True) if stdin.isatty() else stdin.readline()
+        value = value.strip().removeprefix("oauth:")
+        if not value:
+            raise click.ClickException(
+                f"no {name} given (stdin: the access token, then the refresh token, one per line)"
+            )
+        tokens.append(value)
+    return tokens[0], tokens[1]
+
+
+@tokens.command("set")
+@click.argument("login")
+@click.option(
+    "--type", "token_type", type=click.Choice(["bot", "broadcaster"]), default="bot", show_default=True,
+    help="Which of the user's tokens.",
+)
+@click.option(
+    "--expires-in", type=click.IntRange(1, 10 * 365 * 86400), required=True,
+    help="Seconds until the access token expires (Twitch's expires_in).",
+)
+@click.option("--scopes", default="", help="Comma-separated scopes, e.g. chat:read,chat:edit.")
+@store_options
+def tokens_set(store: StoreTarget, login: str, token_type: str, expires_in: int, scopes: str) -> None:
+    """Store LOGIN's tokens, read from stdin or a hidden prompt (never from the command line).
+
+    Stdin holds the access token on its first line and the refresh token on
+    its second; an `oauth:` prefix is stripped. The tokens are encrypted like
+    any other write, needs_reauth is cleared and the audit log records it.
+
+    \b
+    Example:
+        printf '%s\\n%s\\n' "$ACCESS" "$REFRESH" | kissbot tokens set serda_bot --expires-in 14400
+    """
+    access_token, refresh_token = _read_tokens()
+    scope_list = [s.strip() for s in scopes.split(",") if s.strip()]
+    with store.open(create=False) as mgr:
+        user = mgr.get_user_by_login(login)
+    if user is None:
+        raise UserNotFound(f"no user with login {login[:40]!r}; create it with kissbot user add")
+    with store.open() as mgr:  # the first tokens of a store create its key
+        mgr.store_tokens(user["id"], access_token, refresh_token, expires_in, scope_list, token_type=token_type)
+    click.echo(
+        f"Stored {token_type} tokens of {user['twitch_login']} ({mask_secret(access_token)}), "
+        f"expiring in {expires_in} s"
+    )
+
+
 # --- instances ---------------------------------------------------------------------------------
-
-
-def _refuse_group_store_options(ctx: click.Context) -> None:
-    # `kissbot instances --db x reset 3` would reset instance 3 of the default database.
-    if ctx.invoked_subcommand and any(ctx.get_parameter_source(p) is ParameterSource.COMMANDLINE for p in _STORE_PARAMS):
-        raise click.UsageError(
-            f"give --db/--url/--key-file/-v after the subcommand: kissbot {ctx.info_name} {ctx.invoked_subcommand} … --db PATH"
-        )
 
 
 @cli.group(invoke_without_command=True)

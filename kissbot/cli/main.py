@@ -58,7 +58,7 @@ COMMAND_MODULES = {
     "init-db": "store", "stats": "store",
     "adopt": "adopt",
     "migrate-yaml": "migrate", "import-tio": "migrate",
-    "users": "inspection", "tokens": "inspection", "instances": "inspection", "audit": "inspection",
+    "users": "inspection", "tokens": "inspection", "user": "user", "instances": "inspection", "audit": "inspection",
     "config": "inspection",
     "cleanup-logs": "ops", "backup": "ops", "restore": "ops", "maintenance": "ops", "doctor": "ops",
     "refresh-worker": "refresh",
