@@ -257,6 +257,7 @@ def _storage_reason(exc: BaseException) -> str:
     if isinstance(exc, FileNotFoundError):
         return "not found"
     for hint, reason in (
+        ("169.254.169.254", "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
         ("Connection refused", "connection refused"),
         ("error sending request", "the server did not answer"),
         ("dns error", "unknown host"),

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from sqlalchemy.engine import make_url
 
 from kissbot import DatabaseManager
 from kissbot.cli import cli
@@ -436,12 +437,18 @@ def test_wrong_credentials_or_bucket_one_line(runner, moto, s3_url, tmp_path, mo
     assert folder_state(tmp_path) == before
 
 
-def test_no_token_and_no_key_in_any_uploaded_object(runner, store_url, key_file, tmp_path, monkeypatch):
+def test_no_token_password_or_key_in_any_uploaded_object_or_output(runner, store_url, key_file, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    password = "pw-8hJoffsiteDISTINCTIVE"
+    if store_url.startswith("postgresql"):  # the test server trusts 127.0.0.1: the password must only not leak
+        store_url = make_url(store_url).set(password=password).render_as_string(hide_password=False)
     make_store(store_url, key_file)
     dest = tmp_path / "offsite"
     result = runner.invoke(cli, ["backup", "--to", str(dest), *store_args(store_url, key_file)])
     assert result.exit_code == 0, result.output
+    restored = runner.invoke(cli, ["restore", "--from", str(dest), *store_args(store_url, key_file)])
+    assert restored.exit_code == 0, restored.output
+    assert password not in result.output + restored.output
     key_lines = [line.split(":")[-1].strip().encode() for line in key_file.read_text().splitlines() if line.strip()]
     files = sorted(dest.iterdir())
     assert len(files) == 2
@@ -454,7 +461,7 @@ def test_no_token_and_no_key_in_any_uploaded_object(runner, store_url, key_file,
             contents.append(subprocess.run(["pg_restore", "-f", "-", str(path)], capture_output=True, check=True).stdout)
             assert b"oauth_tokens" in contents[-1]
         for content in contents:
-            for secret in (ACCESS.encode(), REFRESH.encode(), *key_lines):
+            for secret in (ACCESS.encode(), REFRESH.encode(), password.encode(), *key_lines):
                 assert secret not in content, (path.name, secret[:4])
 
 

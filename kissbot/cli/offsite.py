@@ -147,6 +147,7 @@ def restore_offsite(store: StoreTarget, url: str, at: datetime | None) -> None:
     from pathlib import Path
 
     from kissbot.crypto import TokenCipher, read_key_ring
+    from kissbot.engine import to_url
     from kissbot.offsite import restore_from
 
     cipher = TokenCipher(read_key_ring(store.key_file))
@@ -154,7 +155,7 @@ def restore_offsite(store: StoreTarget, url: str, at: datetime | None) -> None:
     if report.previous_backup is not None:
         click.echo(f"Backed up the current database to {report.previous_backup}")
     click.echo(
-        f"Restored {store.target if store.url else store.db_path} from {url.rstrip('/')}/{report.backup.name} "
+        f"Restored {to_url(store.url).render_as_string(hide_password=True) if store.url else store.db_path} from {url.rstrip('/')}/{report.backup.name} "
         f"(taken {_when(report.backup)}, revision {report.backup.revision}; "
         f"tokens of {report.tokens_checked} users decrypt with {store.key_file})"
     )
