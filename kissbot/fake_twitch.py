@@ -511,7 +511,9 @@ def _handler(twitch: FakeTwitch) -> type[BaseHTTPRequestHandler]:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
             if not self._admit(path):
                 return
-            form = {k: v[0] for k, v in parse_qs(body, keep_blank_values=True).items()}
+            # Twitch also takes the form in the query string (TwitchIO sends it there).
+            query = parse_qs(urlsplit(self.path).query, keep_blank_values=True)
+            form = {k: v[0] for k, v in {**query, **parse_qs(body, keep_blank_values=True)}.items()}
             if path == "/oauth2/token":
                 self._json(*twitch._token(form))
             elif path == "/oauth2/device":
