@@ -40,7 +40,14 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from kissbot import __version__
-from kissbot.backup import _fsync_file, _install_new, _private_temp_file, backup_sqlite, restore_sqlite
+from kissbot.backup import (
+    _fsync_file,
+    _install_new,
+    _private_temp_file,
+    backup_sqlite,
+    default_backup_path,
+    restore_sqlite,
+)
 from kissbot.crypto import TokenCipher, verify_tokens
 from kissbot.engine import sqlite_path, to_url
 from kissbot.errors import BackupError, KissbotError, UnsupportedBackend
@@ -574,8 +581,8 @@ def _check_pg_dump(dump: Path, label: str, cipher: TokenCipher) -> int:
 
 
 def _pg_previous_copy(db_url: Any, folder: Path) -> Path:
-    """Dump the PostgreSQL store about to be replaced to a new 0600 file in ``folder``."""
-    dest = folder / f"{db_url.database or 'kissbot'}.before-restore_{utcnow():%Y%m%d_%H%M%S}.pgdump"
+    """Dump (``pg_dump -Fc``) the PostgreSQL store about to be replaced to ``<database>.backup_YYYYMMDD_HHMMSS`` (0600) in ``folder``."""
+    dest = default_backup_path(folder / (db_url.database or "kissbot"))
     tmp = _private_temp_file(dest)
     try:
         _pg_run("pg_dump", ["-Fc", "--no-owner", "--no-privileges", *_pg_schema_args(db_url), "-f", str(tmp)], db_url)
