@@ -49,7 +49,7 @@ from kissbot.backup import (
     restore_sqlite,
 )
 from kissbot.crypto import TokenCipher, verify_tokens
-from kissbot.engine import sqlite_path, to_url
+from kissbot.urls import sqlite_path, to_url
 from kissbot.errors import BackupError, KissbotError, UnsupportedBackend
 from kissbot.migrations import KISSBOT_TABLES, is_known_revision
 from kissbot.types import utcnow

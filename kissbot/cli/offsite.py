@@ -147,7 +147,7 @@ def restore_offsite(store: StoreTarget, url: str, at: datetime | None) -> None:
     from pathlib import Path
 
     from kissbot.crypto import TokenCipher, read_key_ring
-    from kissbot.engine import to_url
+    from kissbot.urls import to_url
     from kissbot.offsite import restore_from
 
     cipher = TokenCipher(read_key_ring(store.key_file))
