@@ -402,12 +402,14 @@ def test_maintenance_on_a_live_wal_file(runner, tmp_path, key_file):
         args = ["--db", str(db)]
         passive = runner.invoke(cli, ["maintenance", "checkpoint", *args])
         assert passive.exit_code == 0, passive.output
-        match = re.fullmatch(r"wal_checkpoint\(PASSIVE\): busy=0 log=(\d+) checkpointed=(\d+)\n", passive.output)
+        match = re.fullmatch(r"Checkpoint \(PASSIVE\): (\d+) of (\d+) WAL pages copied into the database\n", passive.output)
         assert match and int(match[1]) == int(match[2]) > 0, passive.output
         mgr.log_event("tick")
         truncate = runner.invoke(cli, ["maintenance", "checkpoint", "--mode", "truncate", *args])
         assert truncate.exit_code == 0, truncate.output
-        assert re.fullmatch(r"wal_checkpoint\(TRUNCATE\): busy=0 log=0 checkpointed=0\n", truncate.output)
+        assert truncate.output == "Checkpoint (TRUNCATE): the WAL is copied into the database and emptied\n"
+        again = runner.invoke(cli, ["maintenance", "checkpoint", *args])
+        assert again.output == "Checkpoint (PASSIVE): the WAL is empty, nothing to copy\n"
         assert wal.stat().st_size == 0
         assert runner.invoke(cli, ["maintenance", "integrity", *args]).output == "integrity_check: ok\n"
         assert runner.invoke(cli, ["maintenance", "vacuum", *args]).output == "VACUUM: done\n"
