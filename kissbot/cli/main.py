@@ -77,6 +77,7 @@ COMMAND_MODULES = {
     "refresh-worker": "refresh",
     "copy": "copy",
     "key": "key",
+    "backups": "offsite",
 }
 """Each command of ``kissbot`` and the module of :mod:`kissbot.cli` that defines it."""
 
