@@ -23,6 +23,8 @@ ROWS = (
     "key rotation of",
     "cold `kissbot stats` process",
     "metrics scrape of",
+    "backup --to of a",
+    "a bot's store_tokens latency during that backup",
 )
 NUMBER = re.compile(r"\d")
 
