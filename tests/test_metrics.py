@@ -347,7 +347,7 @@ def busy_refresh_worker(tmp_path: Path, twitch, processes: list) -> str:
     """A refresh worker (with --metrics-port) that refreshes two tokens every second, half of the requests failing."""
     db, key = tmp_path / "worker.db", tmp_path / "worker.key"
     with DatabaseManager(db, key_file=key) as mgr:
-        mgr.set_config("max_refresh_failures", 1_000_000)
+        mgr.set_config("max_refresh_failures", 1000)
         for n in range(2):
             mgr.store_tokens(mgr.create_user(str(50 + n), f"worker_bot_{n}", is_bot=True), f"a{n}", f"r{n}", 30)
     twitch.accept_unknown, twitch.expires_in = True, 30  # refreshed tokens are due again at once

@@ -28,6 +28,7 @@ from sqlalchemy.engine import make_url
 
 from kissbot import DatabaseManager
 from kissbot.cli import cli
+from kissbot.migrations import HEAD
 from kissbot.offsite import BackupInfo, Retention, backup_to, list_backups
 
 obstore = pytest.importorskip("obstore")
@@ -197,7 +198,7 @@ def test_backup_list_restore_latest(runner, dest_url, store_url, key_file, tmp_p
     assert result.exit_code == 0, result.output
     backend = "postgresql" if store_url.startswith("postgresql") else "sqlite"
     suffix = ".pgdump" if backend == "postgresql" else ".sqlite.gz"
-    match = re.fullmatch(rf"Uploaded (kissbot-\d{{8}}T\d{{6}}Z-0002\{suffix}) \((\d+) bytes, revision 0002\) to {re.escape(dest_url)}\n", result.output)
+    match = re.fullmatch(rf"Uploaded (kissbot-\d{{8}}T\d{{6}}Z-{HEAD}\{suffix}) \((\d+) bytes, revision {HEAD}\) to {re.escape(dest_url)}\n", result.output)
     assert match, result.output
     name = match.group(1)
     assert Objects(dest_url).names() == [name.removesuffix(suffix) + ".json", name]
@@ -205,9 +206,9 @@ def test_backup_list_restore_latest(runner, dest_url, store_url, key_file, tmp_p
     listed = runner.invoke(cli, ["backups", "list", dest_url])
     assert listed.exit_code == 0, listed.output
     assert LINE.match(listed.output.strip()), listed.output
-    assert listed.output.rstrip().endswith(f"{match.group(2)} bytes  revision 0002  {backend:<10}  {name}")
+    assert listed.output.rstrip().endswith(f"{match.group(2)} bytes  revision {HEAD}  {backend:<10}  {name}")
     as_json = json.loads(runner.invoke(cli, ["backups", "list", dest_url, "--json"]).output)
-    assert [(b["name"], b["size"], b["revision"], b["backend"]) for b in as_json] == [(name, int(match.group(2)), "0002", backend)]
+    assert [(b["name"], b["size"], b["revision"], b["backend"]) for b in as_json] == [(name, int(match.group(2)), HEAD, backend)]
 
     set_access(store_url, key_file, uid, "changed-after-the-backup")
     restored = runner.invoke(cli, ["restore", "--from", dest_url, *store_args(store_url, key_file)])
@@ -217,7 +218,7 @@ def test_backup_list_restore_latest(runner, dest_url, store_url, key_file, tmp_p
     assert Path(lines[0].removeprefix("Backed up the current database to ")).is_file()
     assert re.fullmatch(
         rf"Restored .+ from {re.escape(dest_url)}/{re.escape(name)} \(taken \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d UTC, "
-        rf"revision 0002; tokens of 2 users decrypt with {re.escape(str(key_file))}\)", lines[1]), restored.output
+        rf"revision {HEAD}; tokens of 2 users decrypt with {re.escape(str(key_file))}\)", lines[1]), restored.output
     assert access_token(store_url, key_file, uid) == ACCESS
 
 
@@ -233,7 +234,7 @@ def test_restore_at_picks_the_newest_backup_at_or_before(runner, dest_url, store
     args = ["restore", "--from", dest_url, *store_args(store_url, key_file)]
     result = runner.invoke(cli, [*args, "--at", "2026-11-20T13:59:59Z"])
     assert result.exit_code == 0, result.output
-    assert "kissbot-20261120T120000Z-0002" in result.output
+    assert f"kissbot-20261120T120000Z-{HEAD}" in result.output
     assert access_token(store_url, key_file, uid) == ACCESS
     result = runner.invoke(cli, [*args, "--at", "2026-11-20 14:00"])
     assert result.exit_code == 0, result.output
