@@ -398,7 +398,7 @@ def test_a_damaged_backup_is_refused_and_nothing_changes(runner, dest_url, tmp_p
         other.mkdir()
         make_store(f"sqlite:///{other / 'kissbot.db'}", other / ".kissbot.key")
         backup_to(other / "kissbot.db", dest_url, now=backup.created_at + timedelta(minutes=1))
-        expected = "tokens of 2 of 2 users do not decrypt with the current key (made with another key?); nothing restored"
+        expected = "tokens of 2 of 2 users do not decrypt with the current key: they need key version 1 (fingerprint "
     else:
         data = bytearray(objects.read(backup.name))
         if damage == "flipped byte":
