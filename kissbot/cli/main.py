@@ -64,6 +64,7 @@ COMMAND_MODULES = {
     "refresh-worker": "refresh",
     "copy": "copy",
     "key": "key",
+    "auth": "auth",
 }
 """Each command of ``kissbot`` and the module of :mod:`kissbot.cli` that defines it."""
 
