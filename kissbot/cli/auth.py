@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import click
 
 from kissbot.cli.main import StoreTarget, cli, store_options
 from kissbot.twitch import CLIENT_ID_ENV, CLIENT_SECRET_ENV
 
+if TYPE_CHECKING:
+    from kissbot.auth import DeviceCode
+
 
 def _scope_list(scopes: str) -> list[str]:
     return [s.strip() for s in scopes.replace(" ", ",").split(",") if s.strip()]
 
 
-def _show_code(qr: bool | None) -> object:
-    def show(device) -> None:  # kissbot.auth.DeviceCode
+def _show_code(qr: bool | None) -> Callable[[DeviceCode], None]:
+    """Prints what the human needs: the verification URL, the user code, a QR code if asked or on a terminal."""
+
+    def show(device: DeviceCode) -> None:
         minutes = max(1, device.expires_in // 60)
         click.echo(f"Open {device.verification_uri}")
         click.echo(f"and enter the code {device.user_code} (it expires in {minutes} min).")
