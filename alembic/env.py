@@ -6,6 +6,7 @@ with kissbot's own helper from ``KISSBOT_DB_URL`` or ``sqlalchemy.url``.
 """
 
 import os
+from logging.config import fileConfig
 
 from alembic import context
 from sqlalchemy.pool import NullPool
@@ -17,6 +18,8 @@ from kissbot.types import EncryptedString, UTCDateTime
 
 config = context.config
 target_metadata = metadata
+if config.config_file_name is not None and "connection" not in config.attributes:
+    fileConfig(config.config_file_name, disable_existing_loggers=False)  # the `alembic` command's own output
 
 
 def render_item(type_, obj, autogen_context):

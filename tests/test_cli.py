@@ -37,14 +37,23 @@ def test_init_db_reports_like_the_spec(runner, tmp_path):
     )
     again = runner.invoke(cli, ["init-db", "--db", str(db)])
     assert again.exit_code == 0
-    assert again.output.startswith(f"📦 Opening database: {db}\n")
+    assert again.output == (
+        f"📦 Opening database: {db}\n"
+        "✅ WAL mode enabled: wal\n"
+        "✅ Tables up to date: audit_log, config, instances, oauth_tokens, users\n"
+        f"✅ Database initialized successfully: {db}\n"
+    )
 
 
 def test_init_db_on_postgresql(runner, postgresql_url):
     result = runner.invoke(cli, ["init-db", "--url", postgresql_url])
     assert result.exit_code == 0, result.output
+    assert result.output.startswith("📦 Creating database: postgresql+psycopg://")
     assert "✅ Tables created: audit_log, config, instances, oauth_tokens, users\n" in result.output
     assert "WAL" not in result.output
+    again = runner.invoke(cli, ["init-db", "--url", postgresql_url])
+    assert again.output.startswith("📦 Opening database: postgresql+psycopg://")
+    assert "✅ Tables up to date: audit_log, config, instances, oauth_tokens, users\n" in again.output
 
 
 def test_stats_json_and_text(runner, store_url, tmp_path):

@@ -107,6 +107,13 @@ def test_alembic_cli_upgrade_downgrade_upgrade_check(store_url):
     assert_spec_schema(store_url)
 
 
+def test_alembic_cli_says_what_it_runs(sqlite_url):
+    result = alembic_cli(sqlite_url, "upgrade", "head")
+    assert result.returncode == 0, result.stderr
+    assert "INFO  [alembic.runtime.migration] Running upgrade  -> 0001" in result.stderr
+    assert "Running upgrade 0001 -> 0002" in result.stderr
+
+
 def test_alembic_cli_sqlite_file_is_in_wal_mode(sqlite_url):
     """SQLite only: WAL is SQLite's journal mode."""
     assert alembic_cli(sqlite_url, "upgrade", "head").returncode == 0

@@ -27,9 +27,14 @@ def init_db(store: StoreTarget) -> None:
     shown = path if path is not None else url.render_as_string(hide_password=True)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-    click.echo(f"📦 {'Opening' if path is not None and path.exists() else 'Creating'} database: {shown}")
     engine = create_engine(url, synchronous=store.synchronous)
     try:
+        if path is not None:  # connecting would turn a database that is then refused into WAL mode
+            existed = path.exists()
+        else:
+            with engine.connect() as conn:
+                existed = bool(set(inspect(conn).get_table_names()) & KISSBOT_TABLES)
+        click.echo(f"📦 {'Opening' if existed else 'Creating'} database: {shown}")
         ensure_schema(engine)
         with engine.connect() as conn:
             tables = sorted(set(inspect(conn).get_table_names()) & KISSBOT_TABLES)
@@ -38,7 +43,7 @@ def init_db(store: StoreTarget) -> None:
                 click.echo(f"✅ WAL mode enabled: {mode}")
     finally:
         engine.dispose()
-    click.echo(f"✅ Tables created: {', '.join(tables)}")
+    click.echo(f"✅ Tables {'up to date' if existed else 'created'}: {', '.join(tables)}")
     click.echo(f"✅ Database initialized successfully: {shown}")
 
 
