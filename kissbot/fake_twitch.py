@@ -510,11 +510,14 @@ def _handler(twitch: FakeTwitch) -> type[BaseHTTPRequestHandler]:
         protocol_version = "HTTP/1.1"
 
         def do_POST(self) -> None:
-            path = urlsplit(self.path).path
+            parts = urlsplit(self.path)
+            path = parts.path
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
             if not self._admit(path):
                 return
-            form = {k: v[0] for k, v in parse_qs(body, keep_blank_values=True).items()}
+            # Twitch takes the parameters from the query string as well as from the form body.
+            fields = {**parse_qs(parts.query, keep_blank_values=True), **parse_qs(body, keep_blank_values=True)}
+            form = {k: v[0] for k, v in fields.items()}
             if path == "/oauth2/token":
                 self._json(*twitch._token(form))
             elif path == "/oauth2/device":
