@@ -34,9 +34,17 @@ from sqlalchemy.pool import NullPool, StaticPool
 
 from kissbot.crypto import TokenCipher, read_key_ring
 from kissbot.backup import backup_sqlite, default_backup_path
-from kissbot.engine import connect_sqlite_query_only, create_engine
+from kissbot.engine import DEFAULT_BUSY_TIMEOUT_MS, connect_sqlite_query_only, create_engine
 from kissbot.errors import AdoptionError, DecryptionError, KissbotError
-from kissbot.migrations import HEAD, alembic_config, current_revision, migration_connection
+from kissbot.migrations import HEAD, alembic_config, current_revision, is_known_revision, migration_connection
+from kissbot.verification import (
+    SQLITE_INTERNAL_TABLES,
+    TableShape,
+    quote_name,
+    database_problems,
+    reflect_shapes,
+    summary,
+)
 
 BASELINE = "0001"
 """The revision an adopted database is stamped with before it is upgraded to head."""
@@ -99,56 +107,6 @@ def to_utc(value: Any, zone: tzinfo) -> str:
 
 
 # --- schema shapes -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TableShape:
-    """What matters of one table's schema, as reflected."""
-
-    columns: dict[str, tuple[str, bool, str | None]]  # name -> (type, nullable, default)
-    primary_key: tuple[str, ...]
-    uniques: frozenset[tuple[str, ...]]
-    foreign_keys: frozenset[tuple[tuple[str, ...], str, tuple[str, ...], str | None]]
-    indexes: dict[str, tuple[tuple[str, ...], bool]]  # name -> (columns, unique)
-    triggers: tuple[str, ...]
-
-
-def _default(text: str | None) -> str | None:
-    # '0' and 0, 'info' and "info" are the same default for SQLite.
-    return None if text is None else text.strip().strip("'\"")
-
-
-def reflect_shapes(conn: Connection, tables: Sequence[str]) -> dict[str, TableShape]:
-    """The shape of each of ``tables`` that exists in ``conn``'s database."""
-    insp = inspect(conn)
-    present = set(insp.get_table_names())
-    triggers: dict[str, list[str]] = {}
-    for name, table in conn.exec_driver_sql("SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger' ORDER BY name"):
-        triggers.setdefault(table, []).append(name)
-    shapes = {}
-    for table in tables:
-        if table not in present:
-            continue
-        shapes[table] = TableShape(
-            columns={
-                c["name"]: (str(c["type"]), bool(c["nullable"]), _default(c["default"]))
-                for c in insp.get_columns(table)
-            },
-            primary_key=tuple(insp.get_pk_constraint(table)["constrained_columns"]),
-            uniques=frozenset(tuple(u["column_names"]) for u in insp.get_unique_constraints(table)),
-            foreign_keys=frozenset(
-                (
-                    tuple(fk["constrained_columns"]),
-                    fk["referred_table"],
-                    tuple(fk["referred_columns"]),
-                    (fk["options"].get("ondelete") or "").upper() or None,
-                )
-                for fk in insp.get_foreign_keys(table)
-            ),
-            indexes={i["name"]: (tuple(i["column_names"]), bool(i["unique"])) for i in insp.get_indexes(table)},
-            triggers=tuple(triggers.get(table, ())),
-        )
-    return shapes
 
 
 @dataclass(frozen=True)
@@ -258,13 +216,13 @@ class _Plan:
     sequences: dict[str, int] = field(default_factory=dict)
 
 
-def _q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def _blocking(conn: Connection, found: dict[str, TableShape], base: Baseline) -> list[str]:
     """The reasons the baseline cannot hold this database's rows as they are."""
     problems = []
+    for kind, name, table in conn.exec_driver_sql("SELECT type, name, tbl_name FROM sqlite_master ORDER BY name"):
+        # Triggers and indexes on the five tables are dropped by the rebuild; anything else would stay.
+        if table not in SPEC_TABLES and name not in SQLITE_INTERNAL_TABLES and not name.startswith("sqlite_autoindex_"):
+            problems.append(f"{kind} {name} is not part of kissbot's schema")
     for table in SPEC_TABLES:
         want, have = base.shapes[table].columns, found[table].columns
         extra = [c for c in have if c not in want]
@@ -276,7 +234,7 @@ def _blocking(conn: Connection, found: dict[str, TableShape], base: Baseline) ->
             if name not in have and default is None and name not in base.shapes[table].primary_key:
                 problems.append(f"{table} lacks the required column {name}")
             elif name in have:
-                nulls = conn.exec_driver_sql(f"SELECT count(*) FROM {_q(table)} WHERE {_q(name)} IS NULL").scalar()
+                nulls = conn.exec_driver_sql(f"SELECT count(*) FROM {quote_name(table)} WHERE {quote_name(name)} IS NULL").scalar()
                 if nulls:
                     problems.append(f"{nulls} {table} row(s) have no {name}")
     if problems:
@@ -329,7 +287,7 @@ def _plan(conn: Connection, base: Baseline, zone: tzinfo, cipher: Callable[[], T
         login = columns.index("twitch_login") if table == "users" else None
         owner = columns.index("user_id") if tokens else None
         rows = []
-        for raw in conn.exec_driver_sql(f"SELECT {_cols(map(_q, columns))} FROM {_q(table)}"):
+        for raw in conn.exec_driver_sql(f"SELECT {_cols(map(quote_name, columns))} FROM {quote_name(table)}"):
             row = list(raw)
             for i in stamps:
                 if row[i] is not None:
@@ -455,19 +413,19 @@ def _rebuild(conn: Connection, plan: _Plan, base: Baseline) -> None:
         f"SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name IN ({_cols('?' * len(SPEC_TABLES))})",
         SPEC_TABLES,
     ).scalars().all():
-        conn.exec_driver_sql(f"DROP TRIGGER {_q(name)}")
+        conn.exec_driver_sql(f"DROP TRIGGER {quote_name(name)}")
     for table in SPEC_TABLES:
         new = _NEW + table
-        ddl, n = re.subn(rf'^CREATE TABLE\s+"?{table}"?', f"CREATE TABLE {_q(new)}", base.create_table[table])
+        ddl, n = re.subn(rf'^CREATE TABLE\s+"?{table}"?', f"CREATE TABLE {quote_name(new)}", base.create_table[table])
         assert n == 1, table
         conn.exec_driver_sql(ddl)
         columns, rows = plan.rows[table]
         if rows:
             conn.exec_driver_sql(
-                f"INSERT INTO {_q(new)} ({_cols(map(_q, columns))}) VALUES ({_cols('?' * len(columns))})", rows
+                f"INSERT INTO {quote_name(new)} ({_cols(map(quote_name, columns))}) VALUES ({_cols('?' * len(columns))})", rows
             )
-        conn.exec_driver_sql(f"DROP TABLE {_q(table)}")
-        conn.exec_driver_sql(f"ALTER TABLE {_q(new)} RENAME TO {_q(table)}")
+        conn.exec_driver_sql(f"DROP TABLE {quote_name(table)}")
+        conn.exec_driver_sql(f"ALTER TABLE {quote_name(new)} RENAME TO {quote_name(table)}")
     for ddl in base.create_indexes:
         conn.exec_driver_sql(ddl)
     for table, seq in plan.sequences.items():
@@ -501,6 +459,7 @@ def adopt(
     with _read_only_connection(path) as conn:
         revision = current_revision(conn)
         if revision is not None:
+            _check_adopted(conn, path, revision)
             return AdoptionReport(path, revision)
         if not set(inspect(conn).get_table_names()) & set(SPEC_TABLES):
             raise AdoptionError(f"{path} has no kissbot tables: nothing to adopt (create a store with `kissbot init-db`)")
@@ -509,7 +468,8 @@ def adopt(
         return _report(path, plan, zone_name, dry_run=True)
     from alembic import command
 
-    engine = create_engine(path, poolclass=NullPool)
+    engine = _journal_keeping_engine(path)
+    backup: Path | None = None
     try:
         with migration_connection(engine) as conn:
             # Holding the write lock now: read again what the backup holds.
@@ -521,6 +481,57 @@ def adopt(
             cfg = alembic_config(conn)
             command.stamp(cfg, BASELINE)
             command.upgrade(cfg, "head")
+            problems = database_problems(conn, HEAD)
+            if problems:
+                raise AdoptionError(f"cannot adopt: the adopted database would not match migration {HEAD}: "
+                                    f"{summary(problems)}; nothing was changed")
+    except BaseException:
+        if backup is not None:
+            backup.unlink(missing_ok=True)
+        raise
     finally:
         engine.dispose()
+    # Only now, adopted, does the file become a kissbot store in WAL mode.
+    _switch_to_wal(path)
     return _report(path, plan, zone_name, backup=backup)
+
+
+def _check_adopted(conn: Connection, path: Path, revision: str) -> None:
+    # A database with a migration version must be exactly that revision's schema.
+    if not is_known_revision(revision):
+        return
+    problems = database_problems(conn, revision)
+    if problems:
+        raise AdoptionError(
+            f"{path} says it is at migration {revision} but is not a database kissbot made: {summary(problems)}; "
+            "nothing was changed"
+        )
+
+
+def _journal_keeping_engine(path: Path) -> sqlalchemy.Engine:
+    """An engine writing ``path`` in write transactions (``BEGIN IMMEDIATE``) without switching it to WAL.
+
+    kissbot's own engine switches a file to WAL when it connects, which would
+    change a database whose adoption is then refused.
+    """
+    engine = sqlalchemy.create_engine(f"sqlite:///{path}", poolclass=NullPool)
+
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # the driver issues no BEGIN of its own
+        dbapi_connection.execute(f"PRAGMA busy_timeout = {DEFAULT_BUSY_TIMEOUT_MS}")
+
+    @sqlalchemy.event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _switch_to_wal(path: Path) -> None:
+    engine = create_engine(path, poolclass=NullPool)
+    try:
+        with engine.connect():
+            pass
+    finally:
+        engine.dispose()

@@ -15,13 +15,20 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import sqlite3
 import stat
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import sqlalchemy
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import StaticPool
 
 from kissbot.crypto import TokenCheck, TokenCipher, read_key_ring, verify_tokens
 from kissbot.engine import connect_sqlite_query_only
@@ -29,10 +36,13 @@ from kissbot.errors import BackupError, DatabaseBusy, NoDatabase
 from kissbot.maintenance import integrity_problems
 from kissbot.migrations import KISSBOT_TABLES, is_known_revision
 from kissbot.types import utcnow
+from kissbot.verification import database_problems, summary
 
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_S = 30.0
+_STARTED = time.time()  # temporary files older than this process, of a process that is gone, are leftovers
+_SQLITE_SUFFIXES = ("", "-journal", "-wal", "-shm")
 
 
 def default_backup_path(db_path: str | os.PathLike[str]) -> Path:
@@ -79,7 +89,8 @@ def backup_sqlite(src_path: str | os.PathLike[str], dest: str | os.PathLike[str]
 def _backup_connection(src: sqlite3.Connection, dest: Path, source: Path) -> None:
     # backup_sqlite's body, for a caller already holding a connection (and a lock) on the source.
     _refuse_existing(dest)
-    tmp = _private_temp_file(dest)
+    # Named after the database, not the dated backup, so the next run finds it if this one is killed.
+    tmp = _private_temp_file(dest.with_name(source.name))
     try:
         try:
             copy = sqlite3.connect(tmp, isolation_level=None)
@@ -147,7 +158,11 @@ def restore_sqlite(
     backed up to :func:`default_backup_path` first, then replaced atomically:
     a kill at any moment leaves the old or the new database, whole.
     """
-    backup, db_path = Path(backup), Path(db_path)
+    # A database reached through a symbolic link is restored in place of the
+    # link's target; the link stays a link.
+    from kissbot.keys import check_key
+
+    backup, db_path = Path(backup), Path(os.path.realpath(db_path))
     if not backup.is_file():
         raise BackupError(f"backup {backup} not found")
     wal = Path(f"{backup}-wal")
@@ -161,14 +176,25 @@ def restore_sqlite(
     staged = _private_temp_file(db_path)
     try:
         shutil.copyfile(backup, staged)
-        conn = sqlite3.connect(staged, isolation_level=None)
+        engine = sqlalchemy.create_engine(
+            "sqlite://", creator=lambda: sqlite3.connect(staged, isolation_level=None), poolclass=StaticPool
+        )
         try:
-            check = _check_backup(conn, backup, cipher)
-            conn.execute("PRAGMA journal_mode = DELETE")
-        except sqlite3.DatabaseError as exc:
-            raise BackupError(f"{backup} is not a usable SQLite database ({exc}); nothing restored") from None
+            with engine.connect() as conn:
+                check = _check_backup(conn, backup, cipher)
+                columns = {c["name"] for c in sqlalchemy.inspect(conn).get_columns("oauth_tokens")}
+            # The fingerprints it recorded must match the key, or no command could open it
+            # (a backup from before key versions is checked when it is migrated).
+            problems = check_key(engine, cipher.ring, "the current key", str(backup)) if "key_version" in columns else []
+            if problems:
+                raise BackupError(f"{problems[0]}; nothing restored")
+            with engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA journal_mode = DELETE")
+        except (sqlite3.DatabaseError, DBAPIError) as exc:
+            reason = getattr(exc, "orig", None) or exc
+            raise BackupError(f"{backup} is not a usable SQLite database ({reason}); nothing restored") from None
         finally:
-            conn.close()
+            engine.dispose()
         _fsync_file(staged)
         previous = None
         if db_path.exists():
@@ -201,20 +227,23 @@ def restore_sqlite(
     return RestoreReport(tokens_checked=check.checked, previous_backup=previous)
 
 
-def _check_backup(conn: sqlite3.Connection, backup: Path, cipher: TokenCipher) -> TokenCheck:
-    problems = integrity_problems(conn)
+def _check_backup(conn: Connection, backup: Path, cipher: TokenCipher) -> TokenCheck:
+    problems = integrity_problems(conn.connection.driver_connection)
     if problems:
         raise BackupError(f"{backup} fails integrity_check ({len(problems)} problems, first: {problems[0]}); nothing restored")
-    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    tables = set(conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'table'").scalars())
     if not KISSBOT_TABLES <= tables or "alembic_version" not in tables:
         raise BackupError(f"{backup} is not a kissbot database (no kissbot tables or no alembic_version); nothing restored")
-    row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
-    if row is None or not is_known_revision(row[0]):
+    row = conn.exec_driver_sql("SELECT version_num FROM alembic_version").first()
+    if row is None or not isinstance(row[0], str) or not is_known_revision(row[0]):
         raise BackupError(
             f"{backup} is at migration {row[0] if row else None}, which this kissbot version does not know; nothing restored"
         )
+    problems = database_problems(conn, row[0])
+    if problems:
+        raise BackupError(f"{backup} is not a database kissbot made: {summary(problems)}; nothing restored")
     check = verify_tokens(
-        conn.execute("SELECT user_id, access_token_encrypted, refresh_token_encrypted FROM oauth_tokens"), cipher
+        conn.exec_driver_sql("SELECT user_id, access_token_encrypted, refresh_token_encrypted FROM oauth_tokens"), cipher
     )
     if check.failed_user_ids:
         raise BackupError(
@@ -249,8 +278,63 @@ def _exclusive(db_path: Path, timeout: float) -> Iterator[sqlite3.Connection]:
         conn.close()
 
 
+def leftovers(beside: Path) -> list[Path]:
+    """Temporary files of ``beside`` that a killed backup, restore or import left behind.
+
+    They lie in its folder, named ``.<name>.<pid>.<random>.tmp`` (with
+    SQLite's ``-journal``, ``-wal`` or ``-shm``); one counts when the process
+    that made it is gone and the file is older than this process.
+    """
+    pattern = re.compile(re.escape(f".{beside.name}.") + r"(\d+)\.[0-9a-f]{8}\.tmp(?:-journal|-wal|-shm)?")
+    try:
+        names = sorted(os.listdir(beside.parent))
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match is None or _running(int(match[1])):
+            continue
+        path = beside.with_name(name)
+        try:
+            if path.lstat().st_mtime < _STARTED:
+                found.append(path)
+        except OSError:
+            continue
+    return found
+
+
+def sweep_leftovers(beside: Path) -> list[Path]:
+    """Remove :func:`leftovers` of ``beside``; return what was removed."""
+    removed = []
+    for path in leftovers(beside):
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        log.info("removed %s, left behind by an interrupted run", path)
+        removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
 def _private_temp_file(beside: Path) -> Path:
-    """Create an empty mode-0600 file in ``beside``'s folder under a hidden, unique name."""
+    """Create an empty mode-0600 file in ``beside``'s folder, named after it, hidden and unique.
+
+    The :func:`leftovers` of killed runs with that name are swept first.
+    """
+    sweep_leftovers(beside)
     tmp = beside.with_name(f".{beside.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
@@ -293,7 +377,7 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _remove_sqlite_files(path: Path) -> None:
-    for suffix in ("", "-journal", "-wal", "-shm"):
+    for suffix in _SQLITE_SUFFIXES:
         Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 

@@ -30,6 +30,7 @@ from kissbot.migrations import HEAD, KISSBOT_TABLES, current_revision, is_known_
 from kissbot.schema import instances, oauth_tokens, users
 from kissbot.repo import ConfigRepository
 from kissbot.types import utcnow
+from kissbot.verification import database_problems, summary
 
 STALE_HEARTBEATS = 3
 """An instance is stale after this many ``health_check_interval`` periods without a heartbeat."""
@@ -43,7 +44,7 @@ class Finding:
     """``ok``, ``warning`` or ``error``."""
     check: str
     """What was checked: ``key-file``, ``database``, ``integrity``, ``journal-mode``,
-    ``migration``, ``decryption``, ``reauth`` or ``instances``."""
+    ``migration``, ``schema``, ``decryption``, ``reauth``, ``instances`` or ``leftovers``."""
     message: str
     fix: str | None = None
 
@@ -77,6 +78,8 @@ def diagnose(target: str | os.PathLike[str] | URL, key_file: str | os.PathLike[s
     try:
         with engine.connect() as conn:
             _check_database(conn, path, shown, key_path, cipher, findings)
+        if path is not None:
+            _check_leftovers(path, findings)
     except (SQLAlchemyError, sqlite3.Error, OSError) as exc:
         findings.append(
             Finding("error", "database", f"cannot read database {shown}: {getattr(exc, 'orig', None) or exc}",
@@ -156,8 +159,33 @@ def _check_database(
             Finding("error", "migration", f"migration {revision} is unknown to this kissbot version (head {HEAD})", "upgrade kissbot")
         )
         return
+    if path is not None:
+        problems = database_problems(conn, revision)
+        if problems:
+            findings.append(
+                Finding("error", "schema", f"{shown} is not a database kissbot made: {summary(problems)}",
+                        "stop the bots and restore a backup made by kissbot with `kissbot restore BACKUP`")
+            )
+            return
+        findings.append(
+            Finding("ok", "schema", f"schema: exactly migration {revision}'s tables, columns and indexes; rows well-typed")
+        )
     _check_tokens(conn, key_path, cipher, findings)
     _check_instances(conn, findings)
+
+
+def _check_leftovers(path: Path, findings: list[Finding]) -> None:
+    from kissbot.backup import leftovers
+
+    found = leftovers(path)
+    if not found:
+        findings.append(Finding("ok", "leftovers", "no temporary files left by interrupted runs"))
+        return
+    names = ", ".join(p.name for p in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    findings.append(
+        Finding("warning", "leftovers", f"{len(found)} temporary files left by interrupted backup, restore or import runs: {names}",
+                f"the next `kissbot backup` removes them, or delete them: rm {path.parent}/.{path.name}.*.tmp*")
+    )
 
 
 def _check_tokens(conn: Connection, key_path: Path, cipher: TokenCipher | None, findings: list[Finding]) -> None:

@@ -455,9 +455,11 @@ def test_doctor_on_a_healthy_store(runner, store):
         "[ok] integrity_check: ok\n"
         "[ok] journal mode: wal\n"
         f"[ok] migration at head ({HEAD})\n"
+        f"[ok] schema: exactly migration {HEAD}'s tables, columns and indexes; rows well-typed\n"
         f"[ok] tokens of all 2 users decrypt with {key}\n"
         "[ok] no token needs reauthorization\n"
         "[ok] 1 running instances, none stale\n"
+        "[ok] no temporary files left by interrupted runs\n"
     )
 
 

@@ -1,0 +1,276 @@
+"""Is a SQLite database exactly what kissbot's migrations make of it?
+
+A backup to restore, a database to adopt and a live store (``kissbot doctor``)
+are compared with the schema their Alembic revision defines, built by running
+the real migrations up to that revision on a scratch in-memory database: the
+same tables, columns (type, nullability, default), keys, indexes and checks,
+and no other object (a trigger, a view, a table or an index kissbot did not
+create). Then their rows must be what kissbot writes: each value of the type
+of its column (no BLOB token, no REAL ``key_version``), foreign keys intact,
+one ``alembic_version`` row, and config values the store can be opened with.
+Everything here only reads.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import sqlalchemy
+from sqlalchemy import inspect
+from sqlalchemy.engine import Connection
+from sqlalchemy.pool import StaticPool
+
+SQLITE_INTERNAL_TABLES = frozenset({"sqlite_sequence", "sqlite_stat1", "sqlite_stat2", "sqlite_stat3", "sqlite_stat4"})
+"""Tables SQLite itself creates (AUTOINCREMENT counters, ``ANALYZE`` statistics)."""
+
+INTEGER_SETTINGS = frozenset({"encryption_key_version", "max_crash_count", "log_retention_days"})
+NUMBER_SETTINGS = frozenset({"token_refresh_interval", "health_check_interval"})
+_FINGERPRINT = re.compile(r"key_fingerprint_v(\d+)")
+
+# The SQLite storage class (typeof) of each reflected column type kissbot uses.
+_STORAGE = {"INTEGER": "integer", "BOOLEAN": "integer", "TEXT": "text", "VARCHAR": "text", "DATETIME": "text"}
+
+
+@dataclass(frozen=True)
+class TableShape:
+    """What matters of one table's schema, as reflected."""
+
+    columns: dict[str, tuple[str, bool, str | None]]  # name -> (type, nullable, default)
+    primary_key: tuple[str, ...]
+    uniques: frozenset[tuple[str, ...]]
+    foreign_keys: frozenset[tuple[tuple[str, ...], str, tuple[str, ...], str | None]]
+    indexes: dict[str, tuple[tuple[str, ...], bool]]  # name -> (columns, unique)
+    triggers: tuple[str, ...]
+    checks: frozenset[str] = frozenset()
+
+
+def _default(text: str | None) -> str | None:
+    # '0' and 0, 'info' and "info" are the same default for SQLite.
+    return None if text is None else text.strip().strip("'\"")
+
+
+def quote_name(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def reflect_shapes(conn: Connection, tables: Iterable[str]) -> dict[str, TableShape]:
+    """The shape of each of ``tables`` that exists in the SQLite database of ``conn``."""
+    insp = inspect(conn)
+    present = set(insp.get_table_names())
+    triggers: dict[str, list[str]] = {}
+    for name, table in conn.exec_driver_sql("SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger' ORDER BY name"):
+        triggers.setdefault(table, []).append(name)
+    shapes = {}
+    for table in tables:
+        if table not in present:
+            continue
+        shapes[table] = TableShape(
+            columns={
+                c["name"]: (str(c["type"]), bool(c["nullable"]), _default(c["default"]))
+                for c in insp.get_columns(table)
+            },
+            primary_key=tuple(insp.get_pk_constraint(table)["constrained_columns"]),
+            uniques=frozenset(tuple(u["column_names"]) for u in insp.get_unique_constraints(table)),
+            foreign_keys=frozenset(
+                (
+                    tuple(fk["constrained_columns"]),
+                    fk["referred_table"],
+                    tuple(fk["referred_columns"]),
+                    (fk["options"].get("ondelete") or "").upper() or None,
+                )
+                for fk in insp.get_foreign_keys(table)
+            ),
+            indexes={i["name"]: (tuple(i["column_names"]), bool(i["unique"])) for i in insp.get_indexes(table)},
+            triggers=tuple(triggers.get(table, ())),
+            checks=frozenset(" ".join(c["sqltext"].split()) for c in insp.get_check_constraints(table)),
+        )
+    return shapes
+
+
+@dataclass(frozen=True)
+class Schema:
+    """A whole SQLite schema: every table's shape and every named object."""
+
+    tables: dict[str, TableShape]
+    objects: frozenset[tuple[str, str, str]]
+    """``(type, name, table)`` of each table, index, trigger and view, SQLite's own excepted."""
+
+
+def reflect_schema(conn: Connection) -> Schema:
+    """The schema of the SQLite database of ``conn``."""
+    objects = frozenset(
+        (kind, name, table)
+        for kind, name, table in conn.exec_driver_sql("SELECT type, name, tbl_name FROM sqlite_master")
+        if not name.startswith("sqlite_autoindex_") and name not in SQLITE_INTERNAL_TABLES
+    )
+    tables = [name for kind, name, _ in objects if kind == "table"]
+    return Schema(reflect_shapes(conn, tables), objects)
+
+
+def expected_schema(revision: str) -> Schema:
+    """The schema kissbot's migrations create at ``revision``, built in a scratch in-memory database."""
+    from alembic import command
+
+    from kissbot.migrations import alembic_config
+
+    engine = sqlalchemy.create_engine("sqlite://", poolclass=StaticPool)
+    try:
+        with engine.begin() as conn:
+            command.upgrade(alembic_config(conn), revision)
+            return reflect_schema(conn)
+    finally:
+        engine.dispose()
+
+
+def _pairs(cols: Sequence[str]) -> str:
+    return ", ".join(cols)
+
+
+def schema_differences(found: Schema, expected: Schema, revision: str) -> list[str]:
+    """How ``found`` differs from ``expected`` (the schema of ``revision``), one phrase each."""
+    at = f"migration {revision}"
+    lines = []
+    for kind, name, table in sorted(found.objects - expected.objects):
+        if kind == "table" and name in expected.tables:
+            continue
+        on = f" on {table}" if kind in ("index", "trigger") else ""
+        lines.append(f"{kind} {name}{on} is not part of {at}")
+    for kind, name, table in sorted(expected.objects - found.objects):
+        if kind == "table" or (table in expected.tables and table not in found.tables):
+            if kind == "table":
+                lines.append(f"table {name} of {at} is missing")
+            continue
+        lines.append(f"{kind} {name} on {table} of {at} is missing")
+    for table, want in expected.tables.items():
+        have = found.tables.get(table)
+        if have is None:
+            continue
+        for column in want.columns.keys() - have.columns.keys():
+            lines.append(f"column {table}.{column} of {at} is missing")
+        for column in have.columns.keys() - want.columns.keys():
+            lines.append(f"column {table}.{column} is not part of {at}")
+        for column, (type_, nullable, default) in want.columns.items():
+            if column not in have.columns:
+                continue
+            h_type, h_nullable, h_default = have.columns[column]
+            if h_type != type_:
+                lines.append(f"column {table}.{column} has type {h_type}, {at} defines {type_}")
+            if h_nullable != nullable and column not in want.primary_key:
+                lines.append(
+                    f"column {table}.{column} is {'nullable' if h_nullable else 'NOT NULL'}, "
+                    f"{at} defines {'nullable' if nullable else 'NOT NULL'}"
+                )
+            if h_default != default:
+                lines.append(f"column {table}.{column} has default {h_default or 'none'}, {at} defines {default or 'none'}")
+        if have.primary_key != want.primary_key:
+            lines.append(f"table {table} has primary key ({_pairs(have.primary_key)}), {at} defines ({_pairs(want.primary_key)})")
+        for cols in sorted(have.uniques ^ want.uniques):
+            state = "unique" if cols in have.uniques else "not unique"
+            lines.append(f"{table}({_pairs(cols)}) is {state}, unlike {at}")
+        for fk in sorted(have.foreign_keys ^ want.foreign_keys, key=str):
+            cols, ref, ref_cols, ondelete = fk
+            action = f" ON DELETE {ondelete}" if ondelete else ""
+            state = "not part of" if fk in have.foreign_keys else "missing from"
+            lines.append(f"foreign key {table}({_pairs(cols)}) -> {ref}({_pairs(ref_cols)}){action} is {state} {at}")
+        for name, shape in want.indexes.items():
+            if name in have.indexes and have.indexes[name] != shape:
+                h_cols, h_unique = have.indexes[name]
+                lines.append(
+                    f"index {name} on {table} is {'unique ' if h_unique else ''}({_pairs(h_cols)}), "
+                    f"{at} defines {'unique ' if shape[1] else ''}({_pairs(shape[0])})"
+                )
+        for check in sorted(have.checks ^ want.checks):
+            state = "not part of" if check in have.checks else "missing from"
+            lines.append(f"check ({check}) on {table} is {state} {at}")
+    return lines
+
+
+def row_problems(conn: Connection, expected: Schema) -> list[str]:
+    """Rows of a database with the ``expected`` schema that kissbot could not read or open the store with."""
+    problems = []
+    for table, shape in sorted(expected.tables.items()):
+        for column, (type_, nullable, _) in shape.columns.items():
+            storage = _STORAGE.get(type_.split("(")[0].upper())
+            if storage is None:
+                continue
+            allowed = f"('{storage}'{', ' + repr('null') if nullable else ''})"
+            rows = conn.exec_driver_sql(
+                f"SELECT typeof({quote_name(column)}), count(*) FROM {quote_name(table)} "
+                f"WHERE typeof({quote_name(column)}) NOT IN {allowed} GROUP BY 1 ORDER BY 1"
+            ).all()
+            for kind, n in rows:
+                problems.append(f"{table}.{column} holds {kind} in {n} row(s), kissbot stores {storage}")
+            if type_ == "BOOLEAN":
+                n = conn.exec_driver_sql(
+                    f"SELECT count(*) FROM {quote_name(table)} WHERE typeof({quote_name(column)}) = 'integer' AND {quote_name(column)} NOT IN (0, 1)"
+                ).scalar()
+                if n:
+                    problems.append(f"{table}.{column} holds {n} value(s) other than 0 and 1")
+            elif type_ == "DATETIME":
+                n = conn.exec_driver_sql(
+                    f"SELECT count(*) FROM {quote_name(table)} WHERE typeof({quote_name(column)}) = 'text' AND julianday({quote_name(column)}) IS NULL"
+                ).scalar()
+                if n:
+                    problems.append(f"{table}.{column} holds {n} value(s) that are not timestamps")
+    if "alembic_version" in expected.tables:
+        n = conn.exec_driver_sql("SELECT count(*) FROM alembic_version").scalar()
+        if n != 1:
+            problems.append(f"alembic_version holds {n} rows, not 1")
+    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
+    if broken:
+        table, rowid, parent, _ = broken[0]
+        problems.append(f"{len(broken)} row(s) break a foreign key, first {table} row {rowid} (no such {parent} row)")
+    if "config" in expected.tables and not problems:
+        problems += config_problems(conn.exec_driver_sql("SELECT key, value FROM config ORDER BY key").all())
+    return problems
+
+
+def config_problems(rows: Iterable[tuple[str, str]]) -> list[str]:
+    """Config values the store could not be opened or run with."""
+    problems = []
+    for key, value in rows:
+        match = _FINGERPRINT.fullmatch(key)
+        if match and int(match[1]) < 1:
+            problems.append(f"config key {key} names key version {match[1]}, not a version >= 1")
+        elif key in INTEGER_SETTINGS and not _is_int(value, minimum=1 if key == "encryption_key_version" else 0):
+            problems.append(f"config {key} is {value[:20]!r}, not a whole number")
+        elif key in NUMBER_SETTINGS and not _is_number(value):
+            problems.append(f"config {key} is {value[:20]!r}, not a finite number >= 0")
+    return problems
+
+
+def _is_int(value: str, minimum: int) -> bool:
+    try:
+        return minimum <= int(value) < 2**63
+    except ValueError:
+        return False
+
+
+def _is_number(value: str) -> bool:
+    try:
+        number = float(value)
+    except ValueError:
+        return False
+    return math.isfinite(number) and number >= 0
+
+
+def database_problems(conn: Connection, revision: str) -> list[str]:
+    """Why the SQLite database of ``conn``, which says it is at ``revision``, is not a sound kissbot store.
+
+    The schema differences come first (``"schema: …"``); rows are only looked
+    at when the schema is exact. Empty: the database is what kissbot makes.
+    """
+    expected = expected_schema(revision)
+    differences = schema_differences(reflect_schema(conn), expected, revision)
+    if differences:
+        return differences
+    return row_problems(conn, expected)
+
+
+def summary(problems: Sequence[str]) -> str:
+    """The first problem, and how many more there are."""
+    more = len(problems) - 1
+    return problems[0] + (f" (and {more} more)" if more else "")
