@@ -149,3 +149,15 @@ class CopyError(KissbotError):
 
 class TargetNotEmpty(CopyError):
     """The database to copy into already holds kissbot rows."""
+
+
+class TokenRejected(KissbotError):
+    """Twitch refused a refresh token (400/401 ``Invalid refresh token``): a human must authorise again.
+
+    ``status`` is Twitch's HTTP status when known. The message never quotes
+    Twitch's answer, which may echo the token.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status

@@ -28,7 +28,7 @@ from kissbot.engine import (
     write_transaction,
     writer,
 )
-from kissbot.errors import NoDatabase
+from kissbot.errors import NoDatabase, UserNotFound
 from kissbot.keys import load_cipher, read_key_source, resolve_key_source
 from kissbot.migrations import ensure_schema
 from kissbot.repo import AuditRepository, ConfigRepository, InstanceRepository, TokenRepository, UserRepository
@@ -174,12 +174,46 @@ class DatabaseManager:
         scopes: list[str] | None = None,
         *,
         token_type: str = "bot",
-    ) -> None:
-        """Encrypt and store (insert or replace) the tokens of ``user_id``."""
+        expected_version: int | None = None,
+    ) -> bool:
+        """Encrypt and store (insert or replace) the tokens of ``user_id``; True if the row is new.
+
+        ``scopes=None`` keeps the stored scopes (``[]`` clears them). With
+        ``expected_version`` (the ``version`` of the tokens the caller read; 0:
+        none yet) the write is a compare-and-set: newer tokens stored meanwhile
+        raise :class:`~kissbot.errors.StaleTokens` and are kept.
+        """
         with write_transaction(self.engine) as conn:
-            TokenRepository(conn).store_tokens(
-                user_id, access_token, refresh_token, expires_in, scopes, token_type=token_type
+            return TokenRepository(conn).store_tokens(
+                user_id,
+                access_token,
+                refresh_token,
+                expires_in,
+                scopes,
+                token_type=token_type,
+                expected_version=expected_version,
             )
+
+    def get_tokens_by_twitch_id(self, twitch_user_id: str | int, *, token_type: str = "bot") -> dict[str, Any] | None:
+        """As :meth:`get_tokens`, for the user with this Twitch user id; raise :class:`~kissbot.errors.UserNotFound`."""
+        user = self.get_user(twitch_user_id)
+        if user is None:
+            raise UserNotFound(f"no user with Twitch user id {str(twitch_user_id)!r}")
+        return self.get_tokens(user["id"], token_type=token_type)
+
+    def claim_refresh(self, user_id: int, owner: str, ttl: float, *, token_type: str = "bot") -> bool:
+        """Take the refresh lease of a token row for ``ttl`` seconds; True if ``owner`` now holds it.
+
+        One owner holds a live lease at a time (across processes); an expired
+        lease can be taken over and the holder may extend its own.
+        """
+        with write_transaction(self.engine) as conn:
+            return TokenRepository(conn).claim_refresh(user_id, owner, ttl, token_type=token_type)
+
+    def release_refresh(self, user_id: int, owner: str, *, token_type: str = "bot") -> bool:
+        """Give back ``owner``'s refresh lease; False if it did not hold it (any more)."""
+        with write_transaction(self.engine) as conn:
+            return TokenRepository(conn).release_refresh(user_id, owner, token_type=token_type)
 
     def get_tokens(self, user_id: int, *, token_type: str = "bot") -> dict[str, Any] | None:
         """The decrypted tokens of ``user_id`` (of ``token_type``), or None.

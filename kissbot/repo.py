@@ -376,10 +376,16 @@ _STORED_VALUES = {
     "key_version": bindparam("p_key_version"),
     "updated_at": bindparam("p_now"),
 }
+_KEEP_SCOPES = func.coalesce(bindparam("p_scopes"), oauth_tokens.c.scopes)
+"""An update's scopes: ``scopes=None`` keeps the stored ones (an explicit ``[]`` clears them)."""
 _UPDATE_TOKENS = (
     update(oauth_tokens)
     .where(_ROW)
-    .values(**_STORED_VALUES, version=oauth_tokens.c.version + literal_column("1"), last_refresh=bindparam("p_now"))
+    .values(
+        **{**_STORED_VALUES, "scopes": _KEEP_SCOPES},
+        version=oauth_tokens.c.version + literal_column("1"),
+        last_refresh=bindparam("p_now"),
+    )
 )
 _UPDATE_TOKENS_IF_VERSION = _UPDATE_TOKENS.where(oauth_tokens.c.version == bindparam("p_version"))
 _STORE_UPDATE = _Prepared(_UPDATE_TOKENS)
@@ -567,7 +573,8 @@ class TokenRepository:
 
         Resets ``needs_reauth``, ``status`` and ``refresh_failures``, bumps the
         row's ``version`` and writes one audit event (``tokens_created`` or
-        ``tokens_refreshed``) without any secret. With ``expected_version``, the
+        ``tokens_refreshed``) without any secret. ``scopes=None`` keeps the
+        stored scopes (an explicit ``[]`` clears them). With ``expected_version``, the
         write only happens if the stored row is still at that version (or, for
         ``0``, does not exist yet); otherwise :class:`StaleTokens` is raised and
         the newer tokens are kept.
@@ -681,7 +688,11 @@ class TokenRepository:
                 self.db,
                 update(oauth_tokens)
                 .where(t.user_id == bindparam("p_user_id"), t.token_type == bindparam("p_type"))
-                .values(**stored, version=t.version + literal_column("1"), last_refresh=stored["updated_at"]),
+                .values(
+                    **{**stored, "scopes": _KEEP_SCOPES},
+                    version=t.version + literal_column("1"),
+                    last_refresh=stored["updated_at"],
+                ),
                 updates,
             )
         if inserts:
