@@ -18,15 +18,14 @@ from typing import Any
 
 import sqlalchemy
 from sqlalchemy import Text, select, type_coerce
-from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.pool import NullPool
 
 from kissbot.crypto import TokenCipher, read_key_ring, verify_tokens
-from kissbot.engine import connect_sqlite_query_only, create_engine, is_memory, sqlite_path, to_url
+from kissbot.engine import is_memory, sqlite_path, to_url
 from kissbot.errors import KeyFileError
 from kissbot.maintenance import integrity_problems
-from kissbot.migrations import HEAD, KISSBOT_TABLES, current_revision, is_known_revision
+from kissbot.migrations import HEAD, KISSBOT_TABLES, current_revision, is_known_revision, read_only_engine
 from kissbot.schema import instances, oauth_tokens, users
 from kissbot.repo import ConfigRepository
 from kissbot.types import utcnow
@@ -74,7 +73,7 @@ def diagnose(target: str | os.PathLike[str] | URL, key_file: str | os.PathLike[s
     if is_memory(url):
         findings.append(Finding("error", "database", "an in-memory database has nothing to diagnose", "pass --db PATH or --url URL"))
         return findings
-    engine = _read_only_engine(url, path)
+    engine = read_only_engine(url)
     try:
         with engine.connect() as conn:
             _check_database(conn, path, shown, key_path, cipher, findings)
@@ -88,14 +87,6 @@ def diagnose(target: str | os.PathLike[str] | URL, key_file: str | os.PathLike[s
     finally:
         engine.dispose()
     return findings
-
-
-def _read_only_engine(url: URL, path: Path | None) -> Engine:
-    if path is None:
-        return create_engine(url, poolclass=NullPool)
-    # kissbot's own engine would switch the file to WAL on connect (hiding a
-    # wrong journal mode) and could create it; a read-only connection does neither.
-    return sqlalchemy.create_engine("sqlite://", creator=lambda: connect_sqlite_query_only(path), poolclass=NullPool)
 
 
 def _check_key_file(key_path: Path, findings: list[Finding]) -> TokenCipher | None:

@@ -219,7 +219,7 @@ def _sqlite_begin(dbapi_connection: Any) -> None:
 
 
 # SQLite primary result codes (sqlite3 only names them from Python 3.11).
-_PERM, _BUSY, _LOCKED, _READONLY, _CORRUPT, _CANTOPEN, _NOTADB = 3, 5, 6, 8, 11, 14, 26
+_PERM, _BUSY, _LOCKED, _READONLY, _IOERR, _CORRUPT, _FULL, _CANTOPEN, _NOTADB = 3, 5, 6, 8, 10, 11, 13, 14, 26
 _SQLITE_BUSY_CODES = frozenset({_BUSY, _LOCKED})
 _SQLITE_OPEN_CODES = frozenset({_CANTOPEN, _READONLY, _PERM})
 _SQLITE_DAMAGE_CODES = frozenset({_CORRUPT, _NOTADB})
@@ -230,6 +230,8 @@ _SQLITE_MESSAGES = {
     "attempt to write a readonly database": _READONLY,
     "file is not a database": _NOTADB,
     "database disk image is malformed": _CORRUPT,
+    "database or disk is full": _FULL,
+    "disk I/O error": _IOERR,
 }
 
 
@@ -254,7 +256,11 @@ def sqlite_error(exc: BaseException, path: Path | None, busy_timeout_ms: int | N
             f'`ps aux | grep "main.py\\|supervisor"` and force a WAL checkpoint with '
             f'`sqlite3 {where} "PRAGMA wal_checkpoint(RESTART);"`'
         )
+    if code == _FULL or (code == _IOERR and path is not None and _disk_full(path)):
+        return DatabaseError(f"cannot write database {where}: the disk is full; free some space and run it again")
     if code in _SQLITE_OPEN_CODES:
+        if path is not None and not path.parent.is_dir():
+            return DatabaseError(f"cannot open database {where}: directory {path.parent} does not exist")
         if path is not None and not os.access(path.parent, os.W_OK):
             return DatabaseError(
                 f"cannot open database {where}: its directory is not writable, and SQLite's WAL mode must create "
@@ -264,6 +270,14 @@ def sqlite_error(exc: BaseException, path: Path | None, busy_timeout_ms: int | N
     if code in _SQLITE_DAMAGE_CODES:
         return DatabaseError(f"database {where} is damaged or not a SQLite database ({exc}); restore it from a backup")
     return None
+
+
+def _disk_full(path: Path) -> bool:
+    # SQLite reports a write that found no space while creating -wal/-shm as a mere I/O error.
+    try:
+        return os.statvfs(path.parent).f_bavail == 0
+    except OSError:
+        return False
 
 
 def _ensure_wal(cursor: sqlite3.Cursor, busy_timeout_ms: int) -> None:
@@ -288,12 +302,32 @@ def _ensure_wal(cursor: sqlite3.Cursor, busy_timeout_ms: int) -> None:
         pause = min(pause * 2, 0.05)
 
 
+def create_private_file(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 if it does not exist (an empty file is an empty SQLite database).
+
+    SQLite would create a database 0644 (less the umask), and gives its
+    ``-wal`` and ``-shm`` files the database's mode: tokens are encrypted, but
+    logins, audit events and the WAL's copies of them are nobody else's business.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except OSError:
+        return  # it exists, or SQLite reports why it cannot be opened
+    os.close(fd)
+
+
 def _install_sqlite_events(engine: Engine, synchronous: str, busy_timeout_ms: int) -> None:
     path = sqlite_path(engine.url)
 
     @event.listens_for(engine, "handle_error")
     def _on_error(context: Any) -> BaseException | None:
         return _reraise_kissbot_errors(context) or sqlite_error(context.original_exception, path, busy_timeout_ms)
+
+    if path is not None:
+
+        @event.listens_for(engine, "do_connect")
+        def _create_private(*_args: Any) -> None:
+            create_private_file(path)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:

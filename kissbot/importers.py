@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ from kissbot.backup import backup_sqlite, default_backup_path
 from kissbot.crypto import DEFAULT_KEY_FILE
 from kissbot.engine import DEFAULT_DB_PATH, sqlite_path, to_url, write_transaction
 from kissbot.errors import ImportSourceError, InvalidImport, NoDatabase, OutdatedSchema
+from kissbot.migrations import read_only_engine
 from kissbot.repo import AuditRepository, Executor, TokenRepository, UserRepository
 
 log = logging.getLogger(__name__)
@@ -204,7 +206,14 @@ class ImportReport:
 
 def _read_text(path: Path, what: str) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        # Non-blocking, so that a FIFO is refused instead of waiting for a writer forever.
+        with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as fh:
+            mode = os.fstat(fh.fileno()).st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError
+            if not stat.S_ISREG(mode):
+                raise ImportSourceError(f"{what} {path} is not a regular file")
+            return fh.read().decode("utf-8")
     except FileNotFoundError:
         raise ImportSourceError(f"{what} {path} not found") from None
     except IsADirectoryError:
@@ -560,9 +569,15 @@ def import_tokens(
         planned = apply_batch(None, batch, expires_in=expires_in, skip_invalid=skip_invalid, dry_run=True)
     except OutdatedSchema:
         # Only the real run may migrate it, after the backup; the entries are
-        # then checked inside the write transaction.
+        # checked first on the old schema (its users table is the same), read-only.
         if dry_run:
             raise
+        look = read_only_engine(to_url(url if url is not None else db_path))
+        try:
+            with look.connect() as conn:
+                planned = apply_batch(conn, batch, expires_in=expires_in, skip_invalid=skip_invalid, dry_run=True)
+        finally:
+            look.dispose()
     else:
         with probe, probe.engine.connect() as conn:
             planned = apply_batch(conn, batch, expires_in=expires_in, skip_invalid=skip_invalid, dry_run=True)
@@ -577,8 +592,13 @@ def import_tokens(
         notes.append("backup skipped: kissbot backs up SQLite files only; back this database up with its own tools")
     elif backup and path.exists():
         taken = os.fspath(backup_sqlite(path, default_backup_path(path)))
-    with open_store(create=True) as mgr, write_transaction(mgr.engine) as conn:
-        report = apply_batch(conn, batch, expires_in=expires_in, skip_invalid=skip_invalid)
+    try:
+        with open_store(create=True) as mgr, write_transaction(mgr.engine) as conn:
+            report = apply_batch(conn, batch, expires_in=expires_in, skip_invalid=skip_invalid)
+    except BaseException:
+        if taken is not None:
+            os.unlink(taken)  # nothing was written, so the backup of it is not kept either
+        raise
     report.backup, report.notes = taken, notes
     return report
 

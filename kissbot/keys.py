@@ -568,7 +568,9 @@ def retire_key(engine: Engine, source: KeySource, version: int, *, db: str = "th
     path = writable_key_file(source, "retire a key")
     with key_file_lock(path):
         ring = read_key_ring(path)
-        verify_key(engine, ring, source.label, db)
+        problems = check_key(engine, ring, source.label, db)  # read-only: a refused retire records nothing
+        if problems:
+            raise KeyFileError(problems[0])
         if version not in ring.versions:
             held = ", ".join(map(str, ring.versions))
             raise KeyFileError(f"key file {path} has no key version {version} (it holds {held})")

@@ -18,7 +18,7 @@ from sqlalchemy.engine import URL, Engine
 
 from kissbot.engine import create_engine, is_memory, sqlite_path, to_url
 from kissbot.errors import DatabaseError, KissbotError, NoDatabase, UnsupportedBackend
-from kissbot.migrations import KISSBOT_TABLES
+from kissbot.migrations import KISSBOT_TABLES, read_only_engine
 
 CHECKPOINT_MODES = ("PASSIVE", "FULL", "RESTART", "TRUNCATE")
 
@@ -35,11 +35,13 @@ class CheckpointResult:
     """Frames copied back into the database file (-1 if not in WAL mode)."""
 
 
-def open_existing(target: str | os.PathLike[str] | URL) -> Engine:
+def open_existing(target: str | os.PathLike[str] | URL, *, read_only: bool = False) -> Engine:
     """An engine on an existing database; unlike opening a store, never creates a SQLite file.
 
     Raises :class:`~kissbot.errors.NoDatabase` for a missing file and
     :class:`~kissbot.errors.DatabaseError` for an in-memory URL. The engine has no key: it cannot read tokens.
+    With ``read_only`` it cannot write either, nor switch a SQLite file to WAL
+    (:func:`~kissbot.migrations.read_only_engine`).
     """
     url = to_url(target)
     if is_memory(url):
@@ -47,7 +49,7 @@ def open_existing(target: str | os.PathLike[str] | URL) -> Engine:
     path = sqlite_path(url)
     if path is not None and not path.is_file():
         raise NoDatabase(f"database {path} does not exist; create it with kissbot init-db")
-    return create_engine(url)
+    return read_only_engine(url) if read_only else create_engine(url)
 
 
 def vacuum(engine: Engine) -> None:

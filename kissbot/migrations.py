@@ -12,11 +12,13 @@ from contextlib import contextmanager
 import sqlite3
 from pathlib import Path
 
+import sqlalchemy
 from sqlalchemy import inspect
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.pool import NullPool
 from sqlalchemy.exc import SQLAlchemyError
 
-from kissbot.engine import connect_sqlite_query_only, sqlite_error, sqlite_path, writer
+from kissbot.engine import connect_sqlite_query_only, create_engine, sqlite_error, sqlite_path, writer
 from kissbot.errors import DatabaseError, NoDatabase, OutdatedSchema, SchemaError, UnversionedDatabase, driver_message
 
 HEAD = "0002"
@@ -129,7 +131,9 @@ def _probe_sqlite_file(path: Path) -> tuple[str | None, set[str]]:
 
 def _state(engine: Engine) -> tuple[str | None, set[str]]:
     path = sqlite_path(engine.url)
-    if path is not None and path.exists() and path.stat().st_size > 0:
+    if path is not None and path.exists():
+        if path.stat().st_size == 0:
+            return None, set()  # an empty database, left as it is: connecting would make it a WAL file
         return _probe_sqlite_file(path)
     try:
         with engine.connect() as conn:
@@ -140,6 +144,19 @@ def _state(engine: Engine) -> tuple[str | None, set[str]]:
             return current_revision(conn), set(inspect(conn).get_table_names())
     except SQLAlchemyError as exc:
         raise DatabaseError(f"cannot open database {engine.url.database}: {driver_message(exc)}") from exc
+
+
+def read_only_engine(target: URL) -> Engine:
+    """An engine that looks at an existing database without migrating, creating or converting it.
+
+    A SQLite file is opened by :func:`~kissbot.engine.connect_sqlite_query_only`
+    (kissbot's own engine would switch it to WAL on connect); other databases
+    get a plain engine. It has no key: it cannot read tokens.
+    """
+    path = sqlite_path(target)
+    if path is None:
+        return create_engine(target, poolclass=NullPool)
+    return sqlalchemy.create_engine("sqlite://", creator=lambda: connect_sqlite_query_only(path), poolclass=NullPool)
 
 
 def is_known_revision(revision: str) -> bool:

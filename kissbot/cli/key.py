@@ -25,7 +25,7 @@ from kissbot.keys import (
 
 
 @contextmanager
-def _open(store: StoreTarget) -> Iterator[tuple[Engine, KeySource, str]]:
+def _open(store: StoreTarget, create: bool = True) -> Iterator[tuple[Engine, KeySource, str]]:
     # The store's engine without a key: these commands must work when the key is wrong or lost.
     from kissbot.engine import create_engine, sqlite_path, to_url
     from kissbot.migrations import ensure_schema
@@ -37,7 +37,7 @@ def _open(store: StoreTarget) -> Iterator[tuple[Engine, KeySource, str]]:
     source = resolve_key_source(key_file=store.key_file)
     engine = create_engine(url)
     try:
-        ensure_schema(engine)
+        ensure_schema(engine, create=create)
         yield engine, source, url.database or "the store"
     finally:
         engine.dispose()
@@ -68,7 +68,7 @@ def status(store: StoreTarget, as_json: bool) -> None:
     Example:
         kissbot key status --db kissbot.db --json
     """
-    with _open(store) as (engine, source, db):
+    with _open(store, create=False) as (engine, source, db):
         report = key_status(engine, source, db)
     if as_json:
         echo_json(report.as_dict())

@@ -191,7 +191,7 @@ def maintenance_integrity(store: StoreTarget) -> None:
     from kissbot.maintenance import integrity_check, open_existing
 
     _sqlite_file(store, "maintenance integrity", "`amcheck` or pg_dump to a scratch file")
-    engine = open_existing(store.target)
+    engine = open_existing(store.target, read_only=True)
     try:
         problems = integrity_check(engine)
     finally:
