@@ -19,6 +19,10 @@ def driver_message(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+class ValidationError(KissbotError, ValueError):
+    """An argument of a library call is of the wrong type or out of range."""
+
+
 class KeyFileError(KissbotError):
     """The encryption key is missing, unreadable, unsafe or not a Fernet key."""
 

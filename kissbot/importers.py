@@ -29,17 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from yaml.events import (
-    DocumentEndEvent,
-    DocumentStartEvent,
-    MappingEndEvent,
-    MappingStartEvent,
-    ScalarEvent,
-    SequenceEndEvent,
-    SequenceStartEvent,
-    StreamEndEvent,
-)
-from yaml.nodes import ScalarNode
 
 from kissbot.backup import backup_sqlite, default_backup_path
 from kissbot.crypto import DEFAULT_KEY_FILE
@@ -47,6 +36,7 @@ from kissbot.engine import DEFAULT_DB_PATH, sqlite_path, to_url, write_transacti
 from kissbot.errors import ImportSourceError, InvalidImport, NoDatabase, OutdatedSchema
 from kissbot.migrations import read_only_engine
 from kissbot.repo import AuditRepository, Executor, TokenRepository, UserRepository
+from kissbot.validation import MAX_ECHO, echo, shown
 
 log = logging.getLogger(__name__)
 
@@ -56,95 +46,47 @@ YAML_EXPIRES_IN = 0
 TIO_EXPIRES_IN = 14400
 """Tokens from a live token file: the specification's 4 hours."""
 
-# PyYAML's libyaml parser when the wheel has it: the same safe loader, about ten times
-# faster than the pure-Python one (migrate-yaml of 2000 users spent a third of its time parsing).
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_PLAIN_SCALAR_TAGS = frozenset(f"tag:yaml.org,2002:{name}" for name in ("str", "null", "bool", "int", "float", "timestamp"))
 
+class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """PyYAML's safe loader (libyaml's when the wheel has it) that refuses a mapping key given twice.
 
-class _NotPlain(Exception):
-    """The document needs PyYAML's own composer: anchors, aliases, tags, merge keys, complex keys…"""
-
-
-def _load_yaml(text: str) -> Any:
-    """``yaml.load(text, Loader=_YAML_LOADER)``, about three times faster on a plain document.
-
-    PyYAML's composer and constructor spend most of a large config's load in
-    Python: a node and its marks per scalar, then a second walk to build the
-    objects. A document of plain mappings, sequences and scalars (no anchor,
-    alias, tag or merge key) is built here straight from the parser's events,
-    each scalar typed by the loader's own resolver and constructor, so every
-    value means exactly what ``yaml.load`` makes of it. Anything else, and any
-    error, goes to ``yaml.load``, which gives its own answer or error.
+    YAML requires unique keys, yet PyYAML keeps the last value: two entries
+    for one login would silently become one. Keys brought in by a merge
+    (``<<: *defaults``) may still be overridden, as YAML intends.
     """
-    loader = _YAML_LOADER(text)
-    try:
-        return _plain_document(loader)
-    except (_NotPlain, yaml.YAMLError, ValueError):
-        pass
-    finally:
-        loader.dispose()
-    return yaml.load(text, Loader=_YAML_LOADER)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # unhashable: the constructor below refuses it
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"found duplicate key {echo(key)}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
-def _plain_document(loader: Any) -> Any:
-    if loader.yaml_path_resolvers:
-        raise _NotPlain
-    get_event, resolve, constructors = loader.get_event, loader.resolve, loader.yaml_constructors
-    # resolve() tries the implicit resolvers listed under a plain scalar's first
-    # character (and under None); a scalar with none to try is a string.
-    first_chars = loader.yaml_implicit_resolvers
-    if None in first_chars:
-        raise _NotPlain
-    get_event()  # StreamStartEvent
-    event = get_event()
-    if type(event) is StreamEndEvent:
-        return None
-    if type(event) is not DocumentStartEvent:
-        raise _NotPlain
-    no_key = _NotPlain  # a marker no YAML value can be
-    parents: list[tuple[Any, Any]] = []
-    container: Any = None
-    key: Any = no_key
-    document: Any = None
-    while True:
-        event = get_event()
-        kind = type(event)
-        if kind is ScalarEvent:
-            if event.anchor is not None or event.tag is not None:
-                raise _NotPlain
-            value = event.value
-            if value[:1] in first_chars:
-                tag = resolve(ScalarNode, value, event.implicit)
-                if tag != "tag:yaml.org,2002:str":
-                    if tag not in _PLAIN_SCALAR_TAGS:
-                        raise _NotPlain
-                    value = constructors[tag](loader, ScalarNode(tag, value))
-        elif kind is MappingStartEvent or kind is SequenceStartEvent:
-            if event.anchor is not None or event.tag is not None or (type(container) is dict and key is no_key):
-                raise _NotPlain
-            parents.append((container, key))
-            container, key = ({} if kind is MappingStartEvent else []), no_key
-            continue
-        elif kind is MappingEndEvent or kind is SequenceEndEvent:
-            value = container
-            container, key = parents.pop()
-        elif kind is DocumentEndEvent:
-            break
-        else:
-            raise _NotPlain
-        if container is None:
-            document = value
-        elif type(container) is list:
-            container.append(value)
-        elif key is no_key:
-            key = value
-        else:
-            container[key] = value
-            key = no_key
-    if type(get_event()) is not StreamEndEvent:
-        raise _NotPlain
-    return document
+class _DuplicateKey(ValueError):
+    """A JSON object gives one key twice."""
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``' ``object_pairs_hook``: refuse an object giving a key twice."""
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(f"duplicate key {echo(key)}")
+            seen.add(key)
+    return result
 
 
 @dataclass(frozen=True)
@@ -281,16 +223,18 @@ def read_yaml_tokens(path: str | os.PathLike[str]) -> TokenBatch:
     path = Path(path)
     text = _read_text(path, "config file")
     try:
-        config = _load_yaml(text)
+        config = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
-        # Only the position and the parser's complaint: the snippet could hold a secret.
+        # Only the position and the parser's complaint, masked: the snippet, a tag or a key could hold a secret.
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "cannot be parsed"
+        problem = shown(getattr(exc, "problem", None) or "cannot be parsed", limit=2 * MAX_ECHO)
         raise ImportSourceError(f"{path} is not valid YAML: {problem}{where}") from None
     except ValueError:
         # PyYAML's constructor lets Python's own error out of an impossible date (2024-13-01) or number (0x_).
         raise ImportSourceError(f"{path} is not valid YAML: it holds a date or number that cannot be read") from None
+    except RecursionError:
+        raise ImportSourceError(f"{path} is not valid YAML: it is nested too deeply") from None
     twitch = config.get("twitch") if isinstance(config, dict) else None
     tokens = twitch.get("tokens") if isinstance(twitch, dict) else None
     if tokens is None:
@@ -306,14 +250,14 @@ def read_yaml_tokens(path: str | os.PathLike[str]) -> TokenBatch:
     parsed: list[TokenEntry] = []
     spellings = Counter(key.strip().lower() for key in tokens if isinstance(key, str))
     for key, data in tokens.items():
-        where = f"twitch.tokens.{key}"
+        where = f"twitch.tokens.{shown(key)}"
         if not isinstance(key, str) or not key.strip():
             problems.append(f"{where}: the login must be a non-empty string")
             continue
         # Which of two entries for one login is right cannot be known: every copy is refused.
         if spellings[key.strip().lower()] > 1:
             others = [k for k in tokens if isinstance(k, str) and k != key and k.strip().lower() == key.strip().lower()]
-            problems.append(f"{where}: duplicate login (also given as {', '.join(others)})")
+            problems.append(f"{where}: duplicate login (also given as {', '.join(map(shown, others))})")
             continue
         if not isinstance(data, dict):
             problems.append(f"{where}: expected user_id, access_token and refresh_token")
@@ -370,11 +314,15 @@ def read_token_file(path: str | os.PathLike[str], login: str | None = None) -> T
     path = Path(path)
     text = _read_text(path, "token file")
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_unique_object)
+    except _DuplicateKey as exc:
+        raise ImportSourceError(f"{path} is not valid JSON: {exc}") from None
     except ValueError as exc:
         lineno = getattr(exc, "lineno", None)
         where = f" (line {lineno}, column {exc.colno})" if lineno is not None else ""
         raise ImportSourceError(f"{path} is not valid JSON{where}") from None
+    except RecursionError:
+        raise ImportSourceError(f"{path} is not valid JSON: it is nested too deeply") from None
     if not isinstance(data, dict) or not data:
         raise ImportSourceError(f"{path} holds no tokens")
     problems: list[str] = []
@@ -390,7 +338,7 @@ def read_token_file(path: str | os.PathLike[str], login: str | None = None) -> T
     if login is not None:
         raise ImportSourceError(f"{path} is a TwitchIO token file: its users are named by id, drop --login")
     for key, value in data.items():
-        where = f"{path.name}[{key}]"
+        where = f"{path.name}[{shown(key)}]"
         entry_problems: list[str] = []
         user_id = _user_id_field(key, where, entry_problems)
         if not isinstance(value, dict):
@@ -400,7 +348,7 @@ def read_token_file(path: str | os.PathLike[str], login: str | None = None) -> T
         refresh = _token_field(value, "refresh", where, entry_problems)
         inner = value.get("user_id")
         if inner is not None and user_id is not None and str(inner).strip() != user_id:
-            entry_problems.append(f"{where}: user_id {inner} does not match its key")
+            entry_problems.append(f"{where}: user_id {shown(inner)} does not match its key")
         if entry_problems:
             problems.extend(entry_problems)
             continue

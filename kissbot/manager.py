@@ -33,6 +33,7 @@ from kissbot.keys import load_cipher, read_key_source, resolve_key_source
 from kissbot.migrations import ensure_schema
 from kissbot.repo import AuditRepository, ConfigRepository, InstanceRepository, TokenRepository, UserRepository
 from kissbot.types import attach_cipher
+from kissbot.validation import check_id
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -223,6 +224,7 @@ class DatabaseManager:
         reconnect costs a ``PRAGMA data_version`` instead of a query and two
         decryptions.
         """
+        check_id(user_id)
         with self.engine.connect() as conn:
             cache = read_cache(conn)
             key = ("tokens", user_id, token_type)

@@ -25,17 +25,19 @@ Nothing here logs or raises a token or the client secret.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import socket
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from enum import Enum
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, quote_plus
 
 import httpx
 from sqlalchemy.engine import Engine
@@ -60,6 +62,7 @@ from kissbot.twitch import (
     VALIDATE_URL_ENV,
 )
 from kissbot.types import utcnow
+from kissbot.validation import clamp_expires_in, mask_secrets, shown
 
 if TYPE_CHECKING:
     from kissbot.manager import DatabaseManager
@@ -73,6 +76,8 @@ DEFAULT_MAX_FAILURES = 3
 """Default of config ``max_refresh_failures``: transient failures before a token is marked for reauth."""
 DEFAULT_VALIDATE_INTERVAL = 3600
 """Default of config ``token_validate_interval``: seconds between two validations of a token."""
+UNKNOWN_EXPIRES_IN = 3600
+"""Lifetime recorded for refreshed tokens whose ``expires_in`` Twitch did not give as a positive number."""
 
 class Outcome(str, Enum):
     """What the refresher did with one token."""
@@ -238,15 +243,18 @@ class TokenRefresher:
         ``stop`` is checked between tokens, so setting it (from a signal
         handler or another thread) ends the loop after the current request.
         A database error (e.g. :class:`~kissbot.errors.DatabaseBusy`) ends only
-        the current pass (it is logged, and the leases it held expire); :class:`~kissbot.errors.ClientCredentialsRejected`
+        the current pass (it is logged, and the leases it held expire), as does
+        any other unexpected error; :class:`~kissbot.errors.ClientCredentialsRejected`
         ends the loop.
         """
         log.info("refresh worker %s started, one cycle every %gs", self.owner, interval)
         while not stop.is_set():
             try:
                 self.cycle(stop)
-            except (SQLAlchemyError, DatabaseError) as exc:
-                reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            except ClientCredentialsRejected:
+                raise
+            except Exception as exc:
+                reason = mask_secrets(str(getattr(exc, "orig", None) or exc).strip().split("\n")[0], ())
                 log.error("pass failed (%s: %s); next pass in %gs", type(exc).__name__, reason, interval)
             if stop.wait(interval):
                 break
@@ -275,7 +283,7 @@ class TokenRefresher:
                 continue
             if stop is not None and stop.is_set():
                 break
-            results.append(self._refresh_due_token(_Row(row["user_id"], row["twitch_login"], row["token_type"]), settings))
+            results.append(self._guarded(self._refresh_due_token, row, settings))
         return results
 
     def validate_due(self, stop: threading.Event | None = None) -> list[TokenResult]:
@@ -296,8 +304,25 @@ class TokenRefresher:
                 continue
             if stop is not None and stop.is_set():
                 break
-            results.append(self._validate_token(_Row(row["user_id"], row["twitch_login"], row["token_type"]), settings))
+            results.append(self._guarded(self._validate_token, row, settings))
         return results
+
+    def _guarded(
+        self, work: Callable[[_Row, _Settings], TokenResult], row: dict[str, Any], settings: _Settings
+    ) -> TokenResult:
+        """``work`` on one token; an unexpected error fails that token only (counted, logged without secrets).
+
+        Database errors still end the pass (the next token would meet them too),
+        and rejected client credentials end the worker.
+        """
+        token = _Row(row["user_id"], row["twitch_login"], row["token_type"])
+        try:
+            return work(token, settings)
+        except (ClientCredentialsRejected, SQLAlchemyError, DatabaseError):
+            raise
+        except Exception as exc:
+            log.debug("unexpected error on %s", token, exc_info=True)
+            return self._done(token, Outcome.FAILED, f"unexpected {type(exc).__name__}")
 
     def backoff_delay(self, user_id: int, token_type: str, failures: int) -> float:
         """Seconds to wait after the ``failures``-th consecutive transient failure of a token.
@@ -407,6 +432,8 @@ class TokenRefresher:
                 access, refresh, expires_in, scopes = _parse_token_answer(response)
             except ValueError as exc:
                 return self._failure(row, tokens, settings, f"malformed answer: {exc}", after_401)
+            # Twitch may keep the refresh token; either way the new access token is stored.
+            refresh = refresh or tokens["refresh_token"]
             try:
                 with self._writer.begin() as conn:
                     TokenRepository(conn).store_tokens(
@@ -421,7 +448,7 @@ class TokenRefresher:
             except StaleTokens:
                 return self._done(row, Outcome.STALE, "another writer stored newer tokens meanwhile; kept them")
             return self._done(row, Outcome.REFRESHED, f"expires in {expires_in}s")
-        message = _twitch_message(response)
+        message = _twitch_message(response, (tokens["refresh_token"], tokens["access_token"], self._client_secret))
         if status == 403 or (status in (400, 401) and "client" in message.lower()):
             raise ClientCredentialsRejected(
                 f"Twitch refused the application's credentials ({status} {message}): "
@@ -487,34 +514,55 @@ class TokenRefresher:
         return TokenResult(row.user_id, row.login, row.token_type, outcome, detail)
 
 
-def _parse_token_answer(response: httpx.Response) -> tuple[str, str, int, list[str] | None]:
+def _parse_token_answer(response: httpx.Response) -> tuple[str, str | None, int, list[str] | None]:
+    """The tokens of a successful refresh, every field checked.
+
+    Without a usable access token there is nothing to store (``ValueError``).
+    Everything else is repaired rather than refused, because Twitch has
+    already spent the old refresh token: no refresh token means the old one
+    stays (None), an ``expires_in`` out of range is clamped and a missing or
+    absurd one becomes :data:`UNKNOWN_EXPIRES_IN`, and scopes that are not
+    strings are ignored (the stored ones stay).
+    """
     try:
         answer = response.json()
     except ValueError:
         raise ValueError("not JSON") from None
     if not isinstance(answer, dict):
         raise ValueError("not a JSON object")
-    access, refresh, expires_in = answer.get("access_token"), answer.get("refresh_token"), answer.get("expires_in")
-    for name, value in (("access_token", access), ("refresh_token", refresh)):
-        if not isinstance(value, str) or not value:
-            raise ValueError(f"no {name}")
+    access = answer.get("access_token")
+    if not isinstance(access, str) or not access.strip():
+        raise ValueError("no access_token")
+    refresh = answer.get("refresh_token")
+    refresh = refresh if isinstance(refresh, str) and refresh.strip() else None
+    expires_in = answer.get("expires_in")
+    if isinstance(expires_in, float) and math.isfinite(expires_in):
+        expires_in = int(expires_in)
     if isinstance(expires_in, bool) or not isinstance(expires_in, int) or expires_in <= 0:
-        raise ValueError("no positive integer expires_in")
+        expires_in = UNKNOWN_EXPIRES_IN
     scope = answer.get("scope")
     if isinstance(scope, str):
         scopes: list[str] | None = scope.split()
-    elif isinstance(scope, list):
-        scopes = [str(s) for s in scope]
+    elif isinstance(scope, list) and all(isinstance(s, str) and s for s in scope):
+        scopes = list(scope)
     else:
         scopes = None
-    return access, refresh, expires_in, scopes
+    return access, refresh, clamp_expires_in(expires_in), scopes
 
 
-def _twitch_message(response: httpx.Response) -> str:
-    """Twitch's error ``message`` (e.g. ``Invalid refresh token``), shortened; empty if none."""
+def _twitch_message(response: httpx.Response, sent: Iterable[str | None]) -> str:
+    """Twitch's error ``message`` (e.g. ``Invalid refresh token``), safe to store; empty if none.
+
+    Twitch's text may echo what it was sent: each secret of the request (as
+    sent, or form-encoded) and anything token-like is masked to 4
+    characters, and the text is cut short.
+    """
     try:
         answer = response.json()
     except ValueError:
         return ""
     message = answer.get("message") if isinstance(answer, dict) else None
-    return str(message)[:100] if message else ""
+    if not message:
+        return ""
+    secrets = [variant for s in sent if s for variant in {s, quote(s, safe=""), quote_plus(s)}]
+    return shown(mask_secrets(str(message), sorted(secrets, key=len, reverse=True)), limit=100)

@@ -32,15 +32,13 @@ from kissbot.errors import (
 )
 from kissbot.schema import audit_log, config, instances, oauth_tokens, users
 from kissbot.types import cipher_of, utcnow
+from kissbot import validation as check
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
 Executor = Union["Session", Connection]
 """What a repository runs its statements on."""
-
-_SECRET_DETAIL_KEYS = frozenset({"access_token", "refresh_token", "token", "refresh", "client_secret", "key"})
-
 
 def _first_dict(result: Result[Any]) -> dict[str, Any] | None:
     """The first row of ``result`` as a plain dict, or None."""
@@ -200,14 +198,17 @@ class UserRepository:
 
     def get_user_by_id(self, user_id: int) -> dict[str, Any] | None:
         """The user with this kissbot id (``users.id``), or None."""
+        check.check_id(user_id)
         return _first_dict(self.db.execute(_USER_BY_ID, {"p_id": user_id}))
 
     def get_user_by_login(self, login: str) -> dict[str, Any] | None:
         """The user with this login (any case), or None."""
+        check.check_text(login, "login")
         return _first_dict(self.db.execute(_USER_BY_LOGIN, {"p_login": login.lower()}))
 
     def user_id_for_login(self, login: str) -> int:
         """The kissbot id of ``login``; raise :class:`UserNotFound`."""
+        check.check_text(login, "login")
         user_id = self.db.execute(_USER_ID_BY_LOGIN, {"p_login": login.lower()}).scalar()
         if user_id is None:
             raise UserNotFound(f"no user with login {login!r}")
@@ -217,6 +218,7 @@ class UserRepository:
         self, twitch_user_id: str | int, twitch_login: str, display_name: str | None = None, is_bot: bool = False
     ) -> int:
         """Create a user and return its id; raise :class:`DuplicateUser`."""
+        check.check_user_fields(twitch_user_id=twitch_user_id, twitch_login=twitch_login, display_name=display_name)
         twitch_user_id, login = str(twitch_user_id), twitch_login.lower()
         params = {
             "p_twitch_id": twitch_user_id,
@@ -244,6 +246,8 @@ class UserRepository:
         unknown = set(fields) - _USER_FIELDS
         if unknown:
             raise KissbotError(f"cannot update user field(s) {', '.join(sorted(unknown))}")
+        check.check_id(user_id)
+        check.check_user_fields(**fields)
         if "twitch_login" in fields:
             fields["twitch_login"] = fields["twitch_login"].lower()
         if "twitch_user_id" in fields:
@@ -580,7 +584,10 @@ class TokenRepository:
         the newer tokens are kept.
         """
         _check_type(token_type)
+        check.check_id(user_id)
         _check_tokens(user_id, access_token, refresh_token)
+        check.check_expires_in(expires_in)
+        scopes = check.check_scopes(scopes)
         now = utcnow()
         # The key version is read before the values are encrypted: a key file reloaded
         # in between can only make the row's key newer than its label, which rotation fixes.
@@ -643,6 +650,7 @@ class TokenRepository:
         inserts meanwhile makes the INSERT fail with ``IntegrityError``.
         """
         _check_type(token_type)
+        check.check_expires_in(expires_in)
         # A key-file cipher looks at its file (a stat) before each encryption; the
         # batch looks once, and its rows record the key that encrypted them.
         store_cipher = cipher_of(_dialect(self.db))
@@ -715,6 +723,7 @@ class TokenRepository:
         Raises :class:`DecryptionError` naming the user and the row's key
         version if they do not decrypt.
         """
+        check.check_id(user_id)
         params = {"p_user_id": user_id, "p_type": token_type}
         try:
             tokens = _first_dict(self.db.execute(_TOKENS_BY_USER, params))
@@ -892,6 +901,7 @@ class InstanceRepository:
         Reuses the pair's row so crashes keep counting; raises
         :class:`InstanceDisabled` if it reached ``max_crash_count``.
         """
+        check.check_optional_id(pid, "pid")
         user_repo = UserRepository(self.db)
         channel_id = user_repo.user_id_for_login(channel_login)
         bot_id = user_repo.user_id_for_login(bot_login)
@@ -1085,31 +1095,33 @@ def _event_params(
     event_type: str,
     user_id: int | None,
     channel_id: int | None,
-    details: dict[str, Any] | None,
+    details_json: str | None,
     severity: str,
     now: datetime,
 ) -> dict[str, Any]:
-    """The bound values of one audit row; refuses an unknown severity and details holding secrets."""
+    """The bound values of one audit row; refuses an unknown severity."""
     if severity not in SEVERITIES:
         raise KissbotError(f"severity must be one of {', '.join(SEVERITIES)}, not {severity!r}")
     return {
         "p_event_type": event_type,
         "p_user_id": user_id,
         "p_channel_id": channel_id,
-        "p_details": _details_json(details),
+        "p_details": details_json,
         "p_severity": severity,
         "p_now": now,
     }
 
 
-def _details_json(details: dict[str, Any] | None) -> str | None:
-    """The JSON of an event's ``details``; refuses details holding secrets."""
-    if details is None:
-        return None
-    leaked = _SECRET_DETAIL_KEYS.intersection(details)
-    if leaked:
-        raise KissbotError(f"audit details must not hold secrets: drop {', '.join(sorted(leaked))}")
-    return json.dumps(details, ensure_ascii=False, default=str)
+def _stored_secrets(db: Executor, user_id: int | None) -> list[str]:
+    """The tokens stored for ``user_id`` (none if they do not decrypt), for the audit-details guard."""
+    if user_id is None:
+        return []
+    t = oauth_tokens.c
+    try:
+        rows = db.execute(select(t.access_token_encrypted, t.refresh_token_encrypted).where(t.user_id == user_id)).all()
+    except DecryptionError:
+        return []
+    return [secret for row in rows for secret in row if secret]
 
 
 class AuditRepository:
@@ -1129,7 +1141,14 @@ class AuditRepository:
         severity: str = "info",
     ) -> None:
         """Append one audit event. ``details`` must not hold tokens or keys."""
-        _LOG_EVENT(self.db, _event_params(event_type, user_id, channel_id, details, severity, utcnow()))
+        check.check_text(event_type, "event_type")
+        check.check_optional_id(user_id, "user_id")
+        check.check_optional_id(channel_id, "channel_id")
+        details_json = check.audit_details_json(details, lambda: _stored_secrets(self.db, user_id))
+        try:
+            _LOG_EVENT(self.db, _event_params(event_type, user_id, channel_id, details_json, severity, utcnow()))
+        except IntegrityError as exc:
+            raise UserNotFound(f"no user with id {user_id if channel_id is None else f'{user_id} or {channel_id}'}") from exc
 
     def log_events(
         self, event_type: str, events: Iterable[tuple[int | None, dict[str, Any] | None]], severity: str = "info"
@@ -1138,7 +1157,7 @@ class AuditRepository:
         if severity not in SEVERITIES:
             raise KissbotError(f"severity must be one of {', '.join(SEVERITIES)}, not {severity!r}")
         params = [
-            {"p_event_type": event_type, "p_user_id": user_id, "p_details": _details_json(details), "p_severity": severity}
+            {"p_event_type": event_type, "p_user_id": user_id, "p_details": check.audit_details_json(details), "p_severity": severity}
             for user_id, details in events
         ]
         if params:
@@ -1157,6 +1176,7 @@ class AuditRepository:
         self, limit: int = 100, event_type: str | None = None, user_id: int | None = None
     ) -> list[dict[str, Any]]:
         """The newest ``limit`` events, optionally of one type or one user, ``details`` decoded."""
+        check.check_count(limit, "limit", minimum=1)
         stmt = select(*audit_log.c).order_by(audit_log.c.timestamp.desc(), audit_log.c.id.desc()).limit(limit)
         if event_type is not None:
             stmt = stmt.where(audit_log.c.event_type == event_type)
@@ -1181,8 +1201,9 @@ class AuditRepository:
         """
         if days is None:
             days = int(ConfigRepository(self.db).get_config("log_retention_days", default=30))
-        if days < 0:
-            raise KissbotError(f"days must be zero or more, not {days}")
+        check.check_count(days, "days", maximum=check.MAX_DAYS)
+        if batch_size is not None:
+            check.check_count(batch_size, "batch_size", minimum=1)
         cutoff = utcnow() - timedelta(days=days)
         condition = audit_log.c.timestamp < cutoff
         if batch_size is not None:

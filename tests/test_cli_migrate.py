@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import random
 import re
 import sqlite3
 import stat
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy
-import yaml
 from click.testing import CliRunner
 
 from kissbot import DatabaseManager
@@ -489,58 +487,6 @@ def test_unreadable_yaml_anywhere_in_the_config_is_one_line_error(runner, deploy
     assert result.stderr.startswith(f"Error: {deploy}/bad.yaml is not valid YAML: "), result.stderr
     assert problem in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
     assert snapshot(deploy) == before
-
-
-def _yaml_documents(count: int) -> list[str]:
-    """Random small documents of plain, quoted and block scalars that YAML 1.1 may read as anything."""
-    scalars = [
-        "1", "0", "-1", "+1", "012", "0o12", "0x1f", "0b11", "1_000", "1:20", "1.5", "1e5", "1.0e-5", ".5", ".inf", ".NaN",
-        "yes", "No", "on", "OFF", "y", "n", "true", "~", "null", "", "2001-01-01", "2001-1-1", "2001-01-01 10:00:00",
-        "2001-01-01T10:00:00Z", "2001-02-30", "abc", "oauth:abc", "chat:read", "a b", "'q'", '"d"', "'1'", "=", "<<",
-        "-", "12abc", "1209350837", "0.", "'yes'", "&a x", "*a", "!!str 1", "!!int '7'", "? k", "|\n  text",
-    ]
-    rng = random.Random(20261125)
-
-    def node(depth: int, indent: int) -> str:
-        r = rng.random()
-        if depth > 3 or r < 0.5:
-            return " " + rng.choice(scalars)
-        if r < 0.6:
-            return " [" + ", ".join(rng.choice(scalars) for _ in range(rng.randint(0, 3))) + "]"
-        if r < 0.8:
-            items = (f"{' ' * indent}{rng.choice(scalars)}:{node(depth + 1, indent + 2)}" for _ in range(rng.randint(1, 3)))
-        else:
-            items = (f"{' ' * indent}-{node(depth + 1, indent + 2)}" for _ in range(rng.randint(1, 3)))
-        return "\n" + "\n".join(items)
-
-    return ["".join(f"{rng.choice(scalars)}:{node(0, 2)}\n" for _ in range(rng.randint(1, 4))) for _ in range(count)]
-
-
-def test_config_loading_means_exactly_what_pyyaml_safe_load_means():
-    # kissbot's loader builds plain documents from libyaml's events itself and hands
-    # everything else to yaml.load: values (and their types) and errors must be the same.
-    from kissbot.importers import _YAML_LOADER, _load_yaml
-
-    def outcome(load, text):
-        try:
-            return "ok", typed(load(text))
-        except Exception as exc:
-            return "error", type(exc).__name__, str(exc)
-
-    def typed(value):
-        if isinstance(value, dict):
-            return [(repr(k), type(k).__name__, typed(v)) for k, v in value.items()]
-        if isinstance(value, list):
-            return [typed(v) for v in value]
-        return type(value).__name__, repr(value)
-
-    documents = [DEPLOYMENT_CONFIG, "", "---\n", "a: 1\na: 2\n", "? [a]\n: b\n", "a: [\n", "%YAML 1.1\n--- x\n...\n"]
-    readable = 0
-    for text in documents + _yaml_documents(3000):
-        expected = outcome(lambda t: yaml.load(t, Loader=_YAML_LOADER), text)
-        assert outcome(_load_yaml, text) == expected, text
-        readable += expected[0] == "ok"
-    assert readable > 1000
 
 
 # --- import-tio ---------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -471,3 +472,81 @@ def test_a_signal_stops_a_running_worker_cleanly(mgr, bot, twitch, store_url, ke
 def test_record_validation_needs_the_token_row(mgr, bot):
     with pytest.raises(UserNotFound, match=f"user {bot} has no broadcaster tokens"), mgr.session() as s:
         TokenRepository(s).record_validation(bot, token_type="broadcaster")
+
+
+# --- hostile answers (issue 14, items 4 and 5) ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields, stored_refresh",
+    [
+        ({"expires_in": 10**15}, "new"),
+        ({"expires_in": -5}, "new"),
+        ({"expires_in": "soon"}, "new"),
+        ({"expires_in": 1e400}, "new"),
+        ({"refresh_token": None}, "old"),
+        ({"scope": [1, None]}, "new"),
+    ],
+    ids=["huge-expires_in", "negative-expires_in", "text-expires_in", "inf-expires_in", "no-refresh", "bad-scopes"],
+)
+def test_an_absurd_successful_answer_still_stores_the_new_tokens(mgr, bot, twitch, fields, stored_refresh):
+    access, refresh = f"new-access-{uuid.uuid4().hex}", f"new-refresh-{uuid.uuid4().hex}"
+    answer = {"access_token": access, "refresh_token": refresh, "expires_in": 14400, "scope": ["chat:read"], **fields}
+    twitch.token_answer = (200, {k: v for k, v in answer.items() if v is not None})
+    mgr.store_tokens(bot, "old-access", "old-refresh-token", 30, scopes=["chat:edit"])
+    with refresher(mgr, twitch) as worker:
+        assert outcomes(worker.refresh_due()) == [(bot, "bot", Outcome.REFRESHED)]
+    tokens = mgr.get_tokens(bot)
+    assert tokens["access_token"] == access
+    assert tokens["refresh_token"] == (refresh if stored_refresh == "new" else "old-refresh-token")
+    assert utcnow() < tokens["expires_at"] <= utcnow() + timedelta(days=367)
+    assert tokens["scopes"] == (["chat:edit"] if "scope" in fields else ["chat:read"])
+
+
+def test_run_survives_an_unexpected_error_on_one_token_and_counts_it(mgr, bot, twitch):
+    import httpx
+
+    other = mgr.create_user("42", "other_bot", is_bot=True)
+    mgr.store_tokens(bot, "a-access", "boom-refresh", 10)
+    mgr.store_tokens(other, "b-access", "fine-refresh", 20)
+    stop = threading.Event()
+
+    def explode(response: httpx.Response) -> None:
+        response.read()
+        if b"boom-refresh" in response.request.content:
+            raise RuntimeError("a bug in one token's path")
+        stop.set()
+
+    client = httpx.Client(event_hooks={"response": [explode]})
+    with client, refresher(mgr, twitch, http=client) as worker:
+        counters = worker.run(stop, interval=0.01)
+    assert counters.as_dict() == {"refreshed": 1, "failed": 1, "reauth_needed": 0, "validated": 0}
+    assert mgr.get_tokens(other)["refresh_token"] in twitch.issued
+
+
+def test_twitch_error_text_echoing_the_token_leaves_no_plaintext_anywhere(mgr, bot, twitch, store_url, key_file, tmp_path):
+    from urllib.parse import quote_plus
+
+    refresh = "rt0" + uuid.uuid4().hex + "x/+=Z"
+    access = "at0" + uuid.uuid4().hex
+    secrets = [refresh, quote_plus(refresh), access, CLIENT_SECRET]
+    twitch.token_answer = (400, {
+        "status": 400,
+        "error": "Bad Request",
+        "message": f"Invalid refresh token {refresh} ({quote_plus(refresh)}) for {access}",
+    })
+    mgr.store_tokens(bot, access, refresh, 30)
+    args = ["refresh-worker", "--once", "-v", "--url", store_url, "--key-file", str(key_file)]
+    result = CliRunner().invoke(cli, args, env=worker_env(twitch))
+    assert result.exit_code == 0, result.output
+    assert "reauth" in result.stderr
+    [event] = mgr.get_audit_log(event_type="token_refresh_rejected")
+    assert event["details"]["reason"].startswith("Twitch answered 400 Invalid refresh token rt0")
+    texts = {"output": result.output, "audit": json.dumps(mgr.get_audit_log(limit=1000), default=str)}
+    if store_url.startswith("sqlite"):
+        backup = tmp_path / "copy.db"
+        assert CliRunner().invoke(cli, ["backup", str(backup), "--url", store_url, "--key-file", str(key_file)]).exit_code == 0
+        texts.update({os.fspath(p): p.read_bytes().decode("latin-1") for p in tmp_path.rglob("*") if p.is_file()})
+    for where, text in texts.items():
+        for secret in secrets:
+            assert secret not in text, (where, secret)

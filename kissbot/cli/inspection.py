@@ -17,6 +17,7 @@ from click.core import ParameterSource
 from kissbot.cli.main import StoreTarget, cli, echo_json, store_options
 from kissbot.crypto import mask_secret
 from kissbot.errors import UserNotFound
+from kissbot.validation import MAX_ID
 
 _JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 _STORE_PARAMS = ("db_path", "url", "key_file", "synchronous", "verbose")
@@ -208,7 +209,7 @@ def instances(ctx: click.Context, store: StoreTarget, as_json: bool) -> None:
 
 
 @instances.command("reset")
-@click.argument("instance_id", metavar="ID", type=int)
+@click.argument("instance_id", metavar="ID", type=click.IntRange(1, MAX_ID))
 @store_options
 def instances_reset(store: StoreTarget, instance_id: int) -> None:
     """Re-enable an instance disabled after too many crashes.
@@ -250,7 +251,7 @@ def instances_reap(store: StoreTarget) -> None:
 
 
 @cli.command()
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Newest events to show.")
+@click.option("--limit", type=click.IntRange(1, MAX_ID), default=50, show_default=True, help="Newest events to show.")
 @click.option("--event-type", help="Only events of this type, e.g. tokens_refreshed.")
 @click.option("--user", "login", metavar="LOGIN", help="Only events of this user.")
 @_JSON

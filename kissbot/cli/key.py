@@ -22,6 +22,10 @@ from kissbot.keys import (
     token_holders,
     writable_key_file,
 )
+from kissbot.validation import MAX_ID
+
+MAX_BATCH_SIZE = 100_000
+"""Most token rows re-encrypted in one transaction."""
 
 
 @contextmanager
@@ -89,7 +93,7 @@ def status(store: StoreTarget, as_json: bool) -> None:
 
 @key.command()
 @click.option(
-    "--batch-size", type=click.IntRange(min=1), default=ROTATE_BATCH_SIZE, show_default=True,
+    "--batch-size", type=click.IntRange(1, MAX_BATCH_SIZE), default=ROTATE_BATCH_SIZE, show_default=True,
     help="Token rows re-encrypted per transaction.",
 )
 @store_options
@@ -116,7 +120,7 @@ def rotate(store: StoreTarget, batch_size: int) -> None:
 
 
 @key.command()
-@click.argument("version", type=click.IntRange(min=1))
+@click.argument("version", type=click.IntRange(1, MAX_ID))
 @store_options
 def retire(store: StoreTarget, version: int) -> None:
     """Remove an old key version from the key file.

@@ -11,8 +11,10 @@ import functools
 import importlib
 import json
 import logging
+import math
 import os
 import sys
+import traceback
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -22,6 +24,7 @@ import click
 
 from kissbot import __version__
 from kissbot.errors import KissbotError, driver_message
+from kissbot.validation import mask_secrets
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,8 @@ COMMAND_MODULES = {
 class KissbotGroup(click.Group):
     """The ``kissbot`` group: loads a command's module when the command is used
     (:data:`COMMAND_MODULES`, so ``kissbot stats`` imports no other command's
-    dependencies), and turns library and database errors into one-line messages.
+    dependencies), and turns every error into one line on stderr and exit status 1
+    (``-v`` also prints the traceback, secrets masked).
     """
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -84,16 +88,47 @@ class KissbotGroup(click.Group):
         return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
-        from sqlalchemy.exc import SQLAlchemyError
-
         try:
             return super().invoke(ctx)
-        except KissbotError as exc:
-            raise click.ClickException(str(exc)) from exc
-        except SQLAlchemyError as exc:
-            raise click.ClickException(f"database error: {driver_message(exc)}") from exc
-        except OSError as exc:
-            raise click.ClickException(f"{exc.filename or 'file'}: {exc.strerror}") from exc
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            if ctx.meta.get(_VERBOSE):
+                click.echo(mask_secrets("".join(traceback.format_exc()), ()), err=True, nl=False)
+            raise click.ClickException(_one_line(exc)) from exc
+
+
+def _one_line(exc: Exception) -> str:
+    """The message of an error that reached the command line, on one line and with secrets masked."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    if isinstance(exc, KissbotError):
+        message = str(exc)
+    elif isinstance(exc, SQLAlchemyError):
+        message = f"database error: {driver_message(exc)}"
+    elif isinstance(exc, OSError) and exc.strerror:
+        message = f"{exc.filename or 'file'}: {exc.strerror}"
+    elif isinstance(exc, RecursionError):
+        message = "the input is nested too deeply"
+    else:
+        first = str(exc).strip().splitlines()
+        detail = f" ({mask_secrets(first[0][:200], ())})" if first else ""
+        message = f"unexpected {type(exc).__name__}{detail}; run with -v for the traceback"
+    return message
+
+
+_VERBOSE = "kissbot.verbose"
+"""The ``ctx.meta`` key recording ``-v``, for the error boundary."""
+
+
+class Seconds(click.FloatRange):
+    """A :class:`click.FloatRange` that refuses NaN (which every range comparison lets through)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        result = super().convert(value, param, ctx)
+        if math.isnan(result):
+            self.fail(f"{value!r} is not a number of seconds.", param, ctx)
+        return result
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -108,8 +143,9 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
-def _set_verbosity(_ctx: click.Context, _param: click.Parameter, verbose: int) -> None:
+def _set_verbosity(ctx: click.Context, _param: click.Parameter, verbose: int) -> None:
     """``-v``: kissbot's INFO logs on stderr; ``-vv``: DEBUG, with each SQL statement (never its parameters)."""
+    ctx.meta[_VERBOSE] = verbose
     root = logging.getLogger()
     # Undo an earlier command's setting (several commands can run in one process, e.g. under CliRunner).
     for handler in [h for h in root.handlers if isinstance(h, _StderrHandler)]:

@@ -8,6 +8,7 @@ import click
 
 from kissbot.cli.main import StoreTarget, cli, echo_json, store_options
 from kissbot.errors import InvalidImport
+from kissbot.validation import MAX_EXPIRES_IN
 from kissbot.importers import (
     TIO_EXPIRES_IN,
     YAML_EXPIRES_IN,
@@ -55,7 +56,7 @@ def _print_report(report: ImportReport, as_json: bool) -> None:
 @click.option("--no-backup", is_flag=True, help="Do not back up an existing SQLite database first.")
 @click.option("--skip-invalid", is_flag=True, help="Migrate the valid entries and report the invalid ones.")
 @click.option(
-    "--expires-in", type=click.IntRange(min=0), default=YAML_EXPIRES_IN, show_default=True, metavar="SECONDS",
+    "--expires-in", type=click.IntRange(0, MAX_EXPIRES_IN), default=YAML_EXPIRES_IN, show_default=True, metavar="SECONDS",
     help="Lifetime to record for the tokens (0: due for refresh now, as their age is unknown).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -87,7 +88,7 @@ def migrate_yaml(
 @cli.command("import-tio")
 @click.argument("file", type=_SOURCE)
 @click.option(
-    "--expires-in", type=click.IntRange(min=0), default=TIO_EXPIRES_IN, show_default=True, metavar="SECONDS",
+    "--expires-in", type=click.IntRange(0, MAX_EXPIRES_IN), default=TIO_EXPIRES_IN, show_default=True, metavar="SECONDS",
     help="Lifetime to record for the tokens.",
 )
 @click.option("--login", help="The user of a pyTwitchAPI user_token.json (TwitchIO's file names users by id).")

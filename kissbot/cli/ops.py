@@ -8,6 +8,7 @@ import click
 
 from kissbot.cli.main import StoreTarget, cli, echo_json, store_options
 from kissbot.errors import DatabaseError, UnsupportedBackend
+from kissbot.validation import MAX_DAYS
 
 
 def _sqlite_file(store: StoreTarget, command: str, postgres_tool: str) -> Path:
@@ -23,7 +24,7 @@ def _sqlite_file(store: StoreTarget, command: str, postgres_tool: str) -> Path:
 
 
 @cli.command("cleanup-logs")
-@click.option("--days", type=click.IntRange(min=0), help="Keep this many days (default: config log_retention_days).")
+@click.option("--days", type=click.IntRange(0, MAX_DAYS), help="Keep this many days (default: config log_retention_days).")
 @store_options
 def cleanup_logs(store: StoreTarget, days: int | None) -> None:
     """Delete audit log entries older than N days and print how many went.

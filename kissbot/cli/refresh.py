@@ -7,7 +7,10 @@ import threading
 
 import click
 
-from kissbot.cli.main import StoreTarget, cli, store_options
+from kissbot.cli.main import Seconds, StoreTarget, cli, store_options
+DAY = 24 * 3600
+MAX_INTERVAL = 10**10
+"""Longest validation interval, in seconds (~300 years, "never"): dates computed from it stay representable."""
 from kissbot.twitch import (
     CLIENT_ID_ENV,
     CLIENT_SECRET_ENV,
@@ -21,7 +24,7 @@ from kissbot.twitch import (
 @cli.command("refresh-worker")
 @click.option("--once", is_flag=True, help="Run one refresh and validation pass, then exit.")
 @click.option(
-    "--interval", type=click.FloatRange(min=1), default=60.0, show_default=True, help="Seconds between passes."
+    "--interval", type=Seconds(1, DAY), default=60.0, show_default=True, help="Seconds between passes."
 )
 @click.option(
     "--token-url", envvar=TOKEN_URL_ENV, show_envvar=True, default=DEFAULT_TOKEN_URL, show_default=True,
@@ -37,15 +40,15 @@ from kissbot.twitch import (
     help="Twitch application client secret (prefer the environment variable).",
 )
 @click.option(
-    "--validate-interval", type=click.FloatRange(min=0),
+    "--validate-interval", type=Seconds(0, MAX_INTERVAL),
     help="Seconds between validations of a token  [default: config token_validate_interval, else 3600].",
 )
 @click.option(
-    "--backoff-base", type=click.FloatRange(min=0), default=30.0, show_default=True,
+    "--backoff-base", type=Seconds(0, DAY), default=30.0, show_default=True,
     help="Seconds before the first retry after a transient failure (doubles per failure).",
 )
 @click.option(
-    "--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+    "--timeout", type=Seconds(0, 3600, min_open=True), default=10.0, show_default=True,
     help="HTTP timeout in seconds.",
 )
 @store_options
