@@ -228,7 +228,7 @@ def _check_tokens(conn: Connection, key_path: Path, cipher: TokenCipher | None, 
             reasons.append(f"{row.refresh_failures} refresh failures (max_crash_count {max_failures})")
         findings.append(
             Finding("warning", "reauth", f"user {row.twitch_login} (id {row.user_id}), {row.token_type} token: {', '.join(reasons)}",
-                    f"reauthorize {row.twitch_login} via the Twitch OAuth flow and store the new tokens")
+                    f"run kissbot auth {row.twitch_login}{' --broadcaster' if row.token_type == 'broadcaster' else ''}")
         )
     if not unhealthy:
         findings.append(Finding("ok", "reauth", "no token needs reauthorization"))

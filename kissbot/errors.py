@@ -146,6 +146,22 @@ class ClientCredentialsRejected(RefreshError):
     """Twitch refused the application's client id or client secret."""
 
 
+class AuthorizationError(KissbotError):
+    """A Twitch authorization (``kissbot auth``) did not give tokens; nothing was stored."""
+
+
+class AuthorizationDenied(AuthorizationError):
+    """The human refused the authorization on Twitch (``access_denied``)."""
+
+
+class AuthorizationExpired(AuthorizationError):
+    """The device code (or the wait for the redirect) expired before the human authorized."""
+
+
+class WrongTwitchAccount(AuthorizationError):
+    """The token Twitch issued belongs to another account than the one being authorized."""
+
+
 class CopyError(KissbotError):
     """A store could not be copied to another database; the target was left as it was."""
 

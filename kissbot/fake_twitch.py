@@ -108,8 +108,9 @@ class FakeTwitch:
       makes the first N token requests wait for each other.
 
     Recorded: ``requests`` (a Counter per endpoint path), :meth:`refreshes_per_token`,
-    ``token_forms`` (every form posted to the token endpoint), ``validate_headers``
-    and ``issued`` (every token handed out, access then refresh).
+    ``token_forms`` (every form posted to the token endpoint), ``validate_headers``,
+    ``issued`` (every token handed out, access then refresh) and ``device_codes``
+    (the ``(device_code, user_code)`` of each device grant).
     """
 
     def __init__(
@@ -143,6 +144,7 @@ class FakeTwitch:
         self.token_forms: list[dict[str, str]] = []
         self.validate_headers: list[str] = []
         self.issued: list[str] = []
+        self.device_codes: list[tuple[str, str]] = []
         self.lock = threading.RLock()
         self._gated = 0
         self._human: tuple[str, str] | None = None
@@ -432,6 +434,7 @@ class FakeTwitch:
                 denied=self._denies,
             )
             self._devices[grant.device_code] = grant
+            self.device_codes.append((grant.device_code, user_code))
         return 200, {
             "device_code": grant.device_code,
             "expires_in": self.device_expires_in,
@@ -507,13 +510,14 @@ def _handler(twitch: FakeTwitch) -> type[BaseHTTPRequestHandler]:
         protocol_version = "HTTP/1.1"
 
         def do_POST(self) -> None:
-            path = urlsplit(self.path).path
+            parts = urlsplit(self.path)
+            path = parts.path
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
             if not self._admit(path):
                 return
-            # Twitch also takes the form in the query string (TwitchIO sends it there).
-            query = parse_qs(urlsplit(self.path).query, keep_blank_values=True)
-            form = {k: v[0] for k, v in {**query, **parse_qs(body, keep_blank_values=True)}.items()}
+            # Twitch takes the parameters from the query string as well as from the form body.
+            fields = {**parse_qs(parts.query, keep_blank_values=True), **parse_qs(body, keep_blank_values=True)}
+            form = {k: v[0] for k, v in fields.items()}
             if path == "/oauth2/token":
                 self._json(*twitch._token(form))
             elif path == "/oauth2/device":

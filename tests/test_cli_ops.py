@@ -525,8 +525,8 @@ def test_doctor_warns_about_reauth_failures_and_stale_instances(runner, store):
     result = runner.invoke(cli, ["doctor", "--db", str(db), "--key-file", str(key)])
     assert result.exit_code == 0, "warnings alone do not fail"
     lines = result.output.splitlines()
-    assert "[warning] user alice (id 1), bot token: needs reauthorization (status expired); fix: reauthorize alice via the Twitch OAuth flow and store the new tokens" in lines
-    assert "[warning] user bob (id 2), bot token: 3 refresh failures (max_crash_count 3); fix: reauthorize bob via the Twitch OAuth flow and store the new tokens" in lines
+    assert "[warning] user alice (id 1), bot token: needs reauthorization (status expired); fix: run kissbot auth alice" in lines
+    assert "[warning] user bob (id 2), bot token: 3 refresh failures (max_crash_count 3); fix: run kissbot auth bob" in lines
     (stale,) = [line for line in lines if line.startswith("[warning] instance")]
     assert re.match(r"\[warning\] instance 1 \(bob on alice, pid 4242\) is running but its last heartbeat was \d+ s ago \(limit 90 s\)", stale)
 

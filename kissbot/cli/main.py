@@ -78,6 +78,7 @@ COMMAND_MODULES = {
     "copy": "copy",
     "key": "key",
     "metrics": "metrics",
+    "auth": "auth",
     "backups": "offsite",
 }
 """Each command of ``kissbot`` and the module of :mod:`kissbot.cli` that defines it."""
