@@ -744,6 +744,7 @@ class TokenRepository:
 
     def get_tokens_needing_refresh(self, buffer_minutes: float = 10) -> list[dict[str, Any]]:
         """Tokens expiring within ``buffer_minutes`` (or expired), soonest first; nothing decrypted."""
+        check.check_seconds(buffer_minutes, "buffer_minutes", check.MAX_SECONDS / 60)
         cutoff = utcnow() + timedelta(minutes=buffer_minutes)
         return _all_dicts(self.db.execute(_TOKENS_DUE, {"p_cutoff": cutoff}))
 
@@ -769,6 +770,8 @@ class TokenRepository:
         Exactly one owner holds a live lease; an expired lease can be taken
         over, and the holder may extend its own.
         """
+        check.check_seconds(ttl, "ttl")
+        check.check_text(owner, "owner")
         now = utcnow()
         params = {
             "p_user_id": user_id, "p_type": token_type, "p_owner": owner, "p_now": now,
@@ -790,6 +793,10 @@ class TokenRepository:
         PostgreSQL a claimer skips the rows another is claiming instead of
         waiting for them.
         """
+        check.check_seconds(ttl, "ttl")
+        check.check_text(owner, "owner")
+        check.check_seconds(buffer_minutes, "buffer_minutes", check.MAX_SECONDS / 60)
+        check.check_count(limit, "limit", minimum=1)
         now = utcnow()
         params = {
             "p_owner": owner, "p_now": now, "p_until": now + timedelta(seconds=ttl),
@@ -835,6 +842,7 @@ class TokenRepository:
 
     def get_tokens_needing_validation(self, max_age_seconds: float) -> list[dict[str, Any]]:
         """Usable tokens not validated within ``max_age_seconds`` (or never); nothing decrypted."""
+        check.check_seconds(max_age_seconds, "max_age_seconds")
         cutoff = utcnow() - timedelta(seconds=max_age_seconds)
         return [r._asdict() for r in self.db.execute(_TOKENS_TO_VALIDATE, {"p_cutoff": cutoff})]
 
