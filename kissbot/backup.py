@@ -122,7 +122,7 @@ def backup_key(key_file: Path, backup_path: Path) -> Path:
     dest = Path(f"{backup_path}.key")
     key = read_key_ring(key_file)
     _refuse_existing(dest)
-    tmp = _private_temp_file(dest)
+    tmp = _private_temp_file(dest.with_name(key_file.name))  # a killed copy of a key is swept like any other
     try:
         with open(tmp, "wb") as fh:
             fh.write(key.dumps())

@@ -78,7 +78,7 @@ def diagnose(target: str | os.PathLike[str] | URL, key_file: str | os.PathLike[s
         with engine.connect() as conn:
             _check_database(conn, path, shown, key_path, cipher, findings)
         if path is not None:
-            _check_leftovers(path, findings)
+            _check_leftovers(path, key_path, findings)
     except (SQLAlchemyError, sqlite3.Error, OSError) as exc:
         findings.append(
             Finding("error", "database", f"cannot read database {shown}: {getattr(exc, 'orig', None) or exc}",
@@ -150,32 +150,32 @@ def _check_database(
             Finding("error", "migration", f"migration {revision} is unknown to this kissbot version (head {HEAD})", "upgrade kissbot")
         )
         return
-    if path is not None:
-        problems = database_problems(conn, revision)
-        if problems:
-            findings.append(
-                Finding("error", "schema", f"{shown} is not a database kissbot made: {summary(problems)}",
-                        "stop the bots and restore a backup made by kissbot with `kissbot restore BACKUP`")
-            )
-            return
+    problems = database_problems(conn, revision)
+    if problems:
         findings.append(
-            Finding("ok", "schema", f"schema: exactly migration {revision}'s tables, columns and indexes; rows well-typed")
+            Finding("error", "schema", f"{shown} is not a database kissbot made: {summary(problems)}",
+                    "stop the bots and restore a backup made by kissbot (`kissbot restore BACKUP`, pg_restore on PostgreSQL)")
         )
+        return
+    findings.append(
+        Finding("ok", "schema", f"schema: exactly migration {revision}'s tables, columns and indexes; rows well-typed")
+    )
     _check_tokens(conn, key_path, cipher, findings)
     _check_instances(conn, findings)
 
 
-def _check_leftovers(path: Path, findings: list[Finding]) -> None:
+def _check_leftovers(path: Path, key_path: Path, findings: list[Finding]) -> None:
     from kissbot.backup import leftovers
 
-    found = leftovers(path)
+    # Backups (and copies of the key made with them) go beside the database by default.
+    found = leftovers(path) + leftovers(path.with_name(key_path.name))
     if not found:
         findings.append(Finding("ok", "leftovers", "no temporary files left by interrupted runs"))
         return
     names = ", ".join(p.name for p in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
     findings.append(
         Finding("warning", "leftovers", f"{len(found)} temporary files left by interrupted backup, restore or import runs: {names}",
-                f"the next `kissbot backup` removes them, or delete them: rm {path.parent}/.{path.name}.*.tmp*")
+                f"the next `kissbot backup` removes them, or delete them from {path.parent}")
     )
 
 

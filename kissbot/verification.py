@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from typing import Any
+from dataclasses import dataclass, field
 
 import sqlalchemy
 from sqlalchemy import inspect
@@ -45,6 +46,7 @@ class TableShape:
     indexes: dict[str, tuple[tuple[str, ...], bool]]  # name -> (columns, unique)
     triggers: tuple[str, ...]
     checks: frozenset[str] = frozenset()
+    kinds: dict[str, str] = field(default_factory=dict)  # name -> Python type of the column's values (any backend)
 
 
 def _default(text: str | None) -> str | None:
@@ -57,11 +59,11 @@ def quote_name(name: str) -> str:
 
 
 def reflect_shapes(conn: Connection, tables: Iterable[str]) -> dict[str, TableShape]:
-    """The shape of each of ``tables`` that exists in the SQLite database of ``conn``."""
+    """The shape of each of ``tables`` that exists in the database of ``conn``."""
     insp = inspect(conn)
     present = set(insp.get_table_names())
     triggers: dict[str, list[str]] = {}
-    for name, table in conn.exec_driver_sql("SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger' ORDER BY name"):
+    for name, table in sorted(_triggers(conn)):
         triggers.setdefault(table, []).append(name)
     shapes = {}
     for table in tables:
@@ -86,8 +88,30 @@ def reflect_shapes(conn: Connection, tables: Iterable[str]) -> dict[str, TableSh
             indexes={i["name"]: (tuple(i["column_names"]), bool(i["unique"])) for i in insp.get_indexes(table)},
             triggers=tuple(triggers.get(table, ())),
             checks=frozenset(" ".join(c["sqltext"].split()) for c in insp.get_check_constraints(table)),
+            kinds={c["name"]: _kind(c["type"]) for c in insp.get_columns(table)},
         )
     return shapes
+
+
+def _kind(type_: Any) -> str:
+    try:
+        return type_.python_type.__name__
+    except NotImplementedError:
+        return str(type_)
+
+
+def _triggers(conn: Connection) -> list[tuple[str, str]]:
+    """``(trigger, table)`` of every trigger a user created."""
+    if conn.dialect.name == "sqlite":
+        rows = conn.exec_driver_sql("SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger'")
+    elif conn.dialect.name == "postgresql":
+        rows = conn.exec_driver_sql(
+            "SELECT t.tgname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+            "WHERE NOT t.tgisinternal AND c.relnamespace = current_schema()::regnamespace"
+        )
+    else:
+        return []
+    return [(name, table) for name, table in rows]
 
 
 @dataclass(frozen=True)
@@ -100,12 +124,24 @@ class Schema:
 
 
 def reflect_schema(conn: Connection) -> Schema:
-    """The schema of the SQLite database of ``conn``."""
-    objects = frozenset(
-        (kind, name, table)
-        for kind, name, table in conn.exec_driver_sql("SELECT type, name, tbl_name FROM sqlite_master")
-        if not name.startswith("sqlite_autoindex_") and name not in SQLITE_INTERNAL_TABLES
-    )
+    """The schema of the database of ``conn`` (on PostgreSQL, its current schema)."""
+    if conn.dialect.name == "sqlite":
+        objects = frozenset(
+            (kind, name, table)
+            for kind, name, table in conn.exec_driver_sql("SELECT type, name, tbl_name FROM sqlite_master")
+            if not name.startswith("sqlite_autoindex_") and name not in SQLITE_INTERNAL_TABLES
+        )
+    else:
+        insp = inspect(conn)
+        found = {("table", t, t) for t in insp.get_table_names()}
+        found |= {("view", v, v) for v in insp.get_view_names()}
+        if conn.dialect.name == "postgresql":
+            found |= {("view", v, v) for v in insp.get_materialized_view_names()}
+        for _, table, _ in list(found):
+            if ("table", table, table) in found:
+                found |= {("index", i["name"], table) for i in insp.get_indexes(table) if not i.get("duplicates_constraint")}
+        found |= {("trigger", name, table) for name, table in _triggers(conn)}
+        objects = frozenset(found)
     tables = [name for kind, name, _ in objects if kind == "table"]
     return Schema(reflect_shapes(conn, tables), objects)
 
@@ -129,8 +165,13 @@ def _pairs(cols: Sequence[str]) -> str:
     return ", ".join(cols)
 
 
-def schema_differences(found: Schema, expected: Schema, revision: str) -> list[str]:
-    """How ``found`` differs from ``expected`` (the schema of ``revision``), one phrase each."""
+def schema_differences(found: Schema, expected: Schema, revision: str, *, exact_types: bool = True) -> list[str]:
+    """How ``found`` differs from ``expected`` (the schema of ``revision``), one phrase each.
+
+    ``expected`` is built on SQLite; for another backend pass ``exact_types=False``:
+    column types are then compared by the Python type of their values, and
+    defaults (spelled differently by each backend) are not compared.
+    """
     at = f"migration {revision}"
     lines = []
     for kind, name, table in sorted(found.objects - expected.objects):
@@ -156,14 +197,16 @@ def schema_differences(found: Schema, expected: Schema, revision: str) -> list[s
             if column not in have.columns:
                 continue
             h_type, h_nullable, h_default = have.columns[column]
-            if h_type != type_:
+            if exact_types and h_type != type_:
+                lines.append(f"column {table}.{column} has type {h_type}, {at} defines {type_}")
+            elif not exact_types and have.kinds[column] != want.kinds[column]:
                 lines.append(f"column {table}.{column} has type {h_type}, {at} defines {type_}")
             if h_nullable != nullable and column not in want.primary_key:
                 lines.append(
                     f"column {table}.{column} is {'nullable' if h_nullable else 'NOT NULL'}, "
                     f"{at} defines {'nullable' if nullable else 'NOT NULL'}"
                 )
-            if h_default != default:
+            if exact_types and h_default != default:
                 lines.append(f"column {table}.{column} has default {h_default or 'none'}, {at} defines {default or 'none'}")
         if have.primary_key != want.primary_key:
             lines.append(f"table {table} has primary key ({_pairs(have.primary_key)}), {at} defines ({_pairs(want.primary_key)})")
@@ -189,9 +232,14 @@ def schema_differences(found: Schema, expected: Schema, revision: str) -> list[s
 
 
 def row_problems(conn: Connection, expected: Schema) -> list[str]:
-    """Rows of a database with the ``expected`` schema that kissbot could not read or open the store with."""
+    """Rows of a database with the ``expected`` schema that kissbot could not read or open the store with.
+
+    On SQLite, whose columns hold any type, each value's storage class is
+    checked; other backends enforce their column types and foreign keys.
+    """
     problems = []
-    for table, shape in sorted(expected.tables.items()):
+    sqlite = conn.dialect.name == "sqlite"
+    for table, shape in sorted(expected.tables.items()) if sqlite else ():
         for column, (type_, nullable, _) in shape.columns.items():
             storage = _STORAGE.get(type_.split("(")[0].upper())
             if storage is None:
@@ -219,7 +267,7 @@ def row_problems(conn: Connection, expected: Schema) -> list[str]:
         n = conn.exec_driver_sql("SELECT count(*) FROM alembic_version").scalar()
         if n != 1:
             problems.append(f"alembic_version holds {n} rows, not 1")
-    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
+    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all() if sqlite else []
     if broken:
         table, rowid, parent, _ = broken[0]
         problems.append(f"{len(broken)} row(s) break a foreign key, first {table} row {rowid} (no such {parent} row)")
@@ -258,13 +306,14 @@ def _is_number(value: str) -> bool:
 
 
 def database_problems(conn: Connection, revision: str) -> list[str]:
-    """Why the SQLite database of ``conn``, which says it is at ``revision``, is not a sound kissbot store.
+    """Why the database of ``conn``, which says it is at ``revision``, is not a sound kissbot store.
 
-    The schema differences come first (``"schema: …"``); rows are only looked
-    at when the schema is exact. Empty: the database is what kissbot makes.
+    The schema differences come first; rows are only looked at when the
+    schema is exact. Empty: the database is what kissbot makes.
     """
     expected = expected_schema(revision)
-    differences = schema_differences(reflect_schema(conn), expected, revision)
+    exact = conn.dialect.name == "sqlite"
+    differences = schema_differences(reflect_schema(conn), expected, revision, exact_types=exact)
     if differences:
         return differences
     return row_problems(conn, expected)

@@ -470,7 +470,7 @@ def test_doctor_on_postgresql(runner, postgresql_url, key_file):
     assert result.exit_code == 0, result.output
     findings = json.loads(result.output)
     assert {f["level"] for f in findings} == {"ok"}
-    assert [f["check"] for f in findings] == ["key-file", "migration", "decryption", "reauth", "instances"]
+    assert [f["check"] for f in findings] == ["key-file", "migration", "schema", "decryption", "reauth", "instances"]
 
 
 def test_doctor_reports_an_unsafe_key_file_as_an_error(runner, store):

@@ -178,3 +178,48 @@ def test_doctor_finds_a_healthy_store_exact(runner, store):
     result = runner.invoke(cli, ["doctor", "--db", str(db), "--key-file", str(key)])
     assert result.exit_code == 0, result.output
     assert f"[ok] schema: exactly migration {HEAD}'s tables, columns and indexes; rows well-typed\n" in result.output
+
+
+PG_HOSTILE = {
+    "delete-trigger": (
+        "CREATE FUNCTION wipe() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN DELETE FROM oauth_tokens WHERE id <> NEW.id; RETURN NEW; END $$; "
+        "CREATE TRIGGER wipe AFTER UPDATE ON oauth_tokens FOR EACH ROW EXECUTE FUNCTION wipe()",
+        "trigger wipe on oauth_tokens is not part of migration {head}",
+    ),
+    "view": ("CREATE VIEW plain AS SELECT * FROM oauth_tokens", "view plain is not part of migration {head}"),
+    "dropped-key-version": (
+        "ALTER TABLE oauth_tokens DROP COLUMN key_version", "column oauth_tokens.key_version of migration {head} is missing"
+    ),
+    "retyped-column": (
+        "ALTER TABLE oauth_tokens ALTER COLUMN key_version TYPE text",
+        "column oauth_tokens.key_version has type TEXT, migration {head} defines INTEGER",
+    ),
+    "key-version-abc": (
+        "UPDATE config SET value = 'abc' WHERE key = 'encryption_key_version'",
+        "config encryption_key_version is 'abc', not a whole number",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PG_HOSTILE))
+def test_doctor_reports_a_hostile_postgresql_store(runner, postgresql_url, key_file, kind):
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    with DatabaseManager(url=postgresql_url, key_file=key_file) as mgr:
+        mgr.store_tokens(mgr.create_user("1", "alice"), "access-alice", "refresh-alice", 60)
+    healthy = runner.invoke(cli, ["doctor", "--url", postgresql_url, "--key-file", str(key_file)])
+    assert healthy.exit_code == 0, healthy.output
+    assert f"[ok] schema: exactly migration {HEAD}'s tables, columns and indexes; rows well-typed\n" in healthy.output
+    engine = sqlalchemy.create_engine(postgresql_url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(PG_HOSTILE[kind][0])
+    finally:
+        engine.dispose()
+    result = runner.invoke(cli, ["doctor", "--url", postgresql_url, "--key-file", str(key_file)])
+    assert result.exit_code == 1, result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("[error]")]
+    shown = make_url(postgresql_url).render_as_string(hide_password=True)
+    assert line.startswith(f"[error] {shown} is not a database kissbot made: {PG_HOSTILE[kind][1].format(head=HEAD)}"), line

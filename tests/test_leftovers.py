@@ -82,18 +82,23 @@ def test_a_killed_runs_temporary_files_are_reported_then_swept_by_the_next_run(s
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     left = sorted(p.name for p in db.parent.iterdir() if p.name.endswith((".tmp", ".tmp-journal")))
     assert len(left) == 2
+    left.insert(0, "..kissbot.key.999999999.89abcdef.tmp")
     # A temporary file of a process still running (this one) is never touched.
     live = db.parent / f".kissbot.db.{os.getpid()}.0123abcd.tmp"
     live.write_bytes(b"in progress")
+    # A killed `backup --with-key` leaves a copy of the key, named after the key file.
+    key_copy = db.parent / "..kissbot.key.999999999.89abcdef.tmp"
+    key_copy.write_bytes(b"a copy of the key")
+    os.utime(key_copy, (0, 0))
 
     doctor = run_kissbot("doctor", "--db", str(db), "--key-file", str(key))
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     assert (
-        f"[warning] 2 temporary files left by interrupted backup, restore or import runs: {left[0]}, {left[1]}; "
-        f"fix: the next `kissbot backup` removes them, or delete them: rm {db.parent}/.kissbot.db.*.tmp*\n"
+        f"[warning] 3 temporary files left by interrupted backup, restore or import runs: {left[1]}, {left[2]}, {left[0]}; "
+        f"fix: the next `kissbot backup` removes them, or delete them from {db.parent}\n"
     ) in doctor.stdout
 
-    backup = run_kissbot("backup", "--db", str(db), str(db.parent / "copy.backup"))
+    backup = run_kissbot("backup", "--db", str(db), "--key-file", str(key), "--with-key", str(db.parent / "copy.backup"))
     assert backup.returncode == 0, backup.stderr
     assert sorted(p.name for p in db.parent.iterdir() if ".tmp" in p.name) == [live.name]
     doctor = run_kissbot("doctor", "--db", str(db), "--key-file", str(key))
