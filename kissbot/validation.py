@@ -40,7 +40,7 @@ _MIN_SECRET_VALUE = 16
 
 def shown(value: object, limit: int = MAX_ECHO) -> str:
     """Untrusted ``value`` for a message: anything token-like masked to 4 characters, the whole cut to ``limit``."""
-    text = _SECRET_LIKE.sub(lambda m: m.group()[:4] + "…", str(value))
+    text = mask_secrets(str(value), ())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
