@@ -13,7 +13,7 @@ from sqlalchemy.pool import NullPool
 
 from kissbot.engine import create_engine
 from kissbot.migrations import migration_connection
-from kissbot.schema import metadata
+from kissbot.models import metadata
 from kissbot.types import EncryptedString, UTCDateTime
 
 config = context.config

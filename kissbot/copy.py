@@ -15,18 +15,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy
-from sqlalchemy import Column, MetaData, Table, Text, delete, func, insert, select, text
+from sqlalchemy import ColumnElement, Insert, Table, Text, bindparam, delete, func, insert, select, text
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
-from kissbot import schema
 from kissbot.crypto import TokenCipher
-from kissbot.engine import connect_sqlite_query_only, create_engine, sqlite_path, to_url, writer
+from kissbot.engine import connect_sqlite_query_only, create_engine, writer
+from kissbot.urls import shown, sqlite_path, to_url
 from kissbot.errors import CopyError, DatabaseError, DecryptionError, TargetNotEmpty, driver_message
 from kissbot.migrations import HEAD, KISSBOT_TABLES, _state, ensure_schema
-from kissbot.types import EncryptedString
+from kissbot.models import metadata
+from kissbot.types import EncryptedString, ciphertext
 
 COPY_ORDER = ("users", "oauth_tokens", "instances", "audit_log", "config")
 """The tables, parents before children."""
@@ -40,21 +42,18 @@ _DEFAULT_CONFIG_KEYS = frozenset(
 )
 
 
-def _raw_tables() -> dict[str, Table]:
-    # kissbot's tables with token columns as plain Text: rows go across as stored ciphertext.
-    metadata = MetaData()
-    tables = {}
-    for name in COPY_ORDER:
-        model = schema.metadata.tables[name]
-        columns = [
-            Column(c.name, Text() if isinstance(c.type, EncryptedString) else c.type, primary_key=c.primary_key)
-            for c in model.columns
-        ]
-        tables[name] = Table(name, metadata, *columns)
-    return tables
+_TABLES = {name: metadata.tables[name] for name in COPY_ORDER}
 
 
-_RAW = _raw_tables()
+def _stored(table: Table) -> list[ColumnElement[Any]]:
+    # Every column as stored: token columns as their ciphertext (the copy never decrypts to write).
+    return [ciphertext(c) if isinstance(c.type, EncryptedString) else c for c in table.columns]
+
+
+def _insert_stored(table: Table) -> Insert:
+    return insert(table).values(
+        {c.key: bindparam(c.key, type_=Text) for c in table.columns if isinstance(c.type, EncryptedString)}
+    )
 
 
 @dataclass(frozen=True)
@@ -65,11 +64,6 @@ class CopyReport:
     target: str
     counts: dict[str, int] = field(default_factory=dict)
     tokens_verified: int = 0
-
-
-def shown(url: URL) -> str:
-    """A URL as it may be printed: without its password."""
-    return url.render_as_string(hide_password=True)
 
 
 def copy_store(
@@ -101,7 +95,7 @@ def copy_store(
         ensure_schema(dst_engine)
         with _snapshot(src_engine) as src, writer(dst_engine).begin() as dst:
             _check_target_empty_in(dst, shown(dst_url))
-            counts = {name: _copy_table(src, dst, _RAW[name], batch_size) for name in COPY_ORDER}
+            counts = {name: _copy_table(src, dst, _TABLES[name], batch_size) for name in COPY_ORDER}
             _reset_sequences(src, dst)
             _verify_counts(src, dst, counts)
             verified = _verify_tokens(dst, cipher, batch_size)
@@ -162,10 +156,10 @@ def _check_target_empty_in(conn: Connection, name: str) -> None:
     for table in COPY_ORDER:
         if table not in present:
             continue
-        stmt = select(func.count()).select_from(_RAW[table])
+        stmt = select(func.count()).select_from(_TABLES[table])
         if table == "config":
             # Defaults, and the key fingerprints a store records when first opened with a key, are not content.
-            key = _RAW["config"].c.key
+            key = _TABLES["config"].c.key
             stmt = stmt.where(key.not_in(_DEFAULT_CONFIG_KEYS), ~key.startswith("key_fingerprint_v"))
         count = conn.execute(stmt).scalar_one()
         if count:
@@ -190,10 +184,11 @@ def _copy_table(src: Connection, dst: Connection, table: Table, batch_size: int)
         dst.execute(delete(table))
     copied = 0
     order = list(table.primary_key.columns)
-    result = src.execute(select(table).order_by(*order).execution_options(yield_per=batch_size))
-    for rows in result.partitions():
+    result = src.execute(select(*_stored(table)).order_by(*order).execution_options(yield_per=batch_size))
+    stmt = _insert_stored(table)
+    for rows in result.mappings().partitions():
         try:
-            dst.execute(insert(table), [row._asdict() for row in rows])
+            dst.execute(stmt, [dict(row) for row in rows])
         except DBAPIError as exc:
             raise CopyError(f"copying {table.name} failed: {driver_message(exc)}; nothing was copied") from exc
         copied += len(rows)
@@ -202,7 +197,7 @@ def _copy_table(src: Connection, dst: Connection, table: Table, batch_size: int)
 
 def _high_water(conn: Connection, table: str) -> int:
     """The largest id ``table`` has handed out (its sequence), at least its largest id."""
-    top = conn.execute(select(func.max(_RAW[table].c.id))).scalar() or 0
+    top = conn.execute(select(func.max(_TABLES[table].c.id))).scalar() or 0
     if conn.dialect.name == "sqlite":
         seq = conn.exec_driver_sql("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).scalar()
     else:
@@ -229,7 +224,7 @@ def _reset_sequences(src: Connection, dst: Connection) -> None:
 
 def _verify_counts(src: Connection, dst: Connection, copied: dict[str, int]) -> None:
     for name, count in copied.items():
-        stmt = select(func.count()).select_from(_RAW[name])
+        stmt = select(func.count()).select_from(_TABLES[name])
         in_source, in_target = src.execute(stmt).scalar_one(), dst.execute(stmt).scalar_one()
         if not in_source == in_target == count:
             raise CopyError(
@@ -238,9 +233,12 @@ def _verify_counts(src: Connection, dst: Connection, copied: dict[str, int]) -> 
 
 
 def _verify_tokens(dst: Connection, cipher: TokenCipher, batch_size: int) -> int:
-    tokens = _RAW["oauth_tokens"]
+    tokens = _TABLES["oauth_tokens"]
     stmt = select(
-        tokens.c.user_id, tokens.c.token_type, tokens.c.access_token_encrypted, tokens.c.refresh_token_encrypted
+        tokens.c.user_id,
+        tokens.c.token_type,
+        ciphertext(tokens.c.access_token_encrypted),
+        ciphertext(tokens.c.refresh_token_encrypted),
     ).order_by(tokens.c.id).execution_options(yield_per=batch_size)
     verified = 0
     for rows in dst.execute(stmt).partitions():

@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 
 DEFAULT_KEY_FILE = ".kissbot.key"
 _FERNET_PREFIX = "gAAAAA"
-_DECRYPTED_KEPT = 4096
 _FINGERPRINT_LABEL = b"kissbot key fingerprint v1"
 _VERSIONED = re.compile(r"^v([1-9][0-9]*):(.*)$")
 _HEADER = b'# kissbot key file: "v<version>:<Fernet key>" per line, newest first. Back it up; never commit it.\n'
@@ -194,15 +193,10 @@ class TokenCipher:
     ``TokenCipher(key)`` and ``TokenCipher([newest, …, oldest])`` still work.
     """
 
-    __slots__ = ("_state", "_plaintexts")
+    __slots__ = ("_state",)
 
     def __init__(self, keys: KeyRing | list[bytes] | bytes) -> None:
         self._set(KeyRing.of(keys))
-        # Stored token -> plaintext of the tokens this store decrypted lately. A
-        # bot re-reads the same ciphertext until its next refresh; Fernet's
-        # HMAC + AES (~10 µs a token) is then the largest part of get_tokens.
-        # Keyed by the ciphertext itself, an entry can never be stale.
-        self._plaintexts: dict[str, str] = {}
 
     def _set(self, ring: KeyRing) -> None:
         self._state = (ring, _Fernets(k for _, k in ring.keys))
@@ -226,14 +220,7 @@ class TokenCipher:
 
     def decrypt(self, stored: str) -> str:
         """Return the plaintext of a stored token; raise :class:`DecryptionError`."""
-        plaintext = self._plaintexts.get(stored)
-        if plaintext is not None:
-            return plaintext
-        plaintext = _decrypt(self._state[1].get(), stored)
-        if len(self._plaintexts) >= _DECRYPTED_KEPT:
-            self._plaintexts.clear()
-        self._plaintexts[stored] = plaintext
-        return plaintext
+        return _decrypt(self._state[1].get(), stored)
 
 
 class _Fernets:

@@ -22,11 +22,11 @@ from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from kissbot.crypto import TokenCipher, read_key_ring, verify_tokens
-from kissbot.engine import is_memory, sqlite_path, to_url
+from kissbot.urls import is_memory, sqlite_path, to_url
 from kissbot.errors import KeyFileError
 from kissbot.maintenance import integrity_problems
 from kissbot.migrations import HEAD, KISSBOT_TABLES, current_revision, is_known_revision, read_only_engine
-from kissbot.schema import instances, oauth_tokens, users
+from kissbot.models import instances, oauth_tokens, users
 from kissbot.repo import ConfigRepository
 from kissbot.types import utcnow
 from kissbot.verification import database_problems, summary

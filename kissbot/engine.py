@@ -1,13 +1,14 @@
 """Build the SQLAlchemy engine of a store from a path or URL.
 
 On SQLite, a ``connect`` event sets the specification's pragmas and turns off
-the driver's own transaction handling; each transaction then begins with
-``BEGIN`` (reads, which never take the write lock) or, on the :func:`writer`
-engine and in :func:`write_transaction`, ``BEGIN IMMEDIATE``, so concurrent
-writers wait up to ``busy_timeout`` instead of failing with SQLITE_BUSY when
-they upgrade a read lock. SQLite errors a caller can act on (a lock held past
-``busy_timeout``, a file that cannot be opened or is not a database) become
-one-line :class:`DatabaseError` subclasses raised from the driver's error.
+the driver's own transaction handling; a ``begin`` event (SQLAlchemy's
+documented recipe for pysqlite) then starts each transaction with ``BEGIN``
+(reads, which never take the write lock) or, on the :func:`writer` engine and
+in :func:`write_transaction`, ``BEGIN IMMEDIATE``, so concurrent writers wait
+up to ``busy_timeout`` instead of failing with SQLITE_BUSY when they upgrade a
+read lock. On PostgreSQL every session gets the same wait as ``lock_timeout``.
+Driver errors are mapped by :mod:`kissbot.dberrors`; paths and URLs are read
+by :mod:`kissbot.urls`.
 
 An engine made before ``os.fork()`` stays usable in the child: the child drops
 the pooled connections it inherited and opens its own (SQLAlchemy's
@@ -30,45 +31,23 @@ from typing import Any
 
 import sqlalchemy
 from sqlalchemy import event
-from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.pool import StaticPool
 
+from kissbot import dberrors
 from kissbot.crypto import TokenCipher
-from kissbot.errors import ConfigurationError, DatabaseBusy, DatabaseError, KissbotError
+from kissbot.errors import ConfigurationError
 from kissbot.types import attach_cipher
+from kissbot.urls import is_memory, sqlite_path, to_url
 
 DEFAULT_DB_PATH = "kissbot.db"
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 SYNCHRONOUS_ENV = "KISSBOT_SQLITE_SYNCHRONOUS"
 DEFAULT_SYNCHRONOUS = "NORMAL"
 DEFAULT_BUSY_TIMEOUT_MS = 5000
-_IMMEDIATE = "kissbot_begin_immediate"
-_READ_CACHE = "kissbot_read_cache"
+_WRITE = {"kissbot_write": True}
+"""The execution option that makes a SQLite transaction begin with ``BEGIN IMMEDIATE``."""
 SQL_LOG = logging.getLogger("kissbot.sql")
-
-
-def to_url(target: str | os.PathLike[str] | URL) -> URL:
-    """Turn a database path or URL into a SQLAlchemy :class:`URL`."""
-    if isinstance(target, URL):
-        return target
-    text = os.fspath(target)
-    if "://" in text:
-        return make_url(text)
-    if text == ":memory:":
-        return make_url("sqlite://")
-    return URL.create("sqlite", database=text)
-
-
-def is_memory(url: URL) -> bool:
-    """True for an in-memory SQLite URL."""
-    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
-
-
-def sqlite_path(url: URL) -> Path | None:
-    """The file of a file-backed SQLite URL, else None."""
-    if url.get_backend_name() != "sqlite" or is_memory(url):
-        return None
-    return Path(url.database)
 
 
 def connect_sqlite_query_only(path: str | os.PathLike[str], timeout: float = 5.0) -> sqlite3.Connection:
@@ -117,17 +96,16 @@ def create_engine(
     url = to_url(target)
     synchronous = synchronous_mode(synchronous)
     kwargs.setdefault("hide_parameters", True)
-    if url.get_backend_name() == "sqlite":
-        memory = is_memory(url)
-        if memory:
-            kwargs.setdefault("poolclass", StaticPool)
-            kwargs.setdefault("connect_args", {"check_same_thread": False})
-        engine = sqlalchemy.create_engine(url, echo=echo, **kwargs)
-        _install_sqlite_events(engine, synchronous, busy_timeout_ms)
+    memory = is_memory(url)
+    if memory:
+        kwargs.setdefault("poolclass", StaticPool)
+        kwargs.setdefault("connect_args", {"check_same_thread": False})
+    engine = sqlalchemy.create_engine(url, echo=echo, **kwargs)
+    if engine.dialect.name == "sqlite":
+        _sqlite_sessions(engine, synchronous, busy_timeout_ms)
     else:
-        memory = False
-        engine = sqlalchemy.create_engine(url, echo=echo, **kwargs)
-        event.listen(engine, "handle_error", _reraise_kissbot_errors)
+        _postgresql_sessions(engine, busy_timeout_ms)
+    dberrors.install(engine, busy_timeout_ms)
     if SQL_LOG.isEnabledFor(logging.DEBUG):
         event.listen(engine, "before_cursor_execute", _log_statement)
     if not memory and hasattr(os, "register_at_fork"):
@@ -170,114 +148,20 @@ def _drop_inherited_connections(ref: weakref.ref[Engine]) -> None:
         engine.dispose(close=engine.dialect.name == "sqlite")
 
 
-def _reraise_kissbot_errors(context: Any) -> BaseException | None:
-    # A KissbotError raised while binding parameters (a naive datetime, a
-    # missing key) reaches the caller as itself, not wrapped in StatementError.
-    if isinstance(context.original_exception, KissbotError):
-        return context.original_exception
-    return None
-
-
 def writer(engine: Engine) -> Engine:
     """Return ``engine`` set up for write transactions (``BEGIN IMMEDIATE`` on SQLite).
 
     The returned engine shares the pool, dialect and key of ``engine``; bind a
-    :class:`~sqlalchemy.orm.Session` to it for writes. For one write
-    transaction, :func:`write_transaction` is cheaper.
+    :class:`~sqlalchemy.orm.Session` to it for writes.
     """
-    immediate = engine.execution_options()
-    if engine.dialect.name == "sqlite":
-        event.listen(immediate, "begin", _mark_immediate)
-    return immediate
+    return engine.execution_options(**_WRITE)
 
 
 @contextmanager
 def write_transaction(engine: Engine) -> Iterator[Connection]:
     """A connection of ``engine`` in a write transaction (``BEGIN IMMEDIATE`` on SQLite), committed on success."""
-    with engine.connect() as conn:
-        if engine.dialect.name == "sqlite":
-            _mark_immediate(conn)
-        with conn.begin():
-            yield conn
-
-
-def _mark_immediate(conn: Connection) -> None:
-    # Read (and reset) by _sqlite_begin when this connection's transaction begins.
-    conn.connection.info[_IMMEDIATE] = True
-
-
-def _sqlite_begin(dbapi_connection: Any) -> None:
-    # The dialect's do_begin hook, set on each SQLite engine's dialect. A
-    # "begin" event listener on the engine would do the same, but any
-    # connection event makes every Connection of the engine join the event
-    # dispatch, which more than doubled the cost of a one-query read; errors
-    # here are wrapped like those of any statement.
-    statement = "BEGIN IMMEDIATE" if dbapi_connection.info.pop(_IMMEDIATE, False) else "BEGIN"
-    dbapi_connection.driver_connection.execute(statement)
-    if SQL_LOG.isEnabledFor(logging.DEBUG):
-        SQL_LOG.debug("%s", statement)
-
-
-# SQLite primary result codes (sqlite3 only names them from Python 3.11).
-_PERM, _BUSY, _LOCKED, _READONLY, _IOERR, _CORRUPT, _FULL, _CANTOPEN, _NOTADB = 3, 5, 6, 8, 10, 11, 13, 14, 26
-_SQLITE_BUSY_CODES = frozenset({_BUSY, _LOCKED})
-_SQLITE_OPEN_CODES = frozenset({_CANTOPEN, _READONLY, _PERM})
-_SQLITE_DAMAGE_CODES = frozenset({_CORRUPT, _NOTADB})
-_SQLITE_MESSAGES = {
-    "database is locked": _BUSY,
-    "database table is locked": _LOCKED,
-    "unable to open database file": _CANTOPEN,
-    "attempt to write a readonly database": _READONLY,
-    "file is not a database": _NOTADB,
-    "database disk image is malformed": _CORRUPT,
-    "database or disk is full": _FULL,
-    "disk I/O error": _IOERR,
-}
-
-
-def sqlite_error(exc: BaseException, path: Path | None, busy_timeout_ms: int | None = None) -> DatabaseError | None:
-    """The :class:`DatabaseError` a SQLite driver error means for ``path``, or None.
-
-    A lock held past the busy timeout becomes :class:`DatabaseBusy` with the
-    specification's troubleshooting hint; a file that cannot be opened (a
-    read-only directory, where WAL cannot create its ``-wal``/``-shm`` files) or
-    that is not an intact SQLite database gets a message naming it. Other
-    errors (constraints, SQL errors) are left alone.
-    """
-    if not isinstance(exc, sqlite3.Error) or isinstance(exc, sqlite3.IntegrityError):
-        return None
-    code = getattr(exc, "sqlite_errorcode", None)
-    code = _SQLITE_MESSAGES.get(str(exc)) if code is None else code & 0xFF
-    where = str(path) if path is not None else "in memory"
-    if code in _SQLITE_BUSY_CODES:
-        waited = f" for more than {busy_timeout_ms} ms" if busy_timeout_ms is not None else ""
-        return DatabaseBusy(
-            f"database {where} is locked: another connection held it{waited}; check the bot processes with "
-            f'`ps aux | grep "main.py\\|supervisor"` and force a WAL checkpoint with '
-            f'`sqlite3 {where} "PRAGMA wal_checkpoint(RESTART);"`'
-        )
-    if code == _FULL or (code == _IOERR and path is not None and _disk_full(path)):
-        return DatabaseError(f"cannot write database {where}: the disk is full; free some space and run it again")
-    if code in _SQLITE_OPEN_CODES:
-        if path is not None and not path.parent.is_dir():
-            return DatabaseError(f"cannot open database {where}: directory {path.parent} does not exist")
-        if path is not None and not os.access(path.parent, os.W_OK):
-            return DatabaseError(
-                f"cannot open database {where}: its directory is not writable, and SQLite's WAL mode must create "
-                f"{path.name}-wal and {path.name}-shm beside it"
-            )
-        return DatabaseError(f"cannot open database {where}: {exc}")
-    if code in _SQLITE_DAMAGE_CODES:
-        return DatabaseError(f"database {where} is damaged or not a SQLite database ({exc}); restore it from a backup")
-    return None
-
-
-def _disk_full(path: Path) -> bool:
-    # SQLite reports a write that found no space while creating -wal/-shm as a mere I/O error.
-    try:
-        return os.statvfs(path.parent).f_bavail == 0
-    except OSError:
-        return False
+    with engine.connect() as conn, conn.execution_options(**_WRITE).begin():
+        yield conn
 
 
 def _ensure_wal(cursor: sqlite3.Cursor, busy_timeout_ms: int) -> None:
@@ -294,9 +178,7 @@ def _ensure_wal(cursor: sqlite3.Cursor, busy_timeout_ms: int) -> None:
             cursor.execute("PRAGMA journal_mode = WAL")
             return
         except sqlite3.OperationalError as exc:
-            code = getattr(exc, "sqlite_errorcode", None)
-            code = _SQLITE_MESSAGES.get(str(exc)) if code is None else code & 0xFF
-            if code not in _SQLITE_BUSY_CODES or time.monotonic() >= deadline:
+            if dberrors.sqlite_code(exc) not in dberrors.SQLITE_BUSY_CODES or time.monotonic() >= deadline:
                 raise
         time.sleep(pause)
         pause = min(pause * 2, 0.05)
@@ -316,13 +198,8 @@ def create_private_file(path: Path) -> None:
     os.close(fd)
 
 
-def _install_sqlite_events(engine: Engine, synchronous: str, busy_timeout_ms: int) -> None:
+def _sqlite_sessions(engine: Engine, synchronous: str, busy_timeout_ms: int) -> None:
     path = sqlite_path(engine.url)
-
-    @event.listens_for(engine, "handle_error")
-    def _on_error(context: Any) -> BaseException | None:
-        return _reraise_kissbot_errors(context) or sqlite_error(context.original_exception, path, busy_timeout_ms)
-
     if path is not None:
 
         @event.listens_for(engine, "do_connect")
@@ -331,6 +208,7 @@ def _install_sqlite_events(engine: Engine, synchronous: str, busy_timeout_ms: in
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # pysqlite's own BEGIN handling off: the "begin" listener below says when and how.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
@@ -341,28 +219,13 @@ def _install_sqlite_events(engine: Engine, synchronous: str, busy_timeout_ms: in
         finally:
             cursor.close()
 
-    engine.dialect.do_begin = _sqlite_begin  # type: ignore[method-assign]
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("kissbot_write") else "BEGIN")
 
 
-def read_cache(conn: Connection) -> dict[Any, Any] | None:
-    """A cache of values read on ``conn``, valid for the committed state it sees now; None off SQLite.
-
-    The dict belongs to the pooled SQLite connection. It is emptied whenever
-    ``PRAGMA data_version`` shows that another connection (of this process or
-    any other) committed since it was filled, or this connection's
-    ``total_changes`` shows that it wrote rows itself (its own commits leave its
-    data_version unchanged). Call it before the connection's transaction
-    begins; values put in it must have been read after the call.
-    """
-    if conn.dialect.name != "sqlite":
-        return None
-    fairy = conn.connection
-    driver = fairy.driver_connection
-    try:
-        version = (driver.execute("PRAGMA data_version").fetchone()[0], driver.total_changes)
-    except sqlite3.Error:
-        return None  # no cache this time: the query that follows reports the problem as usual
-    entry = fairy.info.get(_READ_CACHE)
-    if entry is None or entry[0] != version:
-        entry = fairy.info[_READ_CACHE] = (version, {})
-    return entry[1]
+def _postgresql_sessions(engine: Engine, lock_timeout_ms: int) -> None:
+    @event.listens_for(engine, "do_connect")
+    def _on_connect(_dialect: Any, _record: Any, _cargs: Any, cparams: dict[str, Any]) -> None:
+        # A session waits for a lock as long as a SQLite writer would, then fails with DatabaseBusy.
+        cparams["options"] = f"{cparams.get('options', '')} -c lock_timeout={int(lock_timeout_ms)}".strip()

@@ -107,6 +107,10 @@ class InvalidImport(KissbotError):
         self.problems = list(problems)
 
 
+class DatabaseUnavailable(DatabaseError):
+    """The database server cannot be reached or dropped the connection (PostgreSQL down, restarted, killed session)."""
+
+
 class DatabaseBusy(DatabaseError):
     """Another process holds the database's lock: longer than ``busy_timeout``, or while it must be replaced."""
 

@@ -32,7 +32,8 @@ import yaml
 
 from kissbot.backup import backup_sqlite, default_backup_path
 from kissbot.crypto import DEFAULT_KEY_FILE
-from kissbot.engine import DEFAULT_DB_PATH, sqlite_path, to_url, write_transaction
+from kissbot.engine import DEFAULT_DB_PATH, write_transaction
+from kissbot.urls import sqlite_path, to_url
 from kissbot.errors import ImportSourceError, InvalidImport, NoDatabase, OutdatedSchema
 from kissbot.migrations import read_only_engine
 from kissbot.repo import AuditRepository, Executor, TokenRepository, UserRepository

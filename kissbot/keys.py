@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import Integer, Text, bindparam, column, delete, func, insert, select, table, update
+from sqlalchemy import Text, bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -43,9 +43,9 @@ from kissbot.crypto import (
 )
 from kissbot.engine import write_transaction, writer
 from kissbot.errors import DecryptionError, KeyFileError
-from kissbot.schema import config, oauth_tokens
+from kissbot.models import config, oauth_tokens
 from kissbot.repo import AuditRepository, ConfigRepository, TokenRepository
-from kissbot.types import utcnow
+from kissbot.types import ciphertext, utcnow
 
 ENV_KEY = "KISSBOT_KEY"
 ENV_KEY_FILE = "KISSBOT_KEY_FILE"
@@ -53,19 +53,6 @@ FINGERPRINT_KEY = "key_fingerprint_v{}"
 KEY_VERSION_KEY = "encryption_key_version"
 ROTATE_BATCH_SIZE = 500
 _PROBE_ROWS = 5
-
-# The token table without EncryptedString: ciphertext in, ciphertext out.
-_raw_tokens = table(
-    "oauth_tokens",
-    column("id", Integer),
-    column("user_id", Integer),
-    column("token_type", Text),
-    column("version", Integer),
-    column("key_version", Integer),
-    column("access_token_encrypted", Text),
-    column("refresh_token_encrypted", Text),
-)
-
 
 @dataclass(frozen=True)
 class KeySource:
@@ -130,7 +117,7 @@ def _store_keys(conn: Connection) -> _StoreKeys:
         suffix = key[len(prefix):]
         if suffix.isdigit():
             recorded[int(suffix)] = value
-    by_version = select(_raw_tokens.c.key_version, func.count()).group_by(_raw_tokens.c.key_version)
+    by_version = select(oauth_tokens.c.key_version, func.count()).group_by(oauth_tokens.c.key_version)
     rows = {version: count for version, count in conn.execute(by_version)}
     current = int(ConfigRepository(conn).get_config(KEY_VERSION_KEY, default=1))
     return _StoreKeys(recorded, rows, current)
@@ -163,9 +150,9 @@ def _probe(conn: Connection, key: bytes, version: int) -> bool:
     # A version the store never fingerprinted (a store from before fingerprints):
     # trust it only if it decrypts some of the rows labelled with it.
     stmt = (
-        select(_raw_tokens.c.access_token_encrypted)
-        .where(_raw_tokens.c.key_version == version)
-        .order_by(_raw_tokens.c.id)
+        select(ciphertext(oauth_tokens.c.access_token_encrypted))
+        .where(oauth_tokens.c.key_version == version)
+        .order_by(oauth_tokens.c.id)
         .limit(_PROBE_ROWS)
     )
     return any(decrypts_with(key, value) for value in conn.execute(stmt).scalars())
@@ -481,15 +468,15 @@ def _add_version(engine: Engine, path: Path, ring: KeyRing, version: int, label:
 
 
 _REENCRYPT_ROW = (
-    update(_raw_tokens)
+    update(oauth_tokens)
     .where(
-        _raw_tokens.c.id == bindparam("p_id"),
-        _raw_tokens.c.version == bindparam("p_version"),
-        _raw_tokens.c.key_version == bindparam("p_key_version"),
+        oauth_tokens.c.id == bindparam("p_id"),
+        oauth_tokens.c.version == bindparam("p_version"),
+        oauth_tokens.c.key_version == bindparam("p_key_version"),
     )
     .values(
-        access_token_encrypted=bindparam("p_access"),
-        refresh_token_encrypted=bindparam("p_refresh"),
+        access_token_encrypted=bindparam("p_access", type_=Text),
+        refresh_token_encrypted=bindparam("p_refresh", type_=Text),
         key_version=bindparam("p_target"),
     )
 )
@@ -504,10 +491,10 @@ def _reencrypt(
     # ring's keys newest first (a failed HMAC per token); the whole ring is the
     # fallback for a row whose label is wrong.
     own = {v: TokenCipher(KeyRing(((v, ring.key(v)),))) for v in ring.versions if v != target}
-    t = _raw_tokens.c
+    t = oauth_tokens.c
     pending = (
         select(t.id, t.user_id, t.token_type, t.version, t.key_version,
-               t.access_token_encrypted, t.refresh_token_encrypted)
+               ciphertext(t.access_token_encrypted), ciphertext(t.refresh_token_encrypted))
         .where(t.key_version != target, t.id > bindparam("after"))
         .order_by(t.id)
         .limit(batch_size)

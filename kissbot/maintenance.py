@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from sqlalchemy.engine import URL, Engine
 
-from kissbot.engine import create_engine, is_memory, sqlite_path, to_url
+from kissbot.engine import create_engine
+from kissbot.urls import is_memory, sqlite_path, to_url
 from kissbot.errors import DatabaseError, KissbotError, NoDatabase, UnsupportedBackend
 from kissbot.migrations import KISSBOT_TABLES, read_only_engine
 

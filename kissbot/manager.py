@@ -18,21 +18,13 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL, Engine
 
 from kissbot.crypto import KeyRing
-from kissbot.engine import (
-    DEFAULT_BUSY_TIMEOUT_MS,
-    DEFAULT_DB_PATH,
-    create_engine,
-    read_cache,
-    sqlite_path,
-    to_url,
-    write_transaction,
-    writer,
-)
+from kissbot.engine import DEFAULT_BUSY_TIMEOUT_MS, DEFAULT_DB_PATH, create_engine, write_transaction, writer
 from kissbot.errors import NoDatabase, UserNotFound
 from kissbot.keys import load_cipher, read_key_source, resolve_key_source
 from kissbot.migrations import ensure_schema
 from kissbot.repo import AuditRepository, ConfigRepository, InstanceRepository, TokenRepository, UserRepository
 from kissbot.types import attach_cipher
+from kissbot.urls import shown, sqlite_path, to_url
 from kissbot.validation import check_id
 
 if TYPE_CHECKING:
@@ -41,8 +33,6 @@ if TYPE_CHECKING:
 CLEANUP_BATCH_SIZE = 5000
 CLEANUP_PAUSE_RATIO = 0.5
 """On SQLite, ``cleanup_old_logs`` rests this fraction of a batch's time before the next one."""
-READ_CACHE_SIZE = 1024
-"""Most token rows kept decrypted in memory per pooled connection (see :meth:`DatabaseManager.get_tokens`)."""
 
 
 class DatabaseManager:
@@ -106,7 +96,7 @@ class DatabaseManager:
         self._writer = writer(self.engine)
 
     def __repr__(self) -> str:
-        return f"<DatabaseManager {self.url.render_as_string(hide_password=True)}>"
+        return f"<DatabaseManager {shown(self.url)}>"
 
     # --- transactions --------------------------------------------------------------------------
 
@@ -217,26 +207,10 @@ class DatabaseManager:
             return TokenRepository(conn).release_refresh(user_id, owner, token_type=token_type)
 
     def get_tokens(self, user_id: int, *, token_type: str = "bot") -> dict[str, Any] | None:
-        """The decrypted tokens of ``user_id`` (of ``token_type``), or None.
-
-        On SQLite, tokens read since the last commit to the database (by any
-        process) are served from memory: a bot re-reading its tokens on every
-        reconnect costs a ``PRAGMA data_version`` instead of a query and two
-        decryptions.
-        """
+        """The decrypted tokens of ``user_id`` (of ``token_type``), or None."""
         check_id(user_id)
         with self.engine.connect() as conn:
-            cache = read_cache(conn)
-            key = ("tokens", user_id, token_type)
-            tokens = cache.get(key) if cache is not None else None
-            if tokens is None:
-                tokens = TokenRepository(conn).get_tokens(user_id, token_type=token_type)
-                if tokens is None or cache is None:
-                    return tokens
-                if len(cache) >= READ_CACHE_SIZE:
-                    cache.clear()
-                cache[key] = tokens
-            return {**tokens, "scopes": list(tokens["scopes"])}
+            return TokenRepository(conn).get_tokens(user_id, token_type=token_type)
 
     def get_tokens_needing_refresh(self, buffer_minutes: float = 10) -> list[dict[str, Any]]:
         """Tokens expiring within ``buffer_minutes``, soonest first (not decrypted)."""

@@ -18,7 +18,9 @@ from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.pool import NullPool
 from sqlalchemy.exc import SQLAlchemyError
 
-from kissbot.engine import connect_sqlite_query_only, create_engine, sqlite_error, sqlite_path, writer
+from kissbot.engine import connect_sqlite_query_only, create_engine, writer
+from kissbot.dberrors import sqlite_error
+from kissbot.urls import sqlite_path
 from kissbot.errors import DatabaseError, NoDatabase, OutdatedSchema, SchemaError, UnversionedDatabase, driver_message
 
 HEAD = "0002"
@@ -61,6 +63,7 @@ def migration_connection(engine: Engine) -> Iterator[Connection]:
         try:
             with conn.begin():
                 if engine.dialect.name == "postgresql":
+                    conn.exec_driver_sql("SET LOCAL lock_timeout = 0")  # wait for another migrator, however long
                     conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})")
                 yield conn
                 if sqlite and conn.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:

@@ -30,7 +30,7 @@ from kissbot.errors import (
     StaleTokens,
     UserNotFound,
 )
-from kissbot.schema import audit_log, config, instances, oauth_tokens, users
+from kissbot.models import audit_log, config, instances, oauth_tokens, users
 from kissbot.types import cipher_of, utcnow
 from kissbot import validation as check
 

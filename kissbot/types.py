@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import DateTime, Text
+from sqlalchemy import ColumnElement, DateTime, Text, type_coerce
 from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.types import TypeDecorator
 
@@ -66,17 +66,17 @@ class EncryptedString(TypeDecorator[str]):
             return None
         return Secret(cipher_of(dialect).decrypt(value))
 
-    def bind_processor(self, dialect: Dialect) -> Any:
-        # The same as process_bind_param without TypeDecorator's per-value
-        # indirection; the cipher is still looked up per value, since a store's
-        # key can be replaced while its compiled statements stay cached.
-        def process(value: str | None) -> str | None:
-            return None if value is None else cipher_of(dialect).encrypt(value)
-
-        return process
-
     def __repr__(self) -> str:
         return "EncryptedString()"
+
+
+def ciphertext(column: ColumnElement[Any]) -> ColumnElement[str]:
+    """``column`` (an :class:`EncryptedString` column) as the stored Fernet text: read or compared, never decrypted.
+
+    Rotation, copies and adoption move tokens as stored; this is the one way
+    they see them (write ciphertext back with ``bindparam(…, type_=Text)``).
+    """
+    return type_coerce(column, Text).label(column.key)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -101,41 +101,6 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value.tzinfo is None:
             return value.replace(tzinfo=timezone.utc)
         return value.astimezone(timezone.utc)
-
-    def bind_processor(self, dialect: Dialect) -> Any:
-        if dialect.name != "sqlite":
-            return super().bind_processor(dialect)
-        # SQLite stores naive UTC text in SQLAlchemy's format, "2026-11-25
-        # 15:10:00.123456"; isoformat writes exactly that in one C call.
-        check = self.process_bind_param
-
-        def process(value: datetime | None) -> str | None:
-            if value is None:
-                return None
-            return check(value, dialect).isoformat(" ", "microseconds")
-
-        return process
-
-    def result_processor(self, dialect: Dialect, coltype: object) -> Any:
-        if dialect.name != "sqlite":
-            return super().result_processor(dialect, coltype)
-        # SQLite stores naive UTC text ("2026-11-25 15:10:00.123456"). Parsing it
-        # with its UTC offset appended gives the aware value in one C call, about
-        # eight times cheaper than parsing and then datetime.replace(tzinfo=...),
-        # which matters on scans returning many rows. Any other text takes the
-        # general path.
-        parse = self.impl_instance.result_processor(dialect, coltype)
-        fromisoformat = datetime.fromisoformat
-
-        def process(value: str | None) -> datetime | None:
-            if value is None:
-                return None
-            try:
-                return fromisoformat(value + "+00:00")
-            except (TypeError, ValueError):
-                return self.process_result_value(parse(value), dialect)
-
-        return process
 
 
 def utcnow() -> datetime:

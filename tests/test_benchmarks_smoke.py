@@ -13,7 +13,6 @@ REPO = Path(__file__).resolve().parent.parent
 ROWS = (
     "get_tokens: TokenRepository",
     "get_tokens: DatabaseManager",
-    "first read after another process committed",
     "SQLAlchemy's least round trip",
     "store_tokens + audit row",
     "due-token scan",

@@ -19,7 +19,7 @@ from sqlalchemy import event, func, select
 import _workers
 from kissbot import DatabaseManager
 from kissbot.crypto import generate_key
-from kissbot.engine import sqlite_path, to_url
+from kissbot.urls import sqlite_path, to_url
 from kissbot.errors import DatabaseBusy
 from kissbot.models import audit_log
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import pytest
 from sqlalchemy import select
-from sqlalchemy.exc import OperationalError
+from psycopg import OperationalError
 
 from kissbot import DatabaseManager
+from kissbot.errors import DatabaseBusy
 from kissbot.models import oauth_tokens
 from kissbot.repo import TokenRepository
 
@@ -52,8 +53,9 @@ def test_claim_due_skips_rows_another_worker_holds_without_waiting(pg):
             taken = TokenRepository(second).claim_due("second", ttl=60)
         with pg.engine.connect() as third, third.begin():  # the control: a plain FOR UPDATE does wait
             third.exec_driver_sql("SET LOCAL lock_timeout = '200ms'")
-            with pytest.raises(OperationalError, match="lock timeout"):
+            with pytest.raises(DatabaseBusy, match="is busy: another session held a lock") as waited:
                 third.execute(select(oauth_tokens.c.id).with_for_update()).all()
+            assert isinstance(waited.value.__cause__, OperationalError)
     assert [r["user_id"] for r in held] == ids[:3]
     assert [r["user_id"] for r in taken] == ids[3:]
     with pg.engine.connect() as conn:

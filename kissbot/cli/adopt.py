@@ -41,7 +41,7 @@ def adopt(store: StoreTarget, assume_tz: str | None, dry_run: bool) -> None:
         kissbot adopt --db kissbot.db --assume-tz Europe/Paris
     """
     from kissbot.adopt import adopt as adopt_database
-    from kissbot.engine import sqlite_path, to_url
+    from kissbot.urls import sqlite_path, to_url
     from kissbot.errors import AdoptionError
 
     path = sqlite_path(to_url(store.target))

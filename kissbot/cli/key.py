@@ -31,7 +31,8 @@ MAX_BATCH_SIZE = 100_000
 @contextmanager
 def _open(store: StoreTarget, create: bool = True) -> Iterator[tuple[Engine, KeySource, str]]:
     # The store's engine without a key: these commands must work when the key is wrong or lost.
-    from kissbot.engine import create_engine, sqlite_path, to_url
+    from kissbot.engine import create_engine
+    from kissbot.urls import sqlite_path, to_url
     from kissbot.migrations import ensure_schema
 
     url = to_url(store.target)

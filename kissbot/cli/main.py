@@ -38,8 +38,12 @@ class StoreTarget:
 
     @property
     def target(self) -> str:
-        """The URL if given, else the SQLite path."""
-        return self.url or os.fspath(self.db_path)
+        """The URL if given (refused unless well formed and supported), else the SQLite path."""
+        if not self.url:
+            return os.fspath(self.db_path)
+        from kissbot.urls import parse_url
+
+        return parse_url(self.url).render_as_string(hide_password=False)
 
     def open(self, create: bool = True):  # -> kissbot.DatabaseManager
         """Open the store (migrating it, loading the key).
@@ -53,7 +57,7 @@ class StoreTarget:
         from kissbot.manager import DatabaseManager
 
         return DatabaseManager(
-            self.db_path, self.key_file, url=self.url, synchronous=self.synchronous, create=create
+            self.db_path, self.key_file, url=self.target if self.url else None, synchronous=self.synchronous, create=create
         )
 
 

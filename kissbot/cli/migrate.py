@@ -24,7 +24,7 @@ _SOURCE = click.Path(dir_okay=False, path_type=Path)
 
 def _run(store: StoreTarget, batch: TokenBatch, as_json: bool, **options: object) -> None:
     try:
-        report = import_tokens(batch, db_path=store.db_path, key_file=store.key_file, url=store.url, **options)
+        report = import_tokens(batch, db_path=store.db_path, key_file=store.key_file, url=store.target if store.url else None, **options)
     except InvalidImport as exc:
         for problem in exc.problems:
             click.echo(f"Error: {problem}", err=True)

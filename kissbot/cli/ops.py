@@ -12,7 +12,7 @@ from kissbot.validation import MAX_DAYS
 
 
 def _sqlite_file(store: StoreTarget, command: str, postgres_tool: str) -> Path:
-    from kissbot.engine import sqlite_path, to_url
+    from kissbot.urls import sqlite_path, to_url
 
     url = to_url(store.target)
     path = sqlite_path(url)

@@ -19,7 +19,8 @@ def init_db(store: StoreTarget) -> None:
     """
     from sqlalchemy import inspect
 
-    from kissbot.engine import create_engine, sqlite_path, to_url
+    from kissbot.engine import create_engine
+    from kissbot.urls import sqlite_path, to_url
     from kissbot.migrations import KISSBOT_TABLES, ensure_schema
 
     url = to_url(store.target)

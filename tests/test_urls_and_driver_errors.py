@@ -1,0 +1,123 @@
+"""Where a store is (`--url`, `--db`, `url=`) and what a database failure looks like: one line, no password, typed."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import sqlalchemy
+from click.testing import CliRunner
+
+from kissbot import DatabaseManager
+from kissbot.cli import cli
+from kissbot.errors import ConfigurationError, DatabaseBusy, DatabaseUnavailable
+
+TYPO = "postgresql+psycopg:/kb:S3CRETPW@127.0.0.1:5432/kbx"
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        (TYPO, "Error: malformed database URL 'postgresql+psycopg:/kb:***@127.0.0.1:5432/kbx': expected BACKEND://…, "
+               "e.g. postgresql+psycopg://user@host/db (a SQLite file is given with --db PATH)\n"),
+        ("postgresql+psycopg://kb:S3CRETPW@127.0.0.1:abc/kbx",
+         "Error: malformed database URL 'postgresql+psycopg://kb:***@127.0.0.1:abc/kbx': the port must be a number\n"),
+        ("mysql://kb:S3CRETPW@127.0.0.1/kbx",
+         "Error: unsupported database URL 'mysql://kb:***@127.0.0.1/kbx': kissbot supports sqlite+pysqlite://, "
+         "postgresql+psycopg://\n"),
+        ("postgresql+asyncpg://kb:S3CRETPW@127.0.0.1/kbx",
+         "Error: unsupported database URL 'postgresql+asyncpg://kb:***@127.0.0.1/kbx': kissbot supports "
+         "sqlite+pysqlite://, postgresql+psycopg://\n"),
+        ("kissbot.db", "Error: malformed database URL 'kissbot.db': expected BACKEND://…, "
+                       "e.g. postgresql+psycopg://user@host/db (a SQLite file is given with --db PATH)\n"),
+    ],
+)
+@pytest.mark.parametrize("command", [["init-db"], ["stats"], ["migrate-yaml", "config.yaml"]])
+def test_a_bad_url_is_refused_in_one_line_without_its_password_and_writes_nothing(
+    runner, tmp_path, monkeypatch, url, message, command
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.yaml").write_text("twitch:\n  tokens:\n    bot:\n      user_id: '1'\n"
+                                          "      access_token: a\n      refresh_token: r\n")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    result = runner.invoke(cli, [*command, "--url", url])
+    assert (result.exit_code, result.output) == (1, message)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_a_url_typo_given_as_a_path_is_refused_too(runner, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(cli, ["init-db", "--db", TYPO])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: malformed database URL 'postgresql+psycopg:/kb:***@")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ConfigurationError, match="malformed database URL") as raised:
+        DatabaseManager(url=TYPO, key_file=tmp_path / "k")
+    assert "S3CRETPW" not in str(raised.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_postgresql_without_a_driver_means_psycopg(postgresql_url, tmp_path):
+    bare = postgresql_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    with DatabaseManager(url=bare, key_file=tmp_path / "k") as mgr:
+        assert mgr.engine.url.drivername == "postgresql+psycopg"
+        assert mgr.get_config("max_crash_count") == 3
+
+
+def test_a_closed_port_raises_database_unavailable_from_the_driver_error(tmp_path):
+    import psycopg
+
+    with pytest.raises(DatabaseUnavailable, match=r"^cannot open database nowhere: connection failed: ") as raised:
+        DatabaseManager(url="postgresql+psycopg://kb:S3CRETPW@127.0.0.1:1/nowhere", key_file=tmp_path / "k")
+    assert isinstance(raised.value.__cause__, psycopg.OperationalError)
+    assert "S3CRETPW" not in str(raised.value)
+
+
+def test_a_terminated_backend_raises_database_unavailable_then_the_store_reconnects(postgresql_url, tmp_path):
+    with DatabaseManager(url=postgresql_url, key_file=tmp_path / "k") as mgr:
+        uid = mgr.create_user("1", "serda_bot")
+        with mgr.engine.connect() as conn:
+            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        admin = sqlalchemy.create_engine(postgresql_url)
+        with admin.begin() as conn:
+            assert conn.exec_driver_sql(f"SELECT pg_terminate_backend({pid})").scalar_one() is True
+        admin.dispose()
+        with pytest.raises(DatabaseUnavailable, match="^cannot open database "):
+            mgr.get_user_by_login("serda_bot")
+        assert mgr.get_user_by_login("serda_bot")["id"] == uid
+
+
+def test_tokens_behind_another_sessions_lock_ends_with_one_line(runner, postgresql_url, tmp_path):
+    key = tmp_path / "k"
+    with DatabaseManager(url=postgresql_url, key_file=key, busy_timeout_ms=500) as mgr:
+        mgr.store_tokens(mgr.create_user("1", "serda_bot"), "access", "refresh", 3600)
+        # The same wait limit applies to library calls.
+        holder = sqlalchemy.create_engine(postgresql_url)
+        locked, release = threading.Event(), threading.Event()
+
+        def hold_lock() -> None:
+            with holder.begin() as conn:
+                conn.exec_driver_sql("LOCK TABLE oauth_tokens IN ACCESS EXCLUSIVE MODE")
+                locked.set()
+                release.wait(60)
+
+        thread = threading.Thread(target=hold_lock)
+        thread.start()
+        try:
+            assert locked.wait(30)
+            with pytest.raises(DatabaseBusy, match="another session held a lock for more than 500 ms"):
+                mgr.get_tokens(1)
+            result = runner.invoke(cli, ["tokens", "--url", postgresql_url, "--key-file", str(key)])
+        finally:
+            release.set()
+            thread.join(60)
+            holder.dispose()
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: database ")
+    assert "is busy: another session held a lock for more than 5000 ms" in result.output
+    assert result.output.count("\n") == 1
