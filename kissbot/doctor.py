@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy
-from sqlalchemy import Text, select, type_coerce
+from sqlalchemy import Text, func, select, type_coerce
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -26,7 +26,7 @@ from kissbot.urls import is_memory, sqlite_path, to_url
 from kissbot.errors import KeyFileError
 from kissbot.maintenance import integrity_problems
 from kissbot.migrations import HEAD, KISSBOT_TABLES, current_revision, is_known_revision, read_only_engine
-from kissbot.models import instances, oauth_tokens, users
+from kissbot.models import audit_log, instances, oauth_tokens, users
 from kissbot.repo import ConfigRepository
 from kissbot.types import utcnow
 from kissbot.verification import database_problems, summary
@@ -43,7 +43,7 @@ class Finding:
     """``ok``, ``warning`` or ``error``."""
     check: str
     """What was checked: ``key-file``, ``database``, ``integrity``, ``journal-mode``,
-    ``migration``, ``schema``, ``decryption``, ``reauth``, ``instances`` or ``leftovers``."""
+    ``migration``, ``schema``, ``decryption``, ``reauth``, ``expiry``, ``instances`` or ``leftovers``."""
     message: str
     fix: str | None = None
 
@@ -161,6 +161,7 @@ def _check_database(
         Finding("ok", "schema", f"schema: exactly migration {revision}'s tables, columns and indexes; rows well-typed")
     )
     _check_tokens(conn, key_path, cipher, findings)
+    _check_expiry(conn, findings)
     _check_instances(conn, findings)
 
 
@@ -230,6 +231,35 @@ def _check_tokens(conn: Connection, key_path: Path, cipher: TokenCipher | None, 
         )
     if not unhealthy:
         findings.append(Finding("ok", "reauth", "no token needs reauthorization"))
+
+
+def _age(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min" if seconds >= 3600 else f"{seconds // 60} min {seconds % 60} s"
+
+
+def _check_expiry(conn: Connection, findings: list[Finding]) -> None:
+    now = utcnow()
+    expired = conn.execute(
+        select(users.c.twitch_login, oauth_tokens.c.token_type, oauth_tokens.c.expires_at)
+        .join(users, users.c.id == oauth_tokens.c.user_id)
+        .where(oauth_tokens.c.expires_at <= now, oauth_tokens.c.needs_reauth.is_(False))
+        .order_by(oauth_tokens.c.expires_at)
+    ).all()
+    if not expired:
+        findings.append(Finding("ok", "expiry", "no token has expired"))
+        return
+    last = conn.execute(
+        select(func.max(audit_log.c.timestamp)).where(audit_log.c.event_type == "tokens_refreshed")
+    ).scalar()
+    oldest = expired[0]
+    findings.append(
+        Finding("warning", "expiry",
+                f"{len(expired)} token(s) expired without being refreshed (the oldest: {oldest.twitch_login}'s "
+                f"{oldest.token_type} token, {_age(now - oldest.expires_at)} ago); last refresh: "
+                + ("never" if last is None else f"{_age(now - last)} ago"),
+                "run `kissbot refresh-worker` (TWITCH_CLIENT_ID, TWITCH_CLIENT_SECRET): it refreshes tokens before they expire")
+    )
 
 
 def _check_instances(conn: Connection, findings: list[Finding]) -> None:

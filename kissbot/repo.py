@@ -720,6 +720,8 @@ class TokenRepository:
     def get_tokens(self, user_id: int, *, token_type: str = "bot") -> dict[str, Any] | None:
         """The decrypted tokens of ``user_id``, or None if it has none.
 
+        ``expired`` is True once ``expires_at`` has passed (``status`` stays
+        ``valid`` until a refresh fails: an expired token is refreshable).
         Raises :class:`DecryptionError` naming the user and the row's key
         version if they do not decrypt.
         """
@@ -740,6 +742,7 @@ class TokenRepository:
         tokens["scopes"] = _decode_scopes(tokens["scopes"])
         tokens["needs_reauth"] = bool(tokens["needs_reauth"])
         tokens["refresh_failures"] = tokens["refresh_failures"] or 0
+        tokens["expired"] = tokens["expires_at"] <= utcnow()
         return tokens
 
     def get_tokens_needing_refresh(self, buffer_minutes: float = 10) -> list[dict[str, Any]]:
@@ -819,13 +822,16 @@ class TokenRepository:
         With ``decrypt``, each row also holds ``access_token`` and
         ``refresh_token``; a row whose tokens do not decrypt holds None for
         both and ``decrypt_error`` True instead of failing the whole list.
+        ``expired`` is True for a token past its ``expires_at``.
         """
+        now = utcnow()
         rows = [
             {
                 **r._asdict(),
                 "scopes": _decode_scopes(r.scopes),
                 "needs_reauth": bool(r.needs_reauth),
                 "refresh_failures": r.refresh_failures or 0,
+                "expired": r.expires_at <= now,
             }
             for r in self.db.execute(_TOKEN_LIST)
         ]

@@ -1,4 +1,4 @@
-"""Is a SQLite database exactly what kissbot's migrations make of it?
+"""Is a database exactly what kissbot's migrations make of it?
 
 A backup to restore, a database to adopt and a live store (``kissbot doctor``)
 are compared with the schema their Alembic revision defines, built by running
@@ -8,7 +8,8 @@ and no other object (a trigger, a view, a table or an index kissbot did not
 create). Then their rows must be what kissbot writes: each value of the type
 of its column (no BLOB token, no REAL ``key_version``), foreign keys intact,
 one ``alembic_version`` row, and config values the store can be opened with.
-Everything here only reads.
+On PostgreSQL (``doctor``) column types are compared by the kind of value
+they hold and the backend enforces the rest. Everything here only reads.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 import sqlalchemy
 from sqlalchemy import inspect
@@ -33,6 +34,8 @@ _FINGERPRINT = re.compile(r"key_fingerprint_v(\d+)")
 
 # The SQLite storage class (typeof) of each reflected column type kissbot uses.
 _STORAGE = {"INTEGER": "integer", "BOOLEAN": "integer", "TEXT": "text", "VARCHAR": "text", "DATETIME": "text"}
+# Values of the right storage class that kissbot still cannot read: SQL condition on the column, and what they are.
+_VALUES = {"BOOLEAN": ("{} NOT IN (0, 1)", "other than 0 and 1"), "DATETIME": ("julianday({}) IS NULL", "that are not timestamps")}
 
 
 @dataclass(frozen=True)
@@ -251,18 +254,14 @@ def row_problems(conn: Connection, expected: Schema) -> list[str]:
             ).all()
             for kind, n in rows:
                 problems.append(f"{table}.{column} holds {kind} in {n} row(s), kissbot stores {storage}")
-            if type_ == "BOOLEAN":
+            if type_ in _VALUES:
+                condition, what = _VALUES[type_]
+                col = quote_name(column)
                 n = conn.exec_driver_sql(
-                    f"SELECT count(*) FROM {quote_name(table)} WHERE typeof({quote_name(column)}) = 'integer' AND {quote_name(column)} NOT IN (0, 1)"
+                    f"SELECT count(*) FROM {quote_name(table)} WHERE typeof({col}) = '{storage}' AND {condition.format(col)}"
                 ).scalar()
                 if n:
-                    problems.append(f"{table}.{column} holds {n} value(s) other than 0 and 1")
-            elif type_ == "DATETIME":
-                n = conn.exec_driver_sql(
-                    f"SELECT count(*) FROM {quote_name(table)} WHERE typeof({quote_name(column)}) = 'text' AND julianday({quote_name(column)}) IS NULL"
-                ).scalar()
-                if n:
-                    problems.append(f"{table}.{column} holds {n} value(s) that are not timestamps")
+                    problems.append(f"{table}.{column} holds {n} value(s) {what}")
     if "alembic_version" in expected.tables:
         n = conn.exec_driver_sql("SELECT count(*) FROM alembic_version").scalar()
         if n != 1:

@@ -115,6 +115,26 @@ def test_tokens_are_masked_to_4_characters(runner, store):
     assert (rows["el_serda"]["needs_reauth"], rows["el_serda"]["refresh_failures"], rows["el_serda"]["status"]) == (True, 1, "expired")
 
 
+def test_expired_tokens_are_marked_in_the_table_json_and_api(runner, store, store_url, tmp_path):
+    from sqlalchemy import update
+
+    from kissbot.models import oauth_tokens
+    from kissbot.types import utcnow
+
+    with DatabaseManager(url=store_url, key_file=tmp_path / "k.key") as mgr:
+        bot = mgr.get_user_by_login("serda_bot")["id"]
+        with mgr.session() as s:
+            s.execute(update(oauth_tokens).where(oauth_tokens.c.user_id == bot).values(expires_at=utcnow()))
+        assert (mgr.get_tokens(bot)["expired"], mgr.get_tokens(bot)["status"]) == (True, "valid")
+        assert mgr.get_tokens(mgr.get_user_by_login("el_serda")["id"])["expired"] is False
+    lines = run(runner, "tokens", *store).stdout.splitlines()
+    (bot_line,) = [line for line in lines if line.startswith("serda_bot")]
+    assert bot_line.split()[3] == "(expired)"
+    assert "(expired)" not in "".join(line for line in lines if line.startswith("el_serda"))
+    rows = {r["twitch_login"]: r for r in json.loads(run(runner, "tokens", "--json", *store).stdout)}
+    assert (rows["serda_bot"]["expired"], rows["el_serda"]["expired"]) == (True, False)
+
+
 def test_tokens_reveal_prints_full_values_with_a_warning(runner, store):
     result = run(runner, "tokens", "--reveal", "--json", *store)
     assert result.stderr.startswith("Warning: printing full OAuth tokens")

@@ -26,7 +26,7 @@ from kissbot.crypto import TokenCipher, generate_key
 from kissbot.engine import create_engine, writer
 from kissbot.repo import TokenRepository, UserRepository
 from kissbot.migrations import HEAD
-from kissbot.models import audit_log, instances
+from kissbot.models import audit_log, instances, oauth_tokens
 from kissbot.types import utcnow
 from kissbot.cli import cli
 
@@ -402,12 +402,14 @@ def test_maintenance_on_a_live_wal_file(runner, tmp_path, key_file):
         args = ["--db", str(db)]
         passive = runner.invoke(cli, ["maintenance", "checkpoint", *args])
         assert passive.exit_code == 0, passive.output
-        match = re.fullmatch(r"wal_checkpoint\(PASSIVE\): busy=0 log=(\d+) checkpointed=(\d+)\n", passive.output)
+        match = re.fullmatch(r"Checkpoint \(PASSIVE\): (\d+) of (\d+) WAL pages copied into the database\n", passive.output)
         assert match and int(match[1]) == int(match[2]) > 0, passive.output
         mgr.log_event("tick")
         truncate = runner.invoke(cli, ["maintenance", "checkpoint", "--mode", "truncate", *args])
         assert truncate.exit_code == 0, truncate.output
-        assert re.fullmatch(r"wal_checkpoint\(TRUNCATE\): busy=0 log=0 checkpointed=0\n", truncate.output)
+        assert truncate.output == "Checkpoint (TRUNCATE): the WAL is copied into the database and emptied\n"
+        again = runner.invoke(cli, ["maintenance", "checkpoint", *args])
+        assert again.output == "Checkpoint (PASSIVE): the WAL is empty, nothing to copy\n"
         assert wal.stat().st_size == 0
         assert runner.invoke(cli, ["maintenance", "integrity", *args]).output == "integrity_check: ok\n"
         assert runner.invoke(cli, ["maintenance", "vacuum", *args]).output == "VACUUM: done\n"
@@ -458,6 +460,7 @@ def test_doctor_on_a_healthy_store(runner, store):
         f"[ok] schema: exactly migration {HEAD}'s tables, columns and indexes; rows well-typed\n"
         f"[ok] tokens of all 2 users decrypt with {key}\n"
         "[ok] no token needs reauthorization\n"
+        "[ok] no token has expired\n"
         "[ok] 1 running instances, none stale\n"
         "[ok] no temporary files left by interrupted runs\n"
     )
@@ -470,7 +473,7 @@ def test_doctor_on_postgresql(runner, postgresql_url, key_file):
     assert result.exit_code == 0, result.output
     findings = json.loads(result.output)
     assert {f["level"] for f in findings} == {"ok"}
-    assert [f["check"] for f in findings] == ["key-file", "migration", "schema", "decryption", "reauth", "instances"]
+    assert [f["check"] for f in findings] == ["key-file", "migration", "schema", "decryption", "reauth", "expiry", "instances"]
 
 
 def test_doctor_reports_an_unsafe_key_file_as_an_error(runner, store):
@@ -519,6 +522,24 @@ def test_doctor_warns_about_reauth_failures_and_stale_instances(runner, store):
     assert "[warning] user bob (id 2), bot token: 3 refresh failures (max_crash_count 3); fix: reauthorize bob via the Twitch OAuth flow and store the new tokens" in lines
     (stale,) = [line for line in lines if line.startswith("[warning] instance")]
     assert re.match(r"\[warning\] instance 1 \(bob on alice, pid 4242\) is running but its last heartbeat was \d+ s ago \(limit 90 s\)", stale)
+
+
+def test_doctor_warns_about_expired_tokens_and_when_the_last_refresh_was(runner, store):
+    db, key = store
+    with DatabaseManager(db, key) as mgr:
+        with mgr.session() as s:
+            s.execute(
+                update(oauth_tokens).where(oauth_tokens.c.user_id == 2).values(expires_at=utcnow() - timedelta(minutes=90))
+            )
+    result = runner.invoke(cli, ["doctor", "--db", str(db), "--key-file", str(key)])
+    assert result.exit_code == 0, "a warning alone does not fail"
+    (line,) = [line for line in result.output.splitlines() if "expired" in line and line.startswith("[warning]")]
+    assert re.fullmatch(
+        r"\[warning\] 1 token\(s\) expired without being refreshed \(the oldest: bob's bot token, 1 h (29|30) min ago\); "
+        r"last refresh: never; fix: run `kissbot refresh-worker` \(TWITCH_CLIENT_ID, TWITCH_CLIENT_SECRET\): it refreshes "
+        r"tokens before they expire",
+        line,
+    ), line
 
 
 def test_doctor_creates_nothing_and_reports_what_is_missing(runner, tmp_path):

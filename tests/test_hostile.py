@@ -16,34 +16,17 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from kissbot import DatabaseManager
 from kissbot.backup import backup_sqlite
 from kissbot.cli import cli
 from kissbot.migrations import HEAD
 
-
-@pytest.fixture
-def runner():
-    return CliRunner()
-
-
-@pytest.fixture
-def store(tmp_path):
-    """A closed SQLite store in its own folder: alice and bob with tokens."""
-    folder = tmp_path / "live"
-    folder.mkdir()
-    db, key = folder / "kissbot.db", folder / ".kissbot.key"
-    with DatabaseManager(db, key) as mgr:
-        for twitch_id, login in (("11", "alice"), ("22", "bob")):
-            uid = mgr.create_user(twitch_id, login)
-            mgr.store_tokens(uid, f"access-{login}", f"refresh-{login}", 3600)
-    return db, key
+from test_cli_ops import runner, store  # noqa: F401  (fixtures: a CliRunner; alice and bob with tokens)
 
 
 def digest(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def edit(db: Path, script: str) -> None:

@@ -6,7 +6,6 @@ the folder byte-identical; a read-only command never creates, migrates or conver
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import sqlite3
@@ -17,7 +16,6 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from cryptography.fernet import Fernet
 
 from kissbot import DatabaseManager
@@ -25,35 +23,11 @@ from kissbot.backup import backup_sqlite
 from kissbot.cli import cli
 
 from test_adopt import build_v4
+from test_cli_ops import one_line_error, runner, store  # noqa: F401  (fixtures: a CliRunner; alice and bob)
+from test_hostile import digest
 
 PROCESS_TIMEOUT = 60
 KISSBOT = [sys.executable, "-c", "from kissbot.cli import cli; cli()"]
-
-
-@pytest.fixture
-def runner():
-    return CliRunner()
-
-
-@pytest.fixture
-def store(tmp_path):
-    """A closed SQLite store in its own folder: alice with tokens."""
-    folder = tmp_path / "live"
-    folder.mkdir()
-    db, key = folder / "kissbot.db", folder / ".kissbot.key"
-    with DatabaseManager(db, key) as mgr:
-        mgr.store_tokens(mgr.create_user("11", "alice"), "access-alice", "refresh-alice", 3600)
-    return db, key
-
-
-def digest(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
-
-
-def one_line_error(result) -> str:
-    assert result.exit_code == 1, result.output
-    assert result.output.startswith("Error: ") and len(result.output.splitlines()) == 1, result.output
-    return result.output
 
 
 # --- killed runs: their temporary files are swept by the next run, and doctor reports them -----
@@ -137,17 +111,17 @@ def test_restore_through_a_symlink_restores_its_target_and_keeps_the_link(runner
     db, key = store
     backup = backup_sqlite(db, tmp_path / "before-bob.backup")
     with DatabaseManager(db, key) as mgr:
-        mgr.create_user("22", "bob")
+        mgr.create_user("33", "carol")
     link = tmp_path / "link.db"
     link.symlink_to(db)
     result = runner.invoke(cli, ["restore", "--db", str(link), "--key-file", str(key), str(backup)])
     assert result.exit_code == 0, result.output
     assert link.is_symlink() and os.readlink(link) == str(db)
     with DatabaseManager(db, key) as mgr:
-        assert [u["twitch_login"] for u in mgr.list_users()] == ["alice"]
+        assert [u["twitch_login"] for u in mgr.list_users()] == ["alice", "bob"]
     (previous,) = [p for p in db.parent.iterdir() if p.name.startswith("kissbot.db.backup_")]
     with closing(sqlite3.connect(previous)) as conn:
-        assert conn.execute("SELECT twitch_login FROM users ORDER BY id").fetchall() == [("alice",), ("bob",)]
+        assert conn.execute("SELECT twitch_login FROM users ORDER BY id").fetchall() == [("alice",), ("bob",), ("carol",)]
 
 
 # --- read-only commands never migrate, create or convert ------------------------------------------

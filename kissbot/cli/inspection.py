@@ -115,7 +115,7 @@ def tokens(ctx: click.Context, store: StoreTarget, reveal: bool, as_json: bool) 
             [
                 r["twitch_login"],
                 r["token_type"],
-                r["expires_at"],
+                f"{_cell(r['expires_at'])} (expired)" if r["expired"] else r["expires_at"],
                 r["needs_reauth"],
                 r["refresh_failures"],
                 "(does not decrypt)" if r["decrypt_error"] else r["access_token"],

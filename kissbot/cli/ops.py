@@ -174,10 +174,16 @@ def maintenance_checkpoint(store: StoreTarget, mode: str) -> None:
         result = checkpoint(engine, mode)
     finally:
         engine.dispose()
-    click.echo(
-        f"wal_checkpoint({mode.upper()}): busy={int(result.busy)} log={result.log_frames} "
-        f"checkpointed={result.checkpointed_frames}"
-    )
+    mode, done, log = mode.upper(), result.checkpointed_frames, result.log_frames
+    if result.busy:
+        click.echo(f"Checkpoint ({mode}) not finished: another connection was busy; {done} of {log} WAL pages copied, "
+                   "run it again later")
+    elif mode == "TRUNCATE":  # SQLite reports 0 pages once the -wal file is emptied
+        click.echo("Checkpoint (TRUNCATE): the WAL is copied into the database and emptied")
+    elif log == 0:
+        click.echo(f"Checkpoint ({mode}): the WAL is empty, nothing to copy")
+    else:
+        click.echo(f"Checkpoint ({mode}): {done} of {log} WAL pages copied into the database")
 
 
 @maintenance.command("integrity")
