@@ -25,6 +25,7 @@ import os
 import stat
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,7 @@ class TokenEntry:
     display_name: str | None = None
     scopes: list[str] | None = None
     is_bot: bool = False
+    last_validated: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,9 @@ class TokenBatch:
     problems: list[str]
     create_users: bool
     audit_event: str
+    token_type: str = "bot"
+    written_at: datetime | None = None
+    """When a live token file was last written: stored tokens written after it are kept (see kissbot.live_tokens)."""
 
 
 @dataclass
@@ -426,6 +431,10 @@ def apply_batch(
             problems.append(problem)
         else:
             skipped.append(problem)
+    if batch.written_at is not None and db is not None:
+        from kissbot.live_tokens import drop_rolled_back
+
+        ready, users = drop_rolled_back(db, batch, ready, users, skipped)
     if problems and not skip_invalid:
         raise InvalidImport(problems)
     created = users.count(None)
@@ -464,8 +473,13 @@ def _write(
     user_ids = [new_ids[e.twitch_user_id] if user is None else user["id"] for e, user in zip(ready, users)]
     logins = [e.login or user["twitch_login"] for e, user in zip(ready, users)]
     TokenRepository(db).store_many_tokens(
-        ((user_id, e.access_token, e.refresh_token, e.scopes) for user_id, e in zip(user_ids, ready)), expires_in
+        ((user_id, e.access_token, e.refresh_token, e.scopes) for user_id, e in zip(user_ids, ready)),
+        expires_in,
+        token_type=batch.token_type,
     )
+    validated = {user_id: e.last_validated for user_id, e in zip(user_ids, ready) if e.last_validated is not None}
+    if validated:
+        TokenRepository(db).set_last_validated(validated, token_type=batch.token_type)
     AuditRepository(db).log_events(
         batch.audit_event,
         (

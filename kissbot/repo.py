@@ -858,6 +858,23 @@ class TokenRepository:
         if self.db.execute(_RECORD_VALIDATION, params).rowcount == 0:
             raise UserNotFound(f"user {user_id} has no {token_type} tokens")
 
+    def written_at(self, user_ids: Sequence[int], *, token_type: str = "bot") -> dict[int, datetime]:
+        """When the stored tokens of these users were written (their last refresh, else their creation), by user id."""
+        t = oauth_tokens.c
+        found: dict[int, datetime] = {}
+        for chunk in _chunks(list(user_ids)):
+            stmt = select(t.user_id, func.coalesce(t.last_refresh, t.created_at, t.updated_at).label("written")).where(
+                t.token_type == token_type, t.user_id.in_(chunk)
+            )
+            found.update((row.user_id, row.written) for row in self.db.execute(stmt))
+        return found
+
+    def set_last_validated(self, times: Mapping[int, datetime], *, token_type: str = "bot") -> None:
+        """Store when Twitch last accepted each user's access token (``last_validated``), by user id."""
+        stmt = update(oauth_tokens).where(_ROW).values(last_validated=bindparam("p_now"))
+        for user_id, when in times.items():
+            self.db.execute(stmt, {"p_user_id": user_id, "p_type": token_type, "p_now": when})
+
     def count(self) -> int:
         """Number of token rows."""
         return self.db.execute(select(func.count()).select_from(oauth_tokens)).scalar_one()

@@ -136,21 +136,24 @@ def test_a_bot_racing_the_refresh_worker_spends_the_refresh_token_once(
 # --- in one process -----------------------------------------------------------------------------
 
 
-def twitchio_client(store: Any, twitch) -> Any:
+def twitchio_client(store: Any, twitch, base: str = "client") -> Any:
     import twitchio
+    from twitchio.ext import commands
     from twitchio.http import Route
 
     Route.BASE, Route.ID_BASE = f"{twitch.base_url}/helix/", f"{twitch.base_url}/"
+    options: dict[str, Any] = {"prefix": "!"} if base == "commands" else {}
 
-    class Bot(KissbotTokens, twitchio.Client):
+    class Bot(KissbotTokens, commands.Bot if base == "commands" else twitchio.Client):  # type: ignore[misc]
         pass
 
     return Bot(token_store=store, client_id=twitch.client_id, client_secret="app-secret", bot_id=TWITCH_ID,
-               fetch_client_user=False)
+               fetch_client_user=False, **options)
 
 
+@pytest.mark.parametrize("base", ["client", "commands"])
 def test_twitchio_loads_stored_tokens_stores_new_authorisations_and_writes_nothing_on_close(
-    mgr, twitch, tmp_path, monkeypatch
+    mgr, twitch, tmp_path, monkeypatch, base
 ):
     monkeypatch.chdir(tmp_path)
     token = seed(mgr, twitch, expired=False)
@@ -158,7 +161,7 @@ def test_twitchio_loads_stored_tokens_stores_new_authorisations_and_writes_nothi
     broadcaster = twitch.mint("some_streamer", "4242", ["channel:read:subscriptions"])
 
     async def main() -> dict[str, Any]:
-        bot = twitchio_client(mgr, twitch)
+        bot = twitchio_client(mgr, twitch, base)
         await bot.login(token="app-token")
         held = {uid: data["token"] for uid, data in bot.tokens.items()}
         await bot.event_oauth_authorized({"access_token": broadcaster.access_token, "refresh_token": broadcaster.refresh_token})

@@ -15,14 +15,16 @@ from kissbot.importers import (
     ImportReport,
     TokenBatch,
     import_tokens,
-    read_token_file,
     read_yaml_tokens,
 )
+from kissbot.live_tokens import read_live_tokens
+from kissbot.repo import TOKEN_TYPES
+from kissbot.twitch import DEFAULT_VALIDATE_URL, VALIDATE_URL_ENV
 
 _SOURCE = click.Path(dir_okay=False, path_type=Path)
 
 
-def _run(store: StoreTarget, batch: TokenBatch, as_json: bool, **options: object) -> None:
+def _run(store: StoreTarget, batch: TokenBatch, as_json: bool, **options: object) -> ImportReport:
     try:
         report = import_tokens(batch, db_path=store.db_path, key_file=store.key_file, url=store.target if store.url else None, **options)
     except InvalidImport as exc:
@@ -30,6 +32,7 @@ def _run(store: StoreTarget, batch: TokenBatch, as_json: bool, **options: object
             click.echo(f"Error: {problem}", err=True)
         raise click.exceptions.Exit(1) from None
     _print_report(report, as_json)
+    return report
 
 
 def _print_report(report: ImportReport, as_json: bool) -> None:
@@ -92,24 +95,56 @@ def migrate_yaml(
     help="Lifetime to record for the tokens.",
 )
 @click.option("--login", help="The user of a pyTwitchAPI user_token.json (TwitchIO's file names users by id).")
+@click.option(
+    "--create-users", is_flag=True,
+    help="Create missing users, learning each token's login and id with one Twitch /validate call.",
+)
+@click.option(
+    "--token-type", type=click.Choice(TOKEN_TYPES), default="bot", show_default=True,
+    help="Store the tokens as the bot's own or as broadcaster tokens.",
+)
+@click.option("--force", is_flag=True, help="Also import entries whose stored tokens are newer than the file.")
+@click.option(
+    "--validate-url", envvar=VALIDATE_URL_ENV, default=DEFAULT_VALIDATE_URL, show_default=True,
+    help=f"Twitch's validate endpoint, for --create-users (env {VALIDATE_URL_ENV}).",
+)
 @click.option("--dry-run", is_flag=True, help="Report what would be done; write nothing.")
 @click.option("--no-backup", is_flag=True, help="Do not back up the SQLite database first.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @store_options
 def import_tio(
-    store: StoreTarget, file: Path, expires_in: int, login: str | None, dry_run: bool, no_backup: bool, as_json: bool
+    store: StoreTarget,
+    file: Path,
+    expires_in: int,
+    login: str | None,
+    create_users: bool,
+    token_type: str,
+    force: bool,
+    validate_url: str,
+    dry_run: bool,
+    no_backup: bool,
+    as_json: bool,
 ) -> None:
-    """Import live tokens from TwitchIO's .tio.tokens.json into existing users.
+    """Import live tokens from TwitchIO's .tio.tokens.json (or pyTwitchAPI's user_token.json).
 
     Users are matched by Twitch user id; ids with no user in the store are
-    reported and skipped, never guessed. A pyTwitchAPI user_token.json
-    ({"token", "refresh"}) is imported for the user named by --login.
-    A malformed entry aborts the run with nothing written.
+    reported and skipped, never guessed, unless --create-users. A pyTwitchAPI
+    user_token.json ({"token", "refresh"}) is imported for the user named by
+    --login (or the token's own with --create-users). TwitchIO's
+    last_validated is kept. An entry whose stored tokens were written after
+    the file is skipped (the file is older: importing it would roll the row
+    back), unless --force. A malformed entry aborts the run with nothing
+    written; a run that imports nothing exits 1.
 
     \b
     Example:
-        kissbot import-tio .tio.tokens.json --dry-run
+        kissbot import-tio .tio.tokens.json --create-users --dry-run
         kissbot import-tio user_token.json --login serda_bot
     """
-    batch = read_token_file(file, login=login)
-    _run(store, batch, as_json, expires_in=expires_in, dry_run=dry_run, backup=not no_backup)
+    batch = read_live_tokens(
+        file, login=login, create_users=create_users, token_type=token_type, force=force, validate_url=validate_url
+    )
+    report = _run(store, batch, as_json, expires_in=expires_in, dry_run=dry_run, backup=not no_backup)
+    if report.tokens_stored == 0:
+        click.echo(f"Error: nothing to import from {file}: every entry was skipped (see above)", err=True)
+        raise click.exceptions.Exit(1)
