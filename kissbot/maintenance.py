@@ -18,7 +18,7 @@ from sqlalchemy.engine import URL, Engine
 
 from kissbot.engine import create_engine
 from kissbot.urls import is_memory, sqlite_path, to_url
-from kissbot.errors import DatabaseError, KissbotError, NoDatabase, UnsupportedBackend
+from kissbot.errors import DatabaseError, NoDatabase, UnsupportedBackend, ValidationError
 from kissbot.migrations import KISSBOT_TABLES, read_only_engine
 
 CHECKPOINT_MODES = ("PASSIVE", "FULL", "RESTART", "TRUNCATE")
@@ -71,7 +71,7 @@ def checkpoint(engine: Engine, mode: str = "PASSIVE") -> CheckpointResult:
     """
     mode = mode.upper()
     if mode not in CHECKPOINT_MODES:
-        raise KissbotError(f"checkpoint mode must be one of {', '.join(CHECKPOINT_MODES)}, not {mode!r}")
+        raise ValidationError(f"checkpoint mode must be one of {', '.join(CHECKPOINT_MODES)}, not {mode!r}")
     _require_sqlite(engine, "checkpoint")
     with _sqlite_driver(engine) as raw:
         busy, log, done = raw.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()

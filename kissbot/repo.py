@@ -1,38 +1,36 @@
 """Repositories: the store's API over one session or connection.
 
-Each repository wraps a :class:`~sqlalchemy.orm.Session` (or a Core
-:class:`~sqlalchemy.engine.Connection`); it never commits, never opens a
-connection, and returns plain dicts. Statements on the hot path are built once
-with bind parameters, and token columns are only selected (and so decrypted)
-where the caller asked for them.
+Each repository wraps a :class:`~sqlalchemy.orm.Session` or a Core
+:class:`~sqlalchemy.engine.Connection` and runs the same statements on
+either with ``execute()``; it never commits, never opens a connection, and
+returns plain dicts. Token columns are :class:`~kissbot.types.EncryptedString`:
+they are encrypted when bound and decrypted when read, and only selected
+where the caller asked for the tokens.
 """
 
 from __future__ import annotations
 
 import json
-from operator import itemgetter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
-from itertools import repeat
 from typing import TYPE_CHECKING, Any, Union
 
-from sqlalchemy import Column, ColumnElement, Text, bindparam, delete, false, func, insert, literal_column, null, select, update
-from sqlalchemy.engine import Connection, Dialect, Result
+from sqlalchemy import ColumnElement, Result, Select, bindparam, delete, false, func, insert, select, update
+from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import IntegrityError
 
-from kissbot.crypto import KeyFileCipher, TokenCipher
 from kissbot.errors import (
     DecryptionError,
     DuplicateUser,
     InstanceDisabled,
     InstanceNotFound,
-    KissbotError,
     StaleTokens,
     UserNotFound,
+    ValidationError,
 )
+from kissbot import validation as check
 from kissbot.models import audit_log, config, instances, oauth_tokens, users
 from kissbot.types import cipher_of, utcnow
-from kissbot import validation as check
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -40,22 +38,17 @@ if TYPE_CHECKING:
 Executor = Union["Session", Connection]
 """What a repository runs its statements on."""
 
-def _first_dict(result: Result[Any]) -> dict[str, Any] | None:
-    """The first row of ``result`` as a plain dict, or None."""
-    # dict(zip(keys, row)) costs a tenth of Row._asdict(), which builds a RowMapping first.
-    keys = result.keys()
-    row = result.first()
-    return dict(zip(keys, row)) if row is not None else None
-
-
-def _all_dicts(result: Result[Any]) -> list[dict[str, Any]]:
-    """Every row of ``result`` as a plain dict."""
-    # map() keeps the per-row loop in C: a quarter faster than the comprehension on a 100-row scan.
-    return list(map(dict, map(zip, repeat(tuple(result.keys())), result.all())))
-
-
 _IN_CHUNK = 400
 """Values bound to one ``IN (…)`` of the batch methods: two lists stay under SQLite's oldest limit of 999 variables."""
+
+
+def _one(result: Result[Any]) -> dict[str, Any] | None:
+    row = result.mappings().first()
+    return dict(row) if row is not None else None
+
+
+def _all(result: Result[Any]) -> list[dict[str, Any]]:
+    return [dict(row) for row in result.mappings()]
 
 
 def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
@@ -63,94 +56,8 @@ def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
         yield values[start : start + _IN_CHUNK]
 
 
-class _Prepared:
-    """A write statement compiled once per engine and run with ``exec_driver_sql``.
-
-    ``Connection.execute`` of even a prebuilt statement looks it up in the
-    engine's compiled cache and builds its parameters through the compiler on
-    every call, about as much again as the statement itself on a token write.
-    Here SQLAlchemy compiles the statement once per dialect; each call only
-    applies the same type processors (encryption, UTC timestamps) in the
-    compiled order. A :class:`Session` gets the statement itself, so its
-    autoflush still runs. One parameter set per call: batches use
-    :func:`_execute_many`.
-    """
-
-    __slots__ = ("stmt",)
-
-    def __init__(self, stmt: Any) -> None:
-        self.stmt = stmt
-
-    def __call__(self, db: Executor, params: dict[str, Any]) -> Any:
-        if not isinstance(db, Connection):
-            return db.execute(self.stmt, params)
-        prepared = db.dialect.__dict__.setdefault(_PREPARED_ATTR, {})
-        entry = prepared.get(self)
-        if entry is None:
-            entry = prepared[self] = self._compile(db.dialect)
-        compiled, processors, order = entry
-        values = compiled.construct_params(params)
-        for name, process in processors:
-            values[name] = process(values[name])
-        return db.exec_driver_sql(compiled.string, values if order is None else tuple(values[k] for k in order))
-
-    def _compile(self, dialect: Dialect) -> tuple[Any, tuple[tuple[str, Any], ...], tuple[str, ...] | None]:
-        compiled = self.stmt.compile(dialect=dialect)
-        processors = tuple(
-            (name, process)
-            for name, bind in compiled.binds.items()
-            if (process := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None
-        )
-        order = tuple(compiled.positiontup) if compiled.positional else None
-        return compiled, processors, order
-
-
-_PREPARED_ATTR = "_kissbot_prepared"
-
-
-def _inline(db: Executor, column: Column[Any], value: Any) -> ColumnElement[Any]:
-    """``value`` written into a batch statement as ``column``'s SQL literal, as the dialect stores it.
-
-    A value every row of a batch shares (the time, the token type, …) is then
-    converted once, instead of once per row as a bound parameter is: with a
-    timestamp that is ~3 µs a row and a column. Text is bound instead: a
-    caller's string could hold ``%``, which PostgreSQL's driver would see doubled.
-    The statement is new on each call: run it with :data:`_UNCACHED`.
-    """
-    if isinstance(value, str):
-        raise TypeError("bind text values; _inline is for times, numbers and flags")
-    dialect = _dialect(db)
-    # The dialect's own type, as for a bound value: SQLite's DATETIME always writes the microseconds.
-    return literal_column(column.type.dialect_impl(dialect).literal_processor(dialect)(value), column.type)
-
-
-_UNCACHED = {"compiled_cache": None}
-"""Execution options for a statement holding :func:`_inline` values: it would only fill the engine's compiled cache."""
-
-
-def _execute_many(db: Executor, stmt: Any, rows: list[dict[str, Any]]) -> None:
-    """``db.execute(stmt, rows)`` for a batch statement whose bound values all come from ``rows`` as they are.
-
-    SQLAlchemy's executemany builds every row's parameters through the
-    compiler (~3 µs a row); the batch statements write shared values as
-    literals (:func:`_inline`) and bind only values that need no type
-    processing, so their rows can go to the driver as they are. A bind the
-    rows lack or one with a processor, or a Session, takes ``execute``.
-    """
-    if isinstance(db, Connection) and rows:
-        dialect = db.dialect
-        compiled = stmt.compile(dialect=dialect, for_executemany=True)
-        if rows[0].keys() >= compiled.binds.keys() and all(
-            b.type.dialect_impl(dialect).bind_processor(dialect) is None for b in compiled.binds.values()
-        ):
-            if not compiled.positional:
-                db.exec_driver_sql(compiled.string, rows)
-            elif len(compiled.positiontup) > 1:
-                db.exec_driver_sql(compiled.string, list(map(itemgetter(*compiled.positiontup), rows)))
-            else:
-                db.exec_driver_sql(compiled.string, [(row[compiled.positiontup[0]],) for row in rows])
-            return
-    db.execute(stmt, rows, execution_options=_UNCACHED)
+def _dialect(db: Executor) -> Dialect:
+    return db.dialect if isinstance(db, Connection) else db.get_bind().dialect
 
 
 # --- users -------------------------------------------------------------------------------------
@@ -164,24 +71,8 @@ _USER_COLUMNS = (
     users.c.created_at,
     users.c.updated_at,
 )
-_USER_BY_ID = select(*_USER_COLUMNS).where(users.c.id == bindparam("p_id"))
-_USER_BY_TWITCH_ID = select(*_USER_COLUMNS).where(users.c.twitch_user_id == bindparam("p_twitch_id"))
-_USER_BY_LOGIN = select(*_USER_COLUMNS).where(users.c.twitch_login == bindparam("p_login"))
-_USER_ID_BY_LOGIN = select(users.c.id).where(users.c.twitch_login == bindparam("p_login"))
-_USER_ID_BY_TWITCH_ID = select(users.c.id).where(users.c.twitch_user_id == bindparam("p_twitch_id"))
-_INSERT_USER = insert(users).values(
-    twitch_user_id=bindparam("p_twitch_id"),
-    twitch_login=bindparam("p_login"),
-    display_name=bindparam("p_display"),
-    is_bot=bindparam("p_is_bot"),
-    created_at=bindparam("p_now"),
-    updated_at=bindparam("p_now"),
-)
+_USERS = select(*_USER_COLUMNS)
 _USER_FIELDS = frozenset({"twitch_user_id", "twitch_login", "display_name", "is_bot"})
-_USERS_BY_TWITCH_IDS_OR_LOGINS = select(*_USER_COLUMNS).where(
-    users.c.twitch_user_id.in_(bindparam("p_twitch_ids", expanding=True))
-    | users.c.twitch_login.in_(bindparam("p_logins", expanding=True))
-)
 
 
 class UserRepository:
@@ -194,22 +85,22 @@ class UserRepository:
 
     def get_user(self, twitch_user_id: str | int) -> dict[str, Any] | None:
         """The user with this Twitch user id, or None."""
-        return _first_dict(self.db.execute(_USER_BY_TWITCH_ID, {"p_twitch_id": str(twitch_user_id)}))
+        return _one(self.db.execute(_USERS.where(users.c.twitch_user_id == str(twitch_user_id))))
 
     def get_user_by_id(self, user_id: int) -> dict[str, Any] | None:
         """The user with this kissbot id (``users.id``), or None."""
         check.check_id(user_id)
-        return _first_dict(self.db.execute(_USER_BY_ID, {"p_id": user_id}))
+        return _one(self.db.execute(_USERS.where(users.c.id == user_id)))
 
     def get_user_by_login(self, login: str) -> dict[str, Any] | None:
         """The user with this login (any case), or None."""
         check.check_text(login, "login")
-        return _first_dict(self.db.execute(_USER_BY_LOGIN, {"p_login": login.lower()}))
+        return _one(self.db.execute(_USERS.where(users.c.twitch_login == login.lower())))
 
     def user_id_for_login(self, login: str) -> int:
         """The kissbot id of ``login``; raise :class:`UserNotFound`."""
         check.check_text(login, "login")
-        user_id = self.db.execute(_USER_ID_BY_LOGIN, {"p_login": login.lower()}).scalar()
+        user_id = self.db.execute(select(users.c.id).where(users.c.twitch_login == login.lower())).scalar()
         if user_id is None:
             raise UserNotFound(f"no user with login {login!r}")
         return user_id
@@ -220,24 +111,25 @@ class UserRepository:
         """Create a user and return its id; raise :class:`DuplicateUser`."""
         check.check_user_fields(twitch_user_id=twitch_user_id, twitch_login=twitch_login, display_name=display_name)
         twitch_user_id, login = str(twitch_user_id), twitch_login.lower()
-        params = {
-            "p_twitch_id": twitch_user_id,
-            "p_login": login,
-            "p_display": display_name,
-            "p_is_bot": bool(is_bot),
-            "p_now": utcnow(),
-        }
-        for stmt, value, what in (
-            (_USER_ID_BY_TWITCH_ID, twitch_user_id, "Twitch user id"),
-            (_USER_ID_BY_LOGIN, login, "login"),
+        for column, value, what in (
+            (users.c.twitch_user_id, twitch_user_id, "Twitch user id"),
+            (users.c.twitch_login, login, "login"),
         ):
-            if self.db.execute(stmt, params).first() is not None:
+            if self.db.execute(select(users.c.id).where(column == value)).first() is not None:
                 raise DuplicateUser(f"a user with {what} {value!r} already exists")
+        now = utcnow()
+        stmt = insert(users).values(
+            twitch_user_id=twitch_user_id,
+            twitch_login=login,
+            display_name=display_name,
+            is_bot=bool(is_bot),
+            created_at=now,
+            updated_at=now,
+        )
         try:
-            result = self.db.execute(_INSERT_USER, params)
+            user_id = self.db.execute(stmt).inserted_primary_key[0]
         except IntegrityError as exc:
             raise DuplicateUser(f"user {login!r} (Twitch id {twitch_user_id}) already exists") from exc
-        user_id = result.inserted_primary_key[0]
         AuditRepository(self.db).log_event("user_created", user_id=user_id, details={"login": login, "is_bot": bool(is_bot)})
         return user_id
 
@@ -245,7 +137,7 @@ class UserRepository:
         """Change ``twitch_user_id``, ``twitch_login``, ``display_name`` or ``is_bot``."""
         unknown = set(fields) - _USER_FIELDS
         if unknown:
-            raise KissbotError(f"cannot update user field(s) {', '.join(sorted(unknown))}")
+            raise ValidationError(f"cannot update user field(s) {', '.join(sorted(unknown))}")
         check.check_id(user_id)
         check.check_user_fields(**fields)
         if "twitch_login" in fields:
@@ -266,21 +158,11 @@ class UserRepository:
     def find_users(self, twitch_user_ids: Iterable[str | int] = (), logins: Iterable[str] = ()) -> list[dict[str, Any]]:
         """Every user whose Twitch user id or login (any case) is among these, each once."""
         ids, lower = sorted({str(v) for v in twitch_user_ids}), sorted({login.lower() for login in logins})
-        if not (ids or lower):
-            return []
-        if self.count() <= len(ids) + len(lower):
-            # Fewer users than names (an import into a new or small store): one read of
-            # them all costs less than looking the names up 400 at a time.
-            wanted_ids, wanted_logins = set(ids), set(lower)
-            return [
-                u for u in _all_dicts(self.db.execute(select(*_USER_COLUMNS)))
-                if u["twitch_user_id"] in wanted_ids or u["twitch_login"] in wanted_logins
-            ]
         found: dict[int, dict[str, Any]] = {}
-        for start in range(0, max(len(ids), len(lower)), _IN_CHUNK):
-            params = {"p_twitch_ids": ids[start : start + _IN_CHUNK], "p_logins": lower[start : start + _IN_CHUNK]}
-            for user in _all_dicts(self.db.execute(_USERS_BY_TWITCH_IDS_OR_LOGINS, params)):
-                found[user["id"]] = user
+        for column, values in ((users.c.twitch_user_id, ids), (users.c.twitch_login, lower)):
+            for chunk in _chunks(values):
+                for user in _all(self.db.execute(_USERS.where(column.in_(chunk)))):
+                    found[user["id"]] = user
         return list(found.values())
 
     def create_users(self, new_users: Sequence[Mapping[str, Any]]) -> dict[str, int]:
@@ -294,52 +176,44 @@ class UserRepository:
         """
         if not new_users:
             return {}
-        now = _inline(self.db, users.c.created_at, utcnow())
-        stmt = insert(users).values(
-            twitch_user_id=bindparam("p_twitch_id"),
-            twitch_login=bindparam("p_login"),
-            display_name=bindparam("p_display"),
-            is_bot=bindparam("p_is_bot"),
-            created_at=now,
-            updated_at=now,
-        )
-        params = [
+        now = utcnow()
+        rows = [
             {
-                "p_twitch_id": str(u["twitch_user_id"]),
-                "p_login": u["twitch_login"].lower(),
-                "p_display": u.get("display_name"),
-                "p_is_bot": bool(u.get("is_bot", False)),
+                "twitch_user_id": str(u["twitch_user_id"]),
+                "twitch_login": u["twitch_login"].lower(),
+                "display_name": u.get("display_name"),
+                "is_bot": bool(u.get("is_bot", False)),
+                "created_at": now,
+                "updated_at": now,
             }
             for u in new_users
         ]
+        # insertmanyvalues: SQLAlchemy sends the rows as multi-row INSERTs, with RETURNING where
+        # the driver has it (SQLite before 3.35 does not: the ids are then read back).
         returning = _dialect(self.db).insert_executemany_returning
+        stmt = insert(users).returning(users.c.twitch_user_id, users.c.id) if returning else insert(users)
         try:
             with self.db.begin_nested():
-                # RETURNING with many rows: SQLAlchemy sends them as multi-row INSERTs.
-                result = self.db.execute(
-                    stmt.returning(users.c.twitch_user_id, users.c.id) if returning else stmt,
-                    params,
-                    execution_options=_UNCACHED,
-                )
-                if returning:
-                    return {twitch_user_id: user_id for twitch_user_id, user_id in result}
+                created = self.db.execute(stmt, rows).all() if returning else self.db.execute(stmt, rows)
         except IntegrityError as exc:
-            raise DuplicateUser(f"one of {len(params)} new users has a Twitch user id or login already taken") from exc
-        return {u["twitch_user_id"]: u["id"] for u in self.find_users(twitch_user_ids=[p["p_twitch_id"] for p in params])}
+            raise DuplicateUser(f"one of {len(rows)} new users has a Twitch user id or login already taken") from exc
+        if returning:
+            return {twitch_user_id: user_id for twitch_user_id, user_id in created}
+        return {u["twitch_user_id"]: u["id"] for u in self.find_users(twitch_user_ids=[r["twitch_user_id"] for r in rows])}
 
     def set_display_names(self, names: Mapping[int, str | None]) -> None:
         """Set the ``display_name`` of many users at once, by kissbot id (``users.id``)."""
         if names:
             stmt = (
                 update(users)
-                .where(users.c.id == bindparam("p_id"))
-                .values(display_name=bindparam("p_display"), updated_at=_inline(self.db, users.c.updated_at, utcnow()))
+                .where(users.c.id == bindparam("b_id"))
+                .values(display_name=bindparam("b_display"), updated_at=utcnow())
             )
-            _execute_many(self.db, stmt, [{"p_id": i, "p_display": n} for i, n in names.items()])
+            self.db.execute(stmt, [{"b_id": i, "b_display": n} for i, n in names.items()])
 
     def list_users(self) -> list[dict[str, Any]]:
         """Every user, ordered by login."""
-        return _all_dicts(self.db.execute(select(*_USER_COLUMNS).order_by(users.c.twitch_login)))
+        return _all(self.db.execute(_USERS.order_by(users.c.twitch_login)))
 
     def count(self) -> int:
         """Number of users."""
@@ -349,156 +223,82 @@ class UserRepository:
 # --- tokens ------------------------------------------------------------------------------------
 
 TOKEN_TYPES = ("bot", "broadcaster")
-_ROW = (oauth_tokens.c.user_id == bindparam("p_user_id")) & (oauth_tokens.c.token_type == bindparam("p_type"))
-
-_TOKENS_BY_USER = select(
-    oauth_tokens.c.user_id,
-    oauth_tokens.c.token_type,
-    oauth_tokens.c.access_token_encrypted.label("access_token"),
-    oauth_tokens.c.refresh_token_encrypted.label("refresh_token"),
-    oauth_tokens.c.scopes,
-    oauth_tokens.c.expires_at,
-    oauth_tokens.c.needs_reauth,
-    oauth_tokens.c.refresh_failures,
-    oauth_tokens.c.status,
-    oauth_tokens.c.version,
-    oauth_tokens.c.last_refresh,
-    oauth_tokens.c.last_validated,
-    oauth_tokens.c.created_at,
-    oauth_tokens.c.updated_at,
-).where(_ROW)
-_STORED_VALUES = {
-    "access_token_encrypted": bindparam("p_access"),
-    "refresh_token_encrypted": bindparam("p_refresh"),
-    "scopes": bindparam("p_scopes"),
-    "expires_at": bindparam("p_expires_at"),
-    # Constants are written into the SQL rather than bound: fewer parameters to
-    # process on every token write.
-    "needs_reauth": false(),
-    "status": literal_column("'valid'"),
-    "refresh_failures": literal_column("0"),
-    "key_version": bindparam("p_key_version"),
-    "updated_at": bindparam("p_now"),
-}
-_KEEP_SCOPES = func.coalesce(bindparam("p_scopes"), oauth_tokens.c.scopes)
-"""An update's scopes: ``scopes=None`` keeps the stored ones (an explicit ``[]`` clears them)."""
-_UPDATE_TOKENS = (
-    update(oauth_tokens)
-    .where(_ROW)
-    .values(
-        **{**_STORED_VALUES, "scopes": _KEEP_SCOPES},
-        version=oauth_tokens.c.version + literal_column("1"),
-        last_refresh=bindparam("p_now"),
-    )
-)
-_UPDATE_TOKENS_IF_VERSION = _UPDATE_TOKENS.where(oauth_tokens.c.version == bindparam("p_version"))
-_STORE_UPDATE = _Prepared(_UPDATE_TOKENS)
-_STORE_UPDATE_IF_VERSION = _Prepared(_UPDATE_TOKENS_IF_VERSION)
-_INSERT_TOKENS = insert(oauth_tokens).values(
-    **_STORED_VALUES,
-    user_id=bindparam("p_user_id"),
-    token_type=bindparam("p_type"),
-    version=literal_column("1"),
-    created_at=bindparam("p_now"),
-)
-_VERSION = select(oauth_tokens.c.version).where(_ROW)
-_KEY_VERSION = select(oauth_tokens.c.key_version).where(_ROW)
-_USERS_WITH_TOKENS_OF_TYPE = select(oauth_tokens.c.user_id).where(oauth_tokens.c.token_type == bindparam("p_type"))
-_USERS_WITH_TOKENS = _USERS_WITH_TOKENS_OF_TYPE.where(oauth_tokens.c.user_id.in_(bindparam("p_user_ids", expanding=True)))
-_TOKENS_DUE = (
+_t = oauth_tokens.c
+_TOKENS = select(
+    _t.user_id,
+    _t.token_type,
+    _t.access_token_encrypted.label("access_token"),
+    _t.refresh_token_encrypted.label("refresh_token"),
+    _t.scopes,
+    _t.expires_at,
+    _t.needs_reauth,
+    _t.refresh_failures,
+    _t.status,
+    _t.version,
+    _t.last_refresh,
+    _t.last_validated,
+    _t.created_at,
+    _t.updated_at,
+).where(_t.user_id == bindparam("user_id"), _t.token_type == bindparam("token_type"))
+_DUE = (
     select(
-        oauth_tokens.c.user_id,
-        oauth_tokens.c.token_type,
+        _t.user_id,
+        _t.token_type,
         users.c.twitch_login,
-        oauth_tokens.c.expires_at,
+        _t.expires_at,
         # NULLs become False / 0 in SQL: the rows then need no Python pass.
-        func.coalesce(oauth_tokens.c.needs_reauth, false()).label("needs_reauth"),
-        func.coalesce(oauth_tokens.c.refresh_failures, 0).label("refresh_failures"),
+        func.coalesce(_t.needs_reauth, false()).label("needs_reauth"),
+        func.coalesce(_t.refresh_failures, 0).label("refresh_failures"),
     )
-    .join(users, users.c.id == oauth_tokens.c.user_id)
-    .where(oauth_tokens.c.expires_at <= bindparam("p_cutoff"))
-    .order_by(oauth_tokens.c.expires_at)
+    .join(users, users.c.id == _t.user_id)
+    .where(_t.expires_at <= bindparam("cutoff"))
+    .order_by(_t.expires_at)
 )
 _TOKEN_LIST = (
     select(
-        oauth_tokens.c.user_id,
+        _t.user_id,
         users.c.twitch_login,
-        oauth_tokens.c.token_type,
-        oauth_tokens.c.status,
-        oauth_tokens.c.scopes,
-        oauth_tokens.c.expires_at,
-        oauth_tokens.c.needs_reauth,
-        oauth_tokens.c.refresh_failures,
-        oauth_tokens.c.updated_at,
+        _t.token_type,
+        _t.status,
+        _t.scopes,
+        _t.expires_at,
+        _t.needs_reauth,
+        _t.refresh_failures,
+        _t.updated_at,
     )
-    .join(users, users.c.id == oauth_tokens.c.user_id)
-    .order_by(users.c.twitch_login, oauth_tokens.c.token_type)
+    .join(users, users.c.id == _t.user_id)
+    .order_by(users.c.twitch_login, _t.token_type)
 )
-_MARK_EXPIRED = (
-    update(oauth_tokens)
-    .where(_ROW)
-    .values(needs_reauth=True, status=bindparam("p_status"), updated_at=bindparam("p_now"))
-)
-_INCREMENT_FAILURES = (
-    update(oauth_tokens)
-    .where(_ROW)
-    .values(refresh_failures=oauth_tokens.c.refresh_failures + 1, updated_at=bindparam("p_now"))
-)
-_FAILURES = select(oauth_tokens.c.refresh_failures).where(_ROW)
-_LEASE_FREE = oauth_tokens.c.refresh_lease_owner.is_(None) | (
-    oauth_tokens.c.refresh_lease_expires_at < bindparam("p_now")
-)
-_TAKE_LEASE = {"refresh_lease_owner": bindparam("p_owner"), "refresh_lease_expires_at": bindparam("p_until")}
-_CLAIM = (
-    update(oauth_tokens)
-    .where(_ROW, _LEASE_FREE | (oauth_tokens.c.refresh_lease_owner == bindparam("p_owner")))
-    .values(**_TAKE_LEASE)
-)
-# FOR UPDATE SKIP LOCKED on PostgreSQL: rows another worker is claiming are
-# passed over, not waited for. SQLite renders no locking clause; its
-# BEGIN IMMEDIATE write transaction already lets one claimer in at a time.
-_DUE_AND_FREE = (
-    select(oauth_tokens.c.id)
-    .where(oauth_tokens.c.expires_at <= bindparam("p_cutoff"), oauth_tokens.c.needs_reauth.is_not(True), _LEASE_FREE)
-    .order_by(oauth_tokens.c.expires_at, oauth_tokens.c.id)
-    .limit(bindparam("p_limit"))
-    .with_for_update(skip_locked=True)
-)
-_LEASE_IDS = update(oauth_tokens).where(oauth_tokens.c.id.in_(bindparam("p_ids", expanding=True))).values(**_TAKE_LEASE)
 _CLAIMED = (
     select(
-        oauth_tokens.c.user_id,
-        oauth_tokens.c.token_type,
+        _t.user_id,
+        _t.token_type,
         users.c.twitch_login,
-        oauth_tokens.c.expires_at,
-        func.coalesce(oauth_tokens.c.refresh_failures, 0).label("refresh_failures"),
-        oauth_tokens.c.version,
+        _t.expires_at,
+        func.coalesce(_t.refresh_failures, 0).label("refresh_failures"),
+        _t.version,
     )
-    .join(users, users.c.id == oauth_tokens.c.user_id)
-    .where(oauth_tokens.c.id.in_(bindparam("p_ids", expanding=True)))
-    .order_by(oauth_tokens.c.expires_at, oauth_tokens.c.id)
+    .join(users, users.c.id == _t.user_id)
+    .order_by(_t.expires_at, _t.id)
 )
-_RELEASE = (
-    update(oauth_tokens)
-    .where(_ROW, oauth_tokens.c.refresh_lease_owner == bindparam("p_owner"))
-    .values(refresh_lease_owner=None, refresh_lease_expires_at=None)
+_TO_VALIDATE = (
+    select(_t.user_id, _t.token_type, users.c.twitch_login, _t.expires_at, _t.last_validated)
+    .join(users, users.c.id == _t.user_id)
+    .where(_t.needs_reauth.is_not(True), _t.last_validated.is_(None) | (_t.last_validated <= bindparam("cutoff")))
+    .order_by(_t.user_id, _t.token_type)
 )
-_TOKENS_TO_VALIDATE = (
-    select(
-        oauth_tokens.c.user_id,
-        oauth_tokens.c.token_type,
-        users.c.twitch_login,
-        oauth_tokens.c.expires_at,
-        oauth_tokens.c.last_validated,
-    )
-    .join(users, users.c.id == oauth_tokens.c.user_id)
-    .where(
-        oauth_tokens.c.needs_reauth.is_not(True),
-        oauth_tokens.c.last_validated.is_(None) | (oauth_tokens.c.last_validated <= bindparam("p_cutoff")),
-    )
-    .order_by(oauth_tokens.c.user_id, oauth_tokens.c.token_type)
-)
-_RECORD_VALIDATION = update(oauth_tokens).where(_ROW).values(last_validated=bindparam("p_now"))
+
+
+def _row(user_id: int, token_type: str) -> ColumnElement[bool]:
+    return (_t.user_id == user_id) & (_t.token_type == token_type)
+
+
+def _lease_free(now: datetime) -> ColumnElement[bool]:
+    return _t.refresh_lease_owner.is_(None) | (_t.refresh_lease_expires_at < now)
+
+
+def _scopes_json(scopes: Iterable[str] | None) -> str | None:
+    return json.dumps(list(scopes)) if scopes is not None else None
 
 
 def _decode_scopes(raw: str | None) -> list[str]:
@@ -511,43 +311,53 @@ def _decode_scopes(raw: str | None) -> list[str]:
     return [str(s) for s in value] if isinstance(value, list) else [str(value)]
 
 
-def _dialect(db: Executor) -> Dialect:
-    return db.dialect if isinstance(db, Connection) else db.get_bind().dialect
+def _listed(row: Mapping[str, Any], now: datetime) -> dict[str, Any]:
+    """A token row as the repository returns it: scopes decoded, NULL flags and counts as False and 0,
+    ``expired`` once ``expires_at`` has passed."""
+    return {
+        **row,
+        "scopes": _decode_scopes(row["scopes"]),
+        "needs_reauth": bool(row["needs_reauth"]),
+        "refresh_failures": row["refresh_failures"] or 0,
+        "expired": row["expires_at"] <= now,
+    }
 
 
 def _check_type(token_type: str) -> str:
     if token_type not in TOKEN_TYPES:
-        raise KissbotError(f"token_type must be one of {', '.join(TOKEN_TYPES)}, not {token_type!r}")
+        raise ValidationError(f"token_type must be one of {', '.join(TOKEN_TYPES)}, not {token_type!r}")
     return token_type
 
 
 def _check_tokens(user_id: int, access_token: str, refresh_token: str) -> None:
     for name, value in (("access_token", access_token), ("refresh_token", refresh_token)):
         if not isinstance(value, str) or not value:
-            raise KissbotError(f"{name} for user {user_id} must be a non-empty string")
+            raise ValidationError(f"{name} for user {user_id} must be a non-empty string")
 
 
-def _token_params(
-    user_id: int,
-    token_type: str,
-    access_token: str,
-    refresh_token: str,
-    scopes: list[str] | None,
-    expires_at: datetime,
-    now: datetime,
-    key_version: int,
-) -> dict[str, Any]:
-    """The bound values of a token row write (the tokens are encrypted when bound)."""
-    return {
-        "p_user_id": user_id,
-        "p_type": token_type,
-        "p_access": access_token,
-        "p_refresh": refresh_token,
-        "p_scopes": json.dumps(list(scopes)) if scopes is not None else None,
-        "p_expires_at": expires_at,
-        "p_now": now,
-        "p_key_version": key_version,
-    }
+# Every write of a token row: the tokens (encrypted when bound), fresh flags, the key version.
+# ``scopes`` NULL keeps the stored scopes on a replace. Built once; a call binds ``b_*`` values.
+_WRITTEN = {
+    "access_token_encrypted": bindparam("b_access"),
+    "refresh_token_encrypted": bindparam("b_refresh"),
+    "expires_at": bindparam("b_expires_at"),
+    "needs_reauth": False,
+    "status": "valid",
+    "refresh_failures": 0,
+    "key_version": bindparam("b_key_version"),
+    "updated_at": bindparam("b_now"),
+}
+_REPLACE = (
+    update(oauth_tokens)
+    .where(_t.user_id == bindparam("b_user_id"), _t.token_type == bindparam("b_token_type"))
+    .values(**_WRITTEN, scopes=func.coalesce(bindparam("b_scopes"), _t.scopes), version=_t.version + 1,
+            last_refresh=bindparam("b_now"))
+)
+_REPLACE_IF_VERSION = _REPLACE.where(_t.version == bindparam("b_version"))
+_INSERT = insert(oauth_tokens).values(
+    **_WRITTEN, scopes=bindparam("b_scopes"), user_id=bindparam("b_user_id"), token_type=bindparam("b_token_type"),
+    version=1, created_at=bindparam("b_now"),
+)
 
 
 class TokenRepository:
@@ -589,18 +399,19 @@ class TokenRepository:
         check.check_expires_in(expires_in)
         scopes = check.check_scopes(scopes)
         now = utcnow()
-        # The key version is read before the values are encrypted: a key file reloaded
-        # in between can only make the row's key newer than its label, which rotation fixes.
-        key_version = cipher_of(_dialect(self.db)).current_version
-        params = _token_params(
-            user_id, token_type, access_token, refresh_token, scopes, now + timedelta(seconds=expires_in), now, key_version
-        )
-        params["p_version"] = expected_version
-        write = _STORE_UPDATE if expected_version is None else _STORE_UPDATE_IF_VERSION
-        created = write(self.db, params).rowcount == 0
+        params = {
+            "b_user_id": user_id, "b_token_type": token_type, "b_access": access_token, "b_refresh": refresh_token,
+            "b_scopes": _scopes_json(scopes), "b_expires_at": now + timedelta(seconds=expires_in), "b_now": now,
+            # Read before the values are encrypted: a key file reloaded in between can only
+            # make the row's key newer than its label, which rotation fixes.
+            "b_key_version": cipher_of(_dialect(self.db)).current_version,
+            "b_version": expected_version,
+        }
+        write = _REPLACE if expected_version is None else _REPLACE_IF_VERSION
+        created = self.db.execute(write, params).rowcount == 0
         if created:
             if expected_version is not None:
-                current = self.db.execute(_VERSION, params).scalar()
+                current = self.db.execute(select(_t.version).where(_row(user_id, token_type))).scalar()
                 if current is not None or expected_version != 0:
                     raise StaleTokens(
                         f"tokens of user {user_id} ({token_type}) are at version {current or 0}, "
@@ -608,7 +419,7 @@ class TokenRepository:
                     )
             try:
                 with self.db.begin_nested():
-                    self.db.execute(_INSERT_TOKENS, params)
+                    self.db.execute(_INSERT, params)
             except IntegrityError as exc:
                 # Either the user does not exist, or (PostgreSQL: SQLite writers
                 # are serialised) another transaction inserted the row first.
@@ -619,16 +430,12 @@ class TokenRepository:
                         f"tokens of user {user_id} ({token_type}) were just created by another process, "
                         f"not at version {expected_version}"
                     ) from exc
-                _STORE_UPDATE(self.db, params)
+                self.db.execute(_REPLACE, params)
                 created = False
         AuditRepository(self.db).log_event(
             "tokens_created" if created else "tokens_refreshed",
             user_id=user_id,
-            details={
-                "token_type": token_type,
-                "expires_in": expires_in,
-                "scopes": list(scopes) if scopes is not None else None,
-            },
+            details={"token_type": token_type, "expires_in": expires_in, "scopes": list(scopes) if scopes is not None else None},
         )
         return created
 
@@ -643,78 +450,34 @@ class TokenRepository:
 
         ``tokens`` holds ``(user_id, access_token, refresh_token, scopes)``,
         each user at most once. Every row is written as :meth:`store_tokens`
-        writes it (flags reset, ``version`` bumped), in one UPDATE and one
-        INSERT statement for all, each token encrypted once; but no audit
-        event is written: the caller records its own. For a single writer
-        (an import in its write transaction): a row another transaction
-        inserts meanwhile makes the INSERT fail with ``IntegrityError``.
+        writes it (flags reset, ``version`` bumped, ``scopes=None`` keeping
+        the stored scopes), with one UPDATE and one INSERT executed for all
+        rows; but no audit event is written: the caller records its own. For a
+        single writer (an import in its write transaction): a row another
+        transaction inserts meanwhile makes the INSERT fail with ``IntegrityError``.
         """
         _check_type(token_type)
         check.check_expires_in(expires_in)
-        # A key-file cipher looks at its file (a stat) before each encryption; the
-        # batch looks once, and its rows record the key that encrypted them.
-        store_cipher = cipher_of(_dialect(self.db))
-        if isinstance(store_cipher, KeyFileCipher):
-            store_cipher.refresh()
-        cipher = TokenCipher(store_cipher.ring)
-        encrypt = cipher.encrypt
-        params = []
+        now = utcnow()
+        shared = {
+            "b_token_type": token_type, "b_expires_at": now + timedelta(seconds=expires_in), "b_now": now,
+            "b_key_version": cipher_of(_dialect(self.db)).current_version,
+        }
+        rows = []
         for user_id, access_token, refresh_token, scopes in tokens:
             _check_tokens(user_id, access_token, refresh_token)
-            params.append({
-                "p_user_id": user_id,
-                "p_type": token_type,
-                "p_access": encrypt(access_token),
-                "p_refresh": encrypt(refresh_token),
-                "p_scopes": json.dumps(list(scopes)) if scopes is not None else None,
-            })
-        now = utcnow()
-        t = oauth_tokens.c
-        stored = {
-            # Already encrypted: bound as text, not through the column's EncryptedString.
-            "access_token_encrypted": bindparam("p_access", type_=Text),
-            "refresh_token_encrypted": bindparam("p_refresh", type_=Text),
-            "scopes": bindparam("p_scopes"),
-            "expires_at": _inline(self.db, t.expires_at, now + timedelta(seconds=expires_in)),
-            "needs_reauth": _inline(self.db, t.needs_reauth, False),
-            "status": literal_column("'valid'"),
-            "refresh_failures": _inline(self.db, t.refresh_failures, 0),
-            "key_version": _inline(self.db, t.key_version, cipher.current_version),
-            "updated_at": _inline(self.db, t.updated_at, now),
-        }
+            rows.append({**shared, "b_user_id": user_id, "b_access": access_token, "b_refresh": refresh_token,
+                         "b_scopes": _scopes_json(scopes)})
         existing: set[int] = set()
-        if self.count() <= len(params):
-            # Fewer token rows than users in the batch: read which users have them at once.
-            existing.update(self.db.execute(_USERS_WITH_TOKENS_OF_TYPE, {"p_type": token_type}).scalars())
-        else:
-            for chunk in _chunks([p["p_user_id"] for p in params]):
-                existing.update(self.db.execute(_USERS_WITH_TOKENS, {"p_type": token_type, "p_user_ids": chunk}).scalars())
-        updates = [p for p in params if p["p_user_id"] in existing]
-        inserts = [p for p in params if p["p_user_id"] not in existing]
+        for chunk in _chunks([r["b_user_id"] for r in rows]):
+            has_tokens = select(_t.user_id).where(_t.token_type == token_type, _t.user_id.in_(chunk))
+            existing.update(self.db.execute(has_tokens).scalars())
+        updates = [r for r in rows if r["b_user_id"] in existing]
+        inserts = [r for r in rows if r["b_user_id"] not in existing]
         if updates:
-            _execute_many(
-                self.db,
-                update(oauth_tokens)
-                .where(t.user_id == bindparam("p_user_id"), t.token_type == bindparam("p_type"))
-                .values(
-                    **{**stored, "scopes": _KEEP_SCOPES},
-                    version=t.version + literal_column("1"),
-                    last_refresh=stored["updated_at"],
-                ),
-                updates,
-            )
+            self.db.execute(_REPLACE, updates)
         if inserts:
-            _execute_many(
-                self.db,
-                insert(oauth_tokens).values(
-                    **stored,
-                    user_id=bindparam("p_user_id"),
-                    token_type=bindparam("p_type"),
-                    version=_inline(self.db, t.version, 1),
-                    created_at=stored["updated_at"],
-                ),
-                inserts,
-            )
+            self.db.execute(_INSERT, inserts)
         return len(inserts)
 
     def get_tokens(self, user_id: int, *, token_type: str = "bot") -> dict[str, Any] | None:
@@ -726,46 +489,50 @@ class TokenRepository:
         version if they do not decrypt.
         """
         check.check_id(user_id)
-        params = {"p_user_id": user_id, "p_type": token_type}
         try:
-            tokens = _first_dict(self.db.execute(_TOKENS_BY_USER, params))
+            tokens = self.db.execute(_TOKENS, {"user_id": user_id, "token_type": token_type}).mappings().first()
         except DecryptionError as exc:
-            key_version = self.db.execute(_KEY_VERSION, params).scalar()
+            key_version = self.db.execute(select(_t.key_version).where(_row(user_id, token_type))).scalar()
             raise DecryptionError(
                 f"Failed to decrypt tokens for user {user_id} (key version {key_version}): "
                 "wrong key or corrupted data",
                 user_id=user_id,
                 key_version=key_version,
             ) from exc
-        if tokens is None:
-            return None
-        tokens["scopes"] = _decode_scopes(tokens["scopes"])
-        tokens["needs_reauth"] = bool(tokens["needs_reauth"])
-        tokens["refresh_failures"] = tokens["refresh_failures"] or 0
-        tokens["expired"] = tokens["expires_at"] <= utcnow()
-        return tokens
+        return _listed(tokens, utcnow()) if tokens is not None else None
 
     def get_tokens_needing_refresh(self, buffer_minutes: float = 10) -> list[dict[str, Any]]:
         """Tokens expiring within ``buffer_minutes`` (or expired), soonest first; nothing decrypted."""
         check.check_seconds(buffer_minutes, "buffer_minutes", check.MAX_SECONDS / 60)
-        cutoff = utcnow() + timedelta(minutes=buffer_minutes)
-        return _all_dicts(self.db.execute(_TOKENS_DUE, {"p_cutoff": cutoff}))
+        return _all(self.db.execute(_DUE, {"cutoff": utcnow() + timedelta(minutes=buffer_minutes)}))
 
     def mark_tokens_expired(self, user_id: int, *, token_type: str = "bot", revoked: bool = False) -> None:
         """Flag the tokens of ``user_id`` as needing reauthorisation (``expired``, or ``revoked``)."""
-        params = {"p_user_id": user_id, "p_type": token_type, "p_now": utcnow(), "p_status": "revoked" if revoked else "expired"}
-        if self.db.execute(_MARK_EXPIRED, params).rowcount == 0:
-            raise UserNotFound(f"user {user_id} has no {token_type} tokens")
+        status = "revoked" if revoked else "expired"
+        self._update(user_id, token_type, needs_reauth=True, status=status, updated_at=utcnow())
         AuditRepository(self.db).log_event(
-            f"tokens_{params['p_status']}", user_id=user_id, details={"token_type": token_type}, severity="warning"
+            f"tokens_{status}", user_id=user_id, details={"token_type": token_type}, severity="warning"
         )
 
     def increment_refresh_failures(self, user_id: int, *, token_type: str = "bot") -> int:
         """Count one more failed refresh for ``user_id`` and return the new count."""
-        params = {"p_user_id": user_id, "p_type": token_type, "p_now": utcnow()}
-        if self.db.execute(_INCREMENT_FAILURES, params).rowcount == 0:
+        self._update(user_id, token_type, refresh_failures=_t.refresh_failures + 1, updated_at=utcnow())
+        return self.db.execute(select(_t.refresh_failures).where(_row(user_id, token_type))).scalar_one()
+
+    def record_validation(self, user_id: int, *, token_type: str = "bot") -> None:
+        """Store that Twitch accepted the access token of ``user_id`` just now (``last_validated``)."""
+        self._update(user_id, token_type, last_validated=utcnow())
+
+    def _update(self, user_id: int, token_type: str, **values: Any) -> None:
+        if self.db.execute(update(oauth_tokens).where(_row(user_id, token_type)).values(**values)).rowcount == 0:
             raise UserNotFound(f"user {user_id} has no {token_type} tokens")
-        return self.db.execute(_FAILURES, params).scalar_one()
+
+    # The refresh lease: one path for the two ways to take it (a named row, or
+    # the due rows), so the worker and a bot refreshing its own token agree.
+
+    def _take_lease(self, where: ColumnElement[bool], owner: str, ttl: float, now: datetime) -> int:
+        lease = {"refresh_lease_owner": owner, "refresh_lease_expires_at": now + timedelta(seconds=ttl)}
+        return self.db.execute(update(oauth_tokens).where(where).values(**lease)).rowcount
 
     def claim_refresh(self, user_id: int, owner: str, ttl: float, *, token_type: str = "bot") -> bool:
         """Take the refresh lease of a token row for ``ttl`` seconds; True if ``owner`` now holds it.
@@ -776,11 +543,8 @@ class TokenRepository:
         check.check_seconds(ttl, "ttl")
         check.check_text(owner, "owner")
         now = utcnow()
-        params = {
-            "p_user_id": user_id, "p_type": token_type, "p_owner": owner, "p_now": now,
-            "p_until": now + timedelta(seconds=ttl),
-        }
-        return self.db.execute(_CLAIM, params).rowcount == 1
+        where = _row(user_id, token_type) & (_lease_free(now) | (_t.refresh_lease_owner == owner))
+        return self._take_lease(where, owner, ttl, now) == 1
 
     def claim_due(
         self, owner: str, ttl: float, buffer_minutes: float = 10, limit: int = 100
@@ -794,27 +558,35 @@ class TokenRepository:
         ``twitch_login``, ``expires_at``, ``refresh_failures`` and ``version``;
         nothing is decrypted. Two claimers never get the same row, and on
         PostgreSQL a claimer skips the rows another is claiming instead of
-        waiting for them.
+        waiting for them (``FOR UPDATE SKIP LOCKED``; SQLite renders no locking
+        clause, its ``BEGIN IMMEDIATE`` already lets one claimer in at a time).
         """
         check.check_seconds(ttl, "ttl")
         check.check_text(owner, "owner")
         check.check_seconds(buffer_minutes, "buffer_minutes", check.MAX_SECONDS / 60)
         check.check_count(limit, "limit", minimum=1)
         now = utcnow()
-        params = {
-            "p_owner": owner, "p_now": now, "p_until": now + timedelta(seconds=ttl),
-            "p_cutoff": now + timedelta(minutes=buffer_minutes), "p_limit": limit,
-        }
-        ids = self.db.execute(_DUE_AND_FREE, params).scalars().all()
+        due = (
+            select(_t.id)
+            .where(_t.expires_at <= now + timedelta(minutes=buffer_minutes), _t.needs_reauth.is_not(True), _lease_free(now))
+            .order_by(_t.expires_at, _t.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        ids = self.db.execute(due).scalars().all()
         if not ids:
             return []
-        self.db.execute(_LEASE_IDS, {**params, "p_ids": ids})
-        return [r._asdict() for r in self.db.execute(_CLAIMED, {"p_ids": ids})]
+        self._take_lease(_t.id.in_(ids), owner, ttl, now)
+        return _all(self.db.execute(_CLAIMED.where(_t.id.in_(ids))))
 
     def release_refresh(self, user_id: int, owner: str, *, token_type: str = "bot") -> bool:
         """Give back ``owner``'s refresh lease; False if it did not hold it (any more)."""
-        params = {"p_user_id": user_id, "p_type": token_type, "p_owner": owner}
-        return self.db.execute(_RELEASE, params).rowcount == 1
+        stmt = (
+            update(oauth_tokens)
+            .where(_row(user_id, token_type), _t.refresh_lease_owner == owner)
+            .values(refresh_lease_owner=None, refresh_lease_expires_at=None)
+        )
+        return self.db.execute(stmt).rowcount == 1
 
     def list_tokens(self, decrypt: bool = False) -> list[dict[str, Any]]:
         """Every token row (each user, each token type) with its login; nothing decrypted unless ``decrypt``.
@@ -825,16 +597,7 @@ class TokenRepository:
         ``expired`` is True for a token past its ``expires_at``.
         """
         now = utcnow()
-        rows = [
-            {
-                **r._asdict(),
-                "scopes": _decode_scopes(r.scopes),
-                "needs_reauth": bool(r.needs_reauth),
-                "refresh_failures": r.refresh_failures or 0,
-                "expired": r.expires_at <= now,
-            }
-            for r in self.db.execute(_TOKEN_LIST)
-        ]
+        rows = [_listed(r, now) for r in self.db.execute(_TOKEN_LIST).mappings()]
         if decrypt:
             for row in rows:
                 try:
@@ -849,18 +612,11 @@ class TokenRepository:
     def get_tokens_needing_validation(self, max_age_seconds: float) -> list[dict[str, Any]]:
         """Usable tokens not validated within ``max_age_seconds`` (or never); nothing decrypted."""
         check.check_seconds(max_age_seconds, "max_age_seconds")
-        cutoff = utcnow() - timedelta(seconds=max_age_seconds)
-        return [r._asdict() for r in self.db.execute(_TOKENS_TO_VALIDATE, {"p_cutoff": cutoff})]
-
-    def record_validation(self, user_id: int, *, token_type: str = "bot") -> None:
-        """Store that Twitch accepted the access token of ``user_id`` just now (``last_validated``)."""
-        params = {"p_user_id": user_id, "p_type": token_type, "p_now": utcnow()}
-        if self.db.execute(_RECORD_VALIDATION, params).rowcount == 0:
-            raise UserNotFound(f"user {user_id} has no {token_type} tokens")
+        return _all(self.db.execute(_TO_VALIDATE, {"cutoff": utcnow() - timedelta(seconds=max_age_seconds)}))
 
     def written_at(self, user_ids: Sequence[int], *, token_type: str = "bot") -> dict[int, datetime]:
         """When the stored tokens of these users were written (their last refresh, else their creation), by user id."""
-        t = oauth_tokens.c
+        t = _t
         found: dict[int, datetime] = {}
         for chunk in _chunks(list(user_ids)):
             stmt = select(t.user_id, func.coalesce(t.last_refresh, t.created_at, t.updated_at).label("written")).where(
@@ -871,9 +627,13 @@ class TokenRepository:
 
     def set_last_validated(self, times: Mapping[int, datetime], *, token_type: str = "bot") -> None:
         """Store when Twitch last accepted each user's access token (``last_validated``), by user id."""
-        stmt = update(oauth_tokens).where(_ROW).values(last_validated=bindparam("p_now"))
-        for user_id, when in times.items():
-            self.db.execute(stmt, {"p_user_id": user_id, "p_type": token_type, "p_now": when})
+        if times:
+            stmt = (
+                update(oauth_tokens)
+                .where(_t.user_id == bindparam("b_user_id"), _t.token_type == token_type)
+                .values(last_validated=bindparam("b_when"))
+            )
+            self.db.execute(stmt, [{"b_user_id": user_id, "b_when": when} for user_id, when in times.items()])
 
     def count(self) -> int:
         """Number of token rows."""
@@ -881,11 +641,11 @@ class TokenRepository:
 
     def count_users_with_tokens(self) -> int:
         """Number of users holding at least one token row."""
-        return self.db.execute(select(func.count(oauth_tokens.c.user_id.distinct()))).scalar_one()
+        return self.db.execute(select(func.count(_t.user_id.distinct()))).scalar_one()
 
     def count_needing_reauth(self) -> int:
         """Number of token rows flagged ``needs_reauth``."""
-        stmt = select(func.count()).select_from(oauth_tokens).where(oauth_tokens.c.needs_reauth.is_(True))
+        stmt = select(func.count()).select_from(oauth_tokens).where(_t.needs_reauth.is_(True))
         return self.db.execute(stmt).scalar_one()
 
 
@@ -894,16 +654,24 @@ class TokenRepository:
 _INSTANCE_COLUMNS = tuple(instances.c)
 _LATEST_INSTANCE = (
     select(instances.c.id, instances.c.status, instances.c.crash_count)
-    .where(instances.c.channel_id == bindparam("p_channel"), instances.c.bot_user_id == bindparam("p_bot"))
+    .where(instances.c.channel_id == bindparam("channel_id"), instances.c.bot_user_id == bindparam("bot_user_id"))
     .order_by(instances.c.id.desc())
     .limit(1)
 )
-_HEARTBEAT = (
-    update(instances)
-    .where(instances.c.id == bindparam("p_id"), instances.c.status != "disabled")
-    .values(last_heartbeat=bindparam("p_now"), status=bindparam("p_status"), updated_at=bindparam("p_now"))
-)
-_BEAT = _Prepared(_HEARTBEAT)
+_channel, _bot = users.alias("channel"), users.alias("bot")
+
+
+def _with_logins(*columns: Any) -> Select[Any]:
+    """``columns`` of each instance with its ``channel_login`` and ``bot_login``, by instance id."""
+    return (
+        select(*columns, _channel.c.twitch_login.label("channel_login"), _bot.c.twitch_login.label("bot_login"))
+        .join(_channel, _channel.c.id == instances.c.channel_id)
+        .join(_bot, _bot.c.id == instances.c.bot_user_id)
+        .order_by(instances.c.id)
+    )
+
+
+_INSTANCES_WITH_LOGINS = _with_logins(*_INSTANCE_COLUMNS)
 STALE_HEARTBEATS = 3
 """A running instance whose last heartbeat is older than this many ``health_check_interval`` is stale."""
 
@@ -937,7 +705,7 @@ class InstanceRepository:
         channel_id = user_repo.user_id_for_login(channel_login)
         bot_id = user_repo.user_id_for_login(bot_login)
         now = utcnow()
-        row = self.db.execute(_LATEST_INSTANCE, {"p_channel": channel_id, "p_bot": bot_id}).first()
+        row = self.db.execute(_LATEST_INSTANCE, {"channel_id": channel_id, "bot_user_id": bot_id}).first()
         if row is not None and row.status == "disabled":
             raise InstanceDisabled(
                 f"instance {row.id} ({bot_login} on {channel_login}) is disabled after {row.crash_count} crashes; "
@@ -963,7 +731,12 @@ class InstanceRepository:
         Raises :class:`InstanceDisabled` for a disabled instance: a late
         heartbeat does not bring back an instance that crashed too often.
         """
-        result = _BEAT(self.db, {"p_id": instance_id, "p_now": utcnow(), "p_status": status})
+        now = utcnow()
+        result = self.db.execute(
+            update(instances)
+            .where(instances.c.id == instance_id, instances.c.status != "disabled")
+            .values(last_heartbeat=now, status=status, updated_at=now)
+        )
         if result.rowcount == 0:
             if self.get_instance(instance_id) is None:
                 raise InstanceNotFound(f"no instance with id {instance_id}")
@@ -993,25 +766,13 @@ class InstanceRepository:
         ``bot_login``, ``pid``, ``last_heartbeat``, ``status`` and ``crash_count``.
         """
         cutoff = self._stale_cutoff()
-        channel, bot = users.alias("channel"), users.alias("bot")
-        stale = self.db.execute(
-            select(
-                instances.c.id,
-                instances.c.pid,
-                instances.c.last_heartbeat,
-                channel.c.twitch_login.label("channel_login"),
-                bot.c.twitch_login.label("bot_login"),
-            )
-            .join(channel, channel.c.id == instances.c.channel_id)
-            .join(bot, bot.c.id == instances.c.bot_user_id)
-            .where(_stale(cutoff))
-            .order_by(instances.c.id)
-        ).all()
+        stale = _all(self.db.execute(_with_logins(instances.c.id, instances.c.pid, instances.c.last_heartbeat)
+                                     .where(_stale(cutoff))))
         reaped = []
         for row in stale:
-            stopped = self._stop(row.id, crash=True, stale_before=cutoff)
+            stopped = self._stop(row["id"], crash=True, stale_before=cutoff)
             if stopped is not None:
-                reaped.append({**row._asdict(), **stopped})
+                reaped.append({**row, **stopped})
         return reaped
 
     def _stale_cutoff(self) -> datetime:
@@ -1068,8 +829,7 @@ class InstanceRepository:
 
     def get_instance(self, instance_id: int) -> dict[str, Any] | None:
         """One instance, or None."""
-        row = self.db.execute(select(*_INSTANCE_COLUMNS).where(instances.c.id == instance_id)).first()
-        return row._asdict() if row else None
+        return _one(self.db.execute(select(*_INSTANCE_COLUMNS).where(instances.c.id == instance_id)))
 
     def get_active_instances(self) -> list[dict[str, Any]]:
         """Running instances whose heartbeat is fresh, with the channel and bot logins.
@@ -1077,26 +837,11 @@ class InstanceRepository:
         An instance silent for more than :data:`STALE_HEARTBEATS` health-check
         intervals is left out even before :meth:`reap_stale_instances` marks it.
         """
-        channel, bot = users.alias("channel"), users.alias("bot")
-        stmt = (
-            select(*_INSTANCE_COLUMNS, channel.c.twitch_login.label("channel_login"), bot.c.twitch_login.label("bot_login"))
-            .join(channel, channel.c.id == instances.c.channel_id)
-            .join(bot, bot.c.id == instances.c.bot_user_id)
-            .where(_fresh(self._stale_cutoff()))
-            .order_by(instances.c.id)
-        )
-        return [r._asdict() for r in self.db.execute(stmt)]
+        return _all(self.db.execute(_INSTANCES_WITH_LOGINS.where(_fresh(self._stale_cutoff()))))
 
     def list_instances(self) -> list[dict[str, Any]]:
         """Every instance, whatever its status, with the channel and bot logins."""
-        channel, bot = users.alias("channel"), users.alias("bot")
-        stmt = (
-            select(*_INSTANCE_COLUMNS, channel.c.twitch_login.label("channel_login"), bot.c.twitch_login.label("bot_login"))
-            .join(channel, channel.c.id == instances.c.channel_id)
-            .join(bot, bot.c.id == instances.c.bot_user_id)
-            .order_by(instances.c.id)
-        )
-        return [r._asdict() for r in self.db.execute(stmt)]
+        return _all(self.db.execute(_INSTANCES_WITH_LOGINS))
 
     def count_active(self) -> int:
         """Number of running instances with a fresh heartbeat (as :meth:`get_active_instances`)."""
@@ -1106,50 +851,21 @@ class InstanceRepository:
 
 # --- audit log ---------------------------------------------------------------------------------
 
-_INSERT_AUDIT = (
-    insert(audit_log)
-    .values(
-        event_type=bindparam("p_event_type"),
-        user_id=bindparam("p_user_id"),
-        channel_id=bindparam("p_channel_id"),
-        details=bindparam("p_details"),
-        severity=bindparam("p_severity"),
-        timestamp=bindparam("p_now"),
-    )
-    .inline()  # no implicit RETURNING of the new id on PostgreSQL: nothing reads it
-)
-_LOG_EVENT = _Prepared(_INSERT_AUDIT)
 SEVERITIES = ("info", "warning", "error")
+_INSERT_AUDIT = insert(audit_log).inline()  # no implicit RETURNING of the new id on PostgreSQL: nothing reads it
 
 
-def _event_params(
-    event_type: str,
-    user_id: int | None,
-    channel_id: int | None,
-    details_json: str | None,
-    severity: str,
-    now: datetime,
-) -> dict[str, Any]:
-    """The bound values of one audit row; refuses an unknown severity."""
+def _check_severity(severity: str) -> None:
     if severity not in SEVERITIES:
-        raise KissbotError(f"severity must be one of {', '.join(SEVERITIES)}, not {severity!r}")
-    return {
-        "p_event_type": event_type,
-        "p_user_id": user_id,
-        "p_channel_id": channel_id,
-        "p_details": details_json,
-        "p_severity": severity,
-        "p_now": now,
-    }
+        raise ValidationError(f"severity must be one of {', '.join(SEVERITIES)}, not {severity!r}")
 
 
 def _stored_secrets(db: Executor, user_id: int | None) -> list[str]:
     """The tokens stored for ``user_id`` (none if they do not decrypt), for the audit-details guard."""
     if user_id is None:
         return []
-    t = oauth_tokens.c
     try:
-        rows = db.execute(select(t.access_token_encrypted, t.refresh_token_encrypted).where(t.user_id == user_id)).all()
+        rows = db.execute(select(_t.access_token_encrypted, _t.refresh_token_encrypted).where(_t.user_id == user_id)).all()
     except DecryptionError:
         return []
     return [secret for row in rows for secret in row if secret]
@@ -1175,9 +891,18 @@ class AuditRepository:
         check.check_text(event_type, "event_type")
         check.check_optional_id(user_id, "user_id")
         check.check_optional_id(channel_id, "channel_id")
+        _check_severity(severity)
         details_json = check.audit_details_json(details, lambda: _stored_secrets(self.db, user_id))
+        row = {
+            "event_type": event_type,
+            "user_id": user_id,
+            "channel_id": channel_id,
+            "details": details_json,
+            "severity": severity,
+            "timestamp": utcnow(),
+        }
         try:
-            _LOG_EVENT(self.db, _event_params(event_type, user_id, channel_id, details_json, severity, utcnow()))
+            self.db.execute(_INSERT_AUDIT, row)
         except IntegrityError as exc:
             raise UserNotFound(f"no user with id {user_id if channel_id is None else f'{user_id} or {channel_id}'}") from exc
 
@@ -1185,23 +910,15 @@ class AuditRepository:
         self, event_type: str, events: Iterable[tuple[int | None, dict[str, Any] | None]], severity: str = "info"
     ) -> None:
         """Append one ``event_type`` event per ``(user_id, details)`` in one statement; as :meth:`log_event`."""
-        if severity not in SEVERITIES:
-            raise KissbotError(f"severity must be one of {', '.join(SEVERITIES)}, not {severity!r}")
-        params = [
-            {"p_event_type": event_type, "p_user_id": user_id, "p_details": check.audit_details_json(details), "p_severity": severity}
+        _check_severity(severity)
+        now = utcnow()
+        rows = [
+            {"event_type": event_type, "user_id": user_id, "channel_id": None, "details": check.audit_details_json(details),
+             "severity": severity, "timestamp": now}
             for user_id, details in events
         ]
-        if params:
-            a = audit_log.c
-            stmt = insert(audit_log).values(
-                event_type=bindparam("p_event_type"),
-                user_id=bindparam("p_user_id"),
-                channel_id=null(),
-                details=bindparam("p_details"),
-                severity=bindparam("p_severity"),
-                timestamp=_inline(self.db, a.timestamp, utcnow()),
-            )
-            _execute_many(self.db, stmt, params)
+        if rows:
+            self.db.execute(_INSERT_AUDIT, rows)
 
     def get_audit_log(
         self, limit: int = 100, event_type: str | None = None, user_id: int | None = None
@@ -1213,15 +930,13 @@ class AuditRepository:
             stmt = stmt.where(audit_log.c.event_type == event_type)
         if user_id is not None:
             stmt = stmt.where(audit_log.c.user_id == user_id)
-        entries = []
-        for row in self.db.execute(stmt):
-            entry = row._asdict()
+        entries = _all(self.db.execute(stmt))
+        for entry in entries:
             if entry["details"] is not None:
                 try:
                     entry["details"] = json.loads(entry["details"])
                 except ValueError:
                     pass
-            entries.append(entry)
         return entries
 
     def cleanup_old_logs(self, days: int | None = None, batch_size: int | None = None) -> int:
@@ -1235,8 +950,7 @@ class AuditRepository:
         check.check_count(days, "days", maximum=check.MAX_DAYS)
         if batch_size is not None:
             check.check_count(batch_size, "batch_size", minimum=1)
-        cutoff = utcnow() - timedelta(days=days)
-        condition = audit_log.c.timestamp < cutoff
+        condition = audit_log.c.timestamp < utcnow() - timedelta(days=days)
         if batch_size is not None:
             # Ordered by the indexed column so the batch is a range of idx_audit_timestamp,
             # not a scan of the whole table under the write lock.
@@ -1252,8 +966,6 @@ class AuditRepository:
 
 
 # --- config ------------------------------------------------------------------------------------
-
-_CONFIG_VALUE = select(config.c.value).where(config.c.key == bindparam("p_key"))
 
 
 def _decode_value(raw: str) -> Any:
@@ -1273,7 +985,7 @@ class ConfigRepository:
 
     def get_config(self, key: str, default: Any = None) -> Any:
         """The value of ``key`` (``"60"`` reads as 60), or ``default``."""
-        raw = self.db.execute(_CONFIG_VALUE, {"p_key": key}).scalar()
+        raw = self.db.execute(select(config.c.value).where(config.c.key == key)).scalar()
         return default if raw is None else _decode_value(raw)
 
     def set_config(self, key: str, value: Any, description: str | None = None) -> None:
@@ -1287,5 +999,4 @@ class ConfigRepository:
 
     def list_config(self) -> list[dict[str, Any]]:
         """Every setting, by key, values decoded."""
-        rows = self.db.execute(select(*config.c).order_by(config.c.key))
-        return [{**r._asdict(), "value": _decode_value(r.value)} for r in rows]
+        return [{**r, "value": _decode_value(r["value"])} for r in self.db.execute(select(*config.c).order_by(config.c.key)).mappings()]
