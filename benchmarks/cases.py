@@ -46,16 +46,17 @@ class Sizes:
     migrate_users: int = 10_000
     rotation_rows: int = 100_000
     cold_runs: int = 9
+    offsite_rows: int = 100_000
 
     @classmethod
     def quick(cls) -> Sizes:
         return cls(users=300, calls=500, repeats=5, scan_calls=50, proc_ops=400, audit_rows=200_000,
-                   migrate_users=2000, rotation_rows=20_000, cold_runs=5)
+                   migrate_users=2000, rotation_rows=20_000, cold_runs=5, offsite_rows=20_000)
 
     @classmethod
     def smoke(cls) -> Sizes:
         return cls(users=20, calls=10, repeats=2, scan_rows=500, scan_due=10, scan_calls=3, procs=2, proc_ops=10,
-                   audit_rows=2000, migrate_users=20, rotation_rows=200, cold_runs=1)
+                   audit_rows=2000, migrate_users=20, rotation_rows=200, cold_runs=1, offsite_rows=200)
 
 
 @dataclass
@@ -579,6 +580,13 @@ def bench_cold_stats(ctx: Context) -> list[Row]:
     ]
 
 
+def bench_offsite(ctx: Context) -> list[Row]:
+    """Off-site backup under a writer (benchmarks/offsite.py, imported here to keep cases importable alone)."""
+    from benchmarks.offsite import bench_offsite as run
+
+    return run(ctx)
+
+
 CASES: dict[str, Callable[[Context], list[Row]]] = {
     "get": bench_get_tokens,
     "store": bench_store_tokens,
@@ -588,4 +596,5 @@ CASES: dict[str, Callable[[Context], list[Row]]] = {
     "migrate": bench_migrate_yaml,
     "rotation": bench_rotation,
     "cold": bench_cold_stats,
+    "offsite": bench_offsite,
 }

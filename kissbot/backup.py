@@ -35,6 +35,7 @@ from kissbot.engine import connect_sqlite_query_only
 from kissbot.errors import BackupError, DatabaseBusy, NoDatabase
 from kissbot.maintenance import integrity_problems
 from kissbot.migrations import KISSBOT_TABLES, is_known_revision
+from kissbot.settings import needed_keys
 from kissbot.types import utcnow
 from kissbot.verification import database_problems, summary
 
@@ -248,7 +249,8 @@ def _check_backup(conn: Connection, backup: Path, cipher: TokenCipher) -> TokenC
     if check.failed_user_ids:
         raise BackupError(
             f"{backup}: tokens of {len(check.failed_user_ids)} of {check.checked} users do not decrypt with "
-            "the current key (made with another key?); nothing restored"
+            f"the current key: they need {needed_keys(conn, check.failed_user_ids)}, restore that key from your "
+            "backup; nothing restored"
         )
     return check
 

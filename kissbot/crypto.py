@@ -43,6 +43,8 @@ if TYPE_CHECKING:
     from cryptography.fernet import Fernet, MultiFernet
 
 DEFAULT_KEY_FILE = ".kissbot.key"
+MAX_KEY_VERSION = 2**31 - 1
+"""The highest key version: token rows record it in an INTEGER column (32 bits on PostgreSQL)."""
 _FERNET_PREFIX = "gAAAAA"
 _FINGERPRINT_LABEL = b"kissbot key fingerprint v1"
 _VERSIONED = re.compile(r"^v([1-9][0-9]*):(.*)$")
@@ -94,6 +96,9 @@ class KeyRing:
     def __post_init__(self) -> None:
         if not self.keys:
             raise KeyFileError("no encryption key given")
+        for version, _ in self.keys:
+            if not 1 <= version <= MAX_KEY_VERSION:
+                raise KeyFileError(f"key version {version} is out of range: versions go from 1 to {MAX_KEY_VERSION}")
         ordered = tuple(sorted(self.keys, key=lambda vk: -vk[0]))
         if len({v for v, _ in ordered}) != len(ordered):
             raise KeyFileError("a key version appears twice")
@@ -136,7 +141,13 @@ class KeyRing:
                 match = _VERSIONED.match(item)
                 if match is None:
                     raise KeyFileError(f"{origin}: entry {number} is not \"v<version>:<key>\": {fix}")
-                versioned.append((int(match.group(1)), match.group(2).strip()))
+                version = int(match.group(1)) if len(match.group(1)) <= 10 else MAX_KEY_VERSION + 1
+                if version > MAX_KEY_VERSION:
+                    raise KeyFileError(
+                        f"{origin}: entry {number} has key version {match.group(1)[:12]}"
+                        f"{'…' if len(match.group(1)) > 12 else ''}, above the highest ({MAX_KEY_VERSION}): {fix}"
+                    )
+                versioned.append((version, match.group(2).strip()))
         keys = []
         for number, (version, text) in enumerate(versioned, 1):
             key = text.encode("ascii", "replace")
@@ -334,22 +345,26 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
+POINT_ELSEWHERE = "--key-file PATH or KISSBOT_KEY_FILE"
+"""How an error says to use another key file."""
+
+
 def _fix_hint(path: Path) -> str:
-    return f"restore {path} from your backup"
+    return f"restore {path} from your backup, or point to the right key with {POINT_ELSEWHERE}"
 
 
 def read_key_ring(path: str | os.PathLike[str], *, check_mode: bool = True) -> KeyRing:
     """Read and check a key file; raise :class:`KeyFileError` (one line, naming it and the fix).
 
-    Refuses a symlink, anything but a regular file, a file that the group or
-    others may read or write (unless ``check_mode`` is false: a diagnosis
+    Refuses a symlink, anything but a regular file, a file owned by another
+    user (as OpenSSH does), a file that the group or others may read or write (unless ``check_mode`` is false: a diagnosis
     that reports the mode itself), and a file without valid Fernet keys.
     """
-    path = Path(path)
+    path = Path(os.path.abspath(path))
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
-        raise KeyFileError(f"key file {path} not found") from None
+        raise KeyFileError(f"key file {path} not found: {_fix_hint(path)}") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise KeyFileError(
@@ -361,6 +376,11 @@ def read_key_ring(path: str | os.PathLike[str], *, check_mode: bool = True) -> K
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise KeyFileError(f"key file {path} is not a regular file: {_fix_hint(path)}")
+        if st.st_uid != os.geteuid():
+            raise KeyFileError(
+                f"key file {path} is owned by uid {st.st_uid}, not by the user running kissbot (uid {os.geteuid()}): "
+                f"run kissbot as its owner, or give it to this user (chown {os.geteuid()} {path})"
+            )
         mode = stat.S_IMODE(st.st_mode)
         if check_mode and mode & 0o077:
             what = "readable" if mode & 0o044 else "writable"
@@ -413,7 +433,7 @@ def create_key_file(path: str | os.PathLike[str], version: int = 1) -> KeyRing:
     first, that file is read (and checked) instead: every process starting at
     once ends up with the same key.
     """
-    path = Path(path)
+    path = Path(os.path.abspath(path))
     ring = KeyRing(((version, generate_key()),))
     with _private_temp(path, ring.dumps()) as tmp:
         try:
@@ -423,7 +443,16 @@ def create_key_file(path: str | os.PathLike[str], version: int = 1) -> KeyRing:
         except OSError as exc:
             raise KeyFileError(f"cannot create key file {path}: {exc.strerror}") from None
     _fsync_dir(path.parent)
+    backup_notice(path, ring, "new key")
     return ring
+
+
+def backup_notice(path: Path, ring: KeyRing, what: str) -> None:
+    """Log (as a warning, which the CLI prints) that ``path`` must be backed up now, with a fingerprint prefix."""
+    log.warning(
+        "%s: back up %s now: fingerprint %s… (key version %d); without it the tokens cannot be decrypted",
+        what, path, fingerprint(ring.key(ring.primary))[:8], ring.primary,
+    )
 
 
 def write_key_file(path: str | os.PathLike[str], ring: KeyRing) -> None:

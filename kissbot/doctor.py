@@ -21,13 +21,13 @@ from sqlalchemy import Text, func, select, type_coerce
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import SQLAlchemyError
 
+from kissbot import settings
 from kissbot.crypto import TokenCipher, read_key_ring, verify_tokens
 from kissbot.urls import is_memory, sqlite_path, to_url
 from kissbot.errors import KeyFileError
 from kissbot.maintenance import integrity_problems
 from kissbot.migrations import HEAD, KISSBOT_TABLES, current_revision, is_known_revision, read_only_engine
 from kissbot.models import audit_log, instances, oauth_tokens, users
-from kissbot.repo import ConfigRepository
 from kissbot.types import utcnow
 from kissbot.verification import database_problems, summary
 
@@ -43,7 +43,7 @@ class Finding:
     """``ok``, ``warning`` or ``error``."""
     check: str
     """What was checked: ``key-file``, ``database``, ``integrity``, ``journal-mode``,
-    ``migration``, ``schema``, ``decryption``, ``reauth``, ``expiry``, ``instances`` or ``leftovers``."""
+    ``migration``, ``schema``, ``config``, ``decryption``, ``reauth``, ``expiry``, ``instances`` or ``leftovers``."""
     message: str
     fix: str | None = None
 
@@ -150,7 +150,7 @@ def _check_database(
             Finding("error", "migration", f"migration {revision} is unknown to this kissbot version (head {HEAD})", "upgrade kissbot")
         )
         return
-    problems = database_problems(conn, revision)
+    problems = database_problems(conn, revision, config=False)
     if problems:
         findings.append(
             Finding("error", "schema", f"{shown} is not a database kissbot made: {summary(problems)}",
@@ -160,6 +160,8 @@ def _check_database(
     findings.append(
         Finding("ok", "schema", f"schema: exactly migration {revision}'s tables, columns and indexes; rows well-typed")
     )
+    for corrupt in settings.problems(conn):
+        findings.append(Finding("error", "config", corrupt.problem, corrupt.fix))
     _check_tokens(conn, key_path, cipher, findings)
     _check_expiry(conn, findings)
     _check_instances(conn, findings)
@@ -204,8 +206,7 @@ def _check_tokens(conn: Connection, key_path: Path, cipher: TokenCipher | None, 
             Finding("error", "decryption", f"{len(rows)} users have tokens but there is no usable key to decrypt them",
                     f"restore {key_path} from your backup")
         )
-    config = ConfigRepository(conn)
-    max_failures = int(config.get_config("max_crash_count", default=3))
+    max_failures = settings.value(conn, "max_crash_count", strict=False)
     unhealthy = conn.execute(
         select(
             oauth_tokens.c.user_id,
@@ -263,7 +264,7 @@ def _check_expiry(conn: Connection, findings: list[Finding]) -> None:
 
 
 def _check_instances(conn: Connection, findings: list[Finding]) -> None:
-    interval = float(ConfigRepository(conn).get_config("health_check_interval", default=30))
+    interval = settings.value(conn, "health_check_interval", strict=False)
     limit = timedelta(seconds=STALE_HEARTBEATS * interval)
     now = utcnow()
     channel, bot = users.alias("channel"), users.alias("bot")

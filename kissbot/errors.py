@@ -119,6 +119,17 @@ class ConfigurationError(KissbotError, ValueError):
     """A setting (argument or environment variable) has a value kissbot does not accept."""
 
 
+class CorruptConfig(KissbotError):
+    """A value stored in the ``config`` table is not valid for its key ``key``.
+
+    ``problem`` says what is wrong, ``fix`` the command that repairs it; the message holds both.
+    """
+
+    def __init__(self, problem: str, *, key: str, fix: str) -> None:
+        super().__init__(f"{problem}: {fix}")
+        self.key, self.problem, self.fix = key, problem, fix
+
+
 class UnsupportedBackend(KissbotError):
     """The operation exists on another database backend only (e.g. SQLite's WAL checkpoint)."""
 

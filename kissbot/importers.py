@@ -32,7 +32,6 @@ from typing import Any
 import yaml
 
 from kissbot.backup import backup_sqlite, default_backup_path
-from kissbot.crypto import DEFAULT_KEY_FILE
 from kissbot.engine import DEFAULT_DB_PATH, write_transaction
 from kissbot.urls import sqlite_path, to_url
 from kissbot.errors import ImportSourceError, InvalidImport, NoDatabase, OutdatedSchema
@@ -496,7 +495,7 @@ def import_tokens(
     batch: TokenBatch,
     *,
     db_path: str | os.PathLike[str] = DEFAULT_DB_PATH,
-    key_file: str | os.PathLike[str] = DEFAULT_KEY_FILE,
+    key_file: str | os.PathLike[str] | None = None,
     url: str | None = None,
     expires_in: int = YAML_EXPIRES_IN,
     skip_invalid: bool = False,

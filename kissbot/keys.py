@@ -3,7 +3,8 @@
 Key sources, first match wins: a ``key=`` given in code, the ``KISSBOT_KEY``
 environment variable (a Fernet key, or several comma-separated, newest first,
 optionally written ``v<N>:<key>``), then the key file (``--key-file`` /
-``key_file=``, else ``KISSBOT_KEY_FILE``, else ``.kissbot.key``).
+``key_file=``, else ``KISSBOT_KEY_FILE``, else ``.kissbot.key`` beside the
+database; see :func:`default_key_file`).
 
 The store records a fingerprint of each key version in its ``config`` table
 (``key_fingerprint_v<N>``; see :func:`kissbot.crypto.fingerprint`, never the
@@ -19,20 +20,24 @@ key file throughout.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import Text, bindparam, delete, func, insert, select, update
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from kissbot.crypto import (
     DEFAULT_KEY_FILE,
+    MAX_KEY_VERSION,
+    POINT_ELSEWHERE,
     KeyFileCipher,
     KeyRing,
     TokenCipher,
+    backup_notice,
     create_key_file,
     decrypts_with,
     fingerprint,
@@ -41,17 +46,20 @@ from kissbot.crypto import (
     read_key_ring,
     write_key_file,
 )
+from kissbot import settings
 from kissbot.engine import write_transaction, writer
-from kissbot.errors import DecryptionError, KeyFileError
+from kissbot.errors import CorruptConfig, DecryptionError, KeyFileError
 from kissbot.models import config, oauth_tokens
-from kissbot.repo import AuditRepository, ConfigRepository, TokenRepository
+from kissbot.repo import AuditRepository, TokenRepository
 from kissbot.types import ciphertext, utcnow
+from kissbot.urls import sqlite_path, to_url
 
 ENV_KEY = "KISSBOT_KEY"
 ENV_KEY_FILE = "KISSBOT_KEY_FILE"
 FINGERPRINT_KEY = "key_fingerprint_v{}"
 KEY_VERSION_KEY = "encryption_key_version"
 ROTATE_BATCH_SIZE = 500
+log = logging.getLogger(__name__)
 _PROBE_ROWS = 5
 
 @dataclass(frozen=True)
@@ -74,14 +82,41 @@ class KeySource:
         return ENV_KEY if self.kind == "env" else "the given key"
 
 
+def default_key_file(db: str | os.PathLike[str] | URL | None = None) -> Path:
+    """The key file of the store ``db`` when none is named: ``.kissbot.key`` beside a SQLite database.
+
+    For a URL, an in-memory database or no ``db``, it is ``.kissbot.key`` in
+    the current directory. An existing database whose key is only in the
+    current directory (where kissbot looked before) keeps using it, with a
+    warning saying where to move it. The path is absolute.
+    """
+    here = Path(os.path.abspath(DEFAULT_KEY_FILE))
+    path = sqlite_path(to_url(db)) if db is not None else None
+    if path is None:
+        return here
+    beside = Path(os.path.abspath(path)).parent / DEFAULT_KEY_FILE
+    if beside != here and not os.path.lexists(beside) and os.path.lexists(here) and path.exists():
+        log.warning(
+            "using key file %s (the current directory) for %s: kissbot looks beside the database first, "
+            "move the key to %s",
+            here, path, beside,
+        )
+        return here
+    return beside
+
+
 def resolve_key_source(
     key: KeyRing | bytes | str | list[bytes] | None = None,
     key_file: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
+    *,
+    db: str | os.PathLike[str] | URL | None = None,
 ) -> KeySource:
-    """Pick the key source: ``key``, else ``KISSBOT_KEY``, else ``key_file`` / ``KISSBOT_KEY_FILE`` / ``.kissbot.key``.
+    """Pick the key source: ``key``, else ``KISSBOT_KEY``, else the key file.
 
-    A key given in code wins over the environment (a test's key is never
+    The key file is ``key_file``, else ``KISSBOT_KEY_FILE``, else
+    :func:`default_key_file` of the store ``db`` (``.kissbot.key`` beside
+    it). A key given in code wins over the environment (a test's key is never
     replaced by the operator's); ``KISSBOT_KEY`` wins over every key file.
     """
     environ = os.environ if environ is None else environ
@@ -92,8 +127,8 @@ def resolve_key_source(
         fix = "set it to a Fernet key, or several comma-separated, newest first"
         return KeySource("env", ring=KeyRing.parse(value.split(","), ENV_KEY, fix))
     if key_file is None:
-        key_file = environ.get(ENV_KEY_FILE) or DEFAULT_KEY_FILE
-    return KeySource("file", path=Path(key_file))
+        key_file = environ.get(ENV_KEY_FILE) or default_key_file(db)
+    return KeySource("file", path=Path(os.path.abspath(key_file)))
 
 
 # --- what the store knows --------------------------------------------------------------------
@@ -104,6 +139,8 @@ class _StoreKeys:
     recorded: dict[int, str]
     rows: dict[int, int]
     current: int
+    corrupt_current: bool = False
+    """``encryption_key_version`` was not a valid version: ``current`` is derived from the rows."""
 
     @property
     def highest(self) -> int:
@@ -111,16 +148,32 @@ class _StoreKeys:
 
 
 def _store_keys(conn: Connection) -> _StoreKeys:
-    prefix = FINGERPRINT_KEY.format("")
+    # Config rows that are not what kissbot writes (by hand in SQL, or from
+    # before values were checked) never stop a store from opening: a malformed
+    # fingerprint counts as not recorded, a corrupt encryption_key_version is
+    # derived from the rows; verify_key records both again.
     recorded = {}
-    for key, value in conn.execute(select(config.c.key, config.c.value).where(config.c.key.startswith(prefix))):
-        suffix = key[len(prefix):]
-        if suffix.isdigit():
-            recorded[int(suffix)] = value
+    for key, value in conn.execute(
+        select(config.c.key, config.c.value).where(config.c.key.startswith(FINGERPRINT_KEY.format("")))
+    ):
+        version = settings.fingerprint_version(key)
+        if version is not None and settings.is_fingerprint(value):
+            recorded[version] = value
     by_version = select(oauth_tokens.c.key_version, func.count()).group_by(oauth_tokens.c.key_version)
     rows = {version: count for version, count in conn.execute(by_version)}
-    current = int(ConfigRepository(conn).get_config(KEY_VERSION_KEY, default=1))
-    return _StoreKeys(recorded, rows, current)
+    try:
+        return _StoreKeys(recorded, rows, settings.value(conn, KEY_VERSION_KEY))
+    except CorruptConfig:
+        return _StoreKeys(recorded, rows, max(rows, default=1), corrupt_current=True)
+
+
+def _set_key_version(conn: Connection, version: int) -> None:
+    # encryption_key_version is internal: ConfigRepository.set_config refuses it.
+    now = utcnow()
+    done = conn.execute(update(config).where(config.c.key == KEY_VERSION_KEY).values(value=str(version), updated_at=now))
+    if done.rowcount == 0:
+        description = settings.SETTINGS[KEY_VERSION_KEY].description
+        conn.execute(insert(config).values(key=KEY_VERSION_KEY, value=str(version), description=description, updated_at=now))
 
 
 def _problems(conn: Connection, ring: KeyRing, label: str, db: str, known: _StoreKeys) -> list[str]:
@@ -130,18 +183,19 @@ def _problems(conn: Connection, ring: KeyRing, label: str, db: str, known: _Stor
         if stored is not None and stored != fp:
             problems.append(
                 f"{label} does not match {db}: key version {version} has fingerprint {fp} but the store "
-                f"recorded {stored}; use the key this store was written with (restore it from your backup)"
+                f"recorded {stored}; use the key this store was written with (restore it from your backup, "
+                f"or point to it with {POINT_ELSEWHERE})"
             )
         elif stored is None and known.rows.get(version) and not _probe(conn, ring.key(version), version):
             problems.append(
                 f"{label} does not decrypt the tokens in {db} (key version {version}); "
-                "use the key they were written with (restore it from your backup)"
+                f"use the key they were written with (restore it from your backup, or point to it with {POINT_ELSEWHERE})"
             )
     for version, count in sorted(known.rows.items()):
         if version not in ring.versions:
             problems.append(
                 f"{label} lacks key version {version}, which encrypts {count} token rows in {db}; "
-                "restore the key file from your backup"
+                f"restore the key file from your backup, or point to one that has it with {POINT_ELSEWHERE}"
             )
     return problems
 
@@ -185,25 +239,30 @@ def verify_key(engine: Engine, ring: KeyRing, label: str = "key", db: str = "the
         raise KeyFileError(problems[0])
     missing = [v for v in ring.versions if v not in known.recorded]
     adopt = not known.rows and known.current < ring.primary
-    if not missing and not adopt:
+    if not missing and not adopt and not known.corrupt_current:
         return
     with writer(engine).begin() as conn:
         for version in missing:
             if not _record_fingerprint(conn, version, ring.key(version)):
-                stored = ConfigRepository(conn).get_config(FINGERPRINT_KEY.format(version))
-                if stored != fingerprint(ring.key(version)):
+                if _store_keys(conn).recorded.get(version) != fingerprint(ring.key(version)):
                     raise KeyFileError(
                         f"{label} does not match {db}: another process recorded a different key version {version}"
                     )
         if adopt and not TokenRepository(conn).count():
-            ConfigRepository(conn).set_config(KEY_VERSION_KEY, ring.primary)
+            _set_key_version(conn, ring.primary)
+        elif known.corrupt_current:
+            _set_key_version(conn, known.current)
 
 
 def _record_fingerprint(conn: Connection, version: int, key: bytes) -> bool:
-    """Insert the fingerprint of ``version`` unless one is recorded; True if inserted."""
+    """Record the fingerprint of ``version`` unless a well-formed one is; True if recorded."""
     name = FINGERPRINT_KEY.format(version)
-    if conn.execute(select(config.c.key).where(config.c.key == name)).first() is not None:
-        return False
+    stored = conn.execute(select(config.c.value).where(config.c.key == name)).first()
+    if stored is not None:
+        if settings.is_fingerprint(stored.value):
+            return False
+        conn.execute(update(config).where(config.c.key == name).values(value=fingerprint(key), updated_at=utcnow()))
+        return True
     try:
         with conn.begin_nested():
             conn.execute(
@@ -258,7 +317,7 @@ def load_cipher(
         if holders:
             raise KeyFileError(
                 f"key file {path} not found but {db} holds tokens for {holders} users; "
-                "restore the key from your backup"
+                f"restore the key from your backup, or point to it with {POINT_ELSEWHERE}"
             )
         if not create:
             return None
@@ -390,7 +449,17 @@ def pending_rotation(engine: Engine, source: KeySource) -> tuple[int, int]:
         known = _store_keys(conn)
     if ring.primary > known.current or any(v != ring.primary for v in known.rows):
         return ring.primary, sum(n for v, n in known.rows.items() if v != ring.primary)
-    return max(known.highest, *ring.versions) + 1, sum(known.rows.values())
+    return _next_version(known, ring), sum(known.rows.values())
+
+
+def _next_version(known: _StoreKeys, ring: KeyRing) -> int:
+    version = max(known.highest, *ring.versions) + 1
+    if version > MAX_KEY_VERSION:
+        raise KeyFileError(
+            f"cannot rotate: key version {version - 1} is the highest there can be ({MAX_KEY_VERSION}); "
+            "keep using it, or start again from a new key with kissbot key reset (which deletes every token)"
+        )
+    return version
 
 
 def rotate_keys(
@@ -429,7 +498,7 @@ def rotate_keys(
             known = _store_keys(conn)
         resumed = ring.primary > known.current or any(v != ring.primary for v in known.rows)
         if not resumed:
-            ring = _add_version(engine, path, ring, max(known.highest, *ring.versions) + 1, source.label)
+            ring = _add_version(engine, path, ring, _next_version(known, ring), source.label)
     target = ring.primary
     cipher = TokenCipher(ring)
     done, failed = _reencrypt(engine, cipher, batch_size, progress)
@@ -443,7 +512,7 @@ def rotate_keys(
             key_version=first[2],
         )
     with writer(engine).begin() as conn:
-        ConfigRepository(conn).set_config(KEY_VERSION_KEY, target)
+        _set_key_version(conn, target)
         AuditRepository(conn).log_event(
             "key_rotated",
             details={"to_version": target, "fingerprint": fingerprint(ring.key(target)), "rows": done, "resumed": resumed},
@@ -464,6 +533,7 @@ def _add_version(engine: Engine, path: Path, ring: KeyRing, version: int, label:
         )
     new_ring = ring.adding(version, key)
     write_key_file(path, new_ring)
+    backup_notice(path, new_ring, f"key version {version} added (earlier backups of the key file lack it)")
     return new_ring
 
 
@@ -620,11 +690,13 @@ def reset_keys(engine: Engine, source: KeySource) -> ResetResult:
             conn.execute(delete(oauth_tokens))
             conn.execute(delete(config).where(config.c.key.startswith(FINGERPRINT_KEY.format(""))))
             _record_fingerprint(conn, version, key)
-            ConfigRepository(conn).set_config(KEY_VERSION_KEY, version)
+            _set_key_version(conn, version)
             AuditRepository(conn).log_event(
                 "key_reset",
                 details={"tokens_deleted": rows, "users": users, "version": version, "fingerprint": fingerprint(key)},
                 severity="warning",
             )
-        write_key_file(path, KeyRing(((version, key),)))
+        new_ring = KeyRing(((version, key),))
+        write_key_file(path, new_ring)
+    backup_notice(path, new_ring, "key reset")
     return ResetResult(rows, users, version, fingerprint(key))

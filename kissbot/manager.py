@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import text
 from sqlalchemy.engine import URL, Engine
 
+from kissbot import settings
 from kissbot.crypto import KeyRing
 from kissbot.engine import DEFAULT_BUSY_TIMEOUT_MS, DEFAULT_DB_PATH, create_engine, write_transaction, writer
 from kissbot.errors import NoDatabase, UserNotFound
@@ -38,7 +39,7 @@ CLEANUP_PAUSE_RATIO = 0.5
 class DatabaseManager:
     """The store, as the specification's ``DatabaseManager``.
 
-    ``DatabaseManager(db_path="kissbot.db", key_file=".kissbot.key")`` opens (and
+    ``DatabaseManager(db_path="kissbot.db")`` opens (and
     creates or migrates) the database, then loads the key and checks it against
     the fingerprints the store recorded, before any token is decrypted. ``url``
     selects another database (``postgresql+psycopg://…``). ``synchronous``
@@ -47,7 +48,8 @@ class DatabaseManager:
     Keys come from, first match wins: ``key`` (one Fernet key, a list newest
     first, or a :class:`~kissbot.crypto.KeyRing`), the ``KISSBOT_KEY``
     environment variable, then the key file: ``key_file``, else
-    ``KISSBOT_KEY_FILE``, else ``.kissbot.key``. A missing key file is
+    ``KISSBOT_KEY_FILE``, else ``.kissbot.key`` beside the database (see
+    :func:`~kissbot.keys.default_key_file`). A missing key file is
     created (atomically, mode 0600) only while the database holds no tokens;
     a key file follows rotations while the store is open
     (see :mod:`kissbot.keys`).
@@ -75,7 +77,7 @@ class DatabaseManager:
         create: bool = True,
     ) -> None:
         self.url = to_url(url if url is not None else db_path)
-        self.key_source = resolve_key_source(key, key_file)
+        self.key_source = resolve_key_source(key, key_file, db=self.url)
         self.key_file: Path | None = self.key_source.path
         path = sqlite_path(self.url)
         if not create and path is not None and not path.exists():
@@ -303,7 +305,8 @@ class DatabaseManager:
         batch. Returns the number deleted.
         """
         if days is None:
-            days = int(self.get_config("log_retention_days", default=30))
+            with self.engine.connect() as conn:
+                days = settings.value(conn, "log_retention_days")
         deleted = 0
         while True:
             started = time.monotonic()

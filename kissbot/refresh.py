@@ -43,7 +43,7 @@ import httpx
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from kissbot import __version__
+from kissbot import __version__, settings
 from kissbot.engine import writer
 from kissbot.errors import (
     ClientCredentialsRejected,
@@ -52,7 +52,7 @@ from kissbot.errors import (
     MissingClientCredentials,
     StaleTokens,
 )
-from kissbot.repo import AuditRepository, ConfigRepository, TokenRepository
+from kissbot.repo import AuditRepository, TokenRepository
 from kissbot.twitch import (
     CLIENT_ID_ENV,
     CLIENT_SECRET_ENV,
@@ -70,11 +70,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-DEFAULT_REFRESH_WINDOW = 60
+DEFAULT_REFRESH_WINDOW = settings.SETTINGS["token_refresh_interval"].default
 """Default of config ``token_refresh_interval``: refresh tokens expiring within this many seconds."""
-DEFAULT_MAX_FAILURES = 3
+DEFAULT_MAX_FAILURES = settings.SETTINGS["max_refresh_failures"].default
 """Default of config ``max_refresh_failures``: transient failures before a token is marked for reauth."""
-DEFAULT_VALIDATE_INTERVAL = 3600
+DEFAULT_VALIDATE_INTERVAL = settings.SETTINGS["token_validate_interval"].default
 """Default of config ``token_validate_interval``: seconds between two validations of a token."""
 UNKNOWN_EXPIRES_IN = 3600
 """Lifetime recorded for refreshed tokens whose ``expires_in`` Twitch did not give as a positive number."""
@@ -339,14 +339,13 @@ class TokenRefresher:
 
     def _settings(self) -> _Settings:
         with self.engine.connect() as conn:
-            config = ConfigRepository(conn)
             return _Settings(
-                window=float(config.get_config("token_refresh_interval", default=DEFAULT_REFRESH_WINDOW)),
-                max_failures=int(config.get_config("max_refresh_failures", default=DEFAULT_MAX_FAILURES)),
-                validate_interval=float(
+                window=settings.value(conn, "token_refresh_interval"),
+                max_failures=settings.value(conn, "max_refresh_failures"),
+                validate_interval=(
                     self.validate_interval
                     if self.validate_interval is not None
-                    else config.get_config("token_validate_interval", default=DEFAULT_VALIDATE_INTERVAL)
+                    else settings.value(conn, "token_validate_interval")
                 ),
             )
 

@@ -19,6 +19,7 @@ from sqlalchemy import ColumnElement, Result, Select, bindparam, delete, false, 
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import IntegrityError
 
+from kissbot import settings
 from kissbot.errors import (
     DecryptionError,
     DuplicateUser,
@@ -494,7 +495,7 @@ class TokenRepository:
         except DecryptionError as exc:
             key_version = self.db.execute(select(_t.key_version).where(_row(user_id, token_type))).scalar()
             raise DecryptionError(
-                f"Failed to decrypt tokens for user {user_id} (key version {key_version}): "
+                f"Failed to decrypt tokens for user {user_id} ({settings.describe_key(self.db, key_version)}): "
                 "wrong key or corrupted data",
                 user_id=user_id,
                 key_version=key_version,
@@ -776,7 +777,7 @@ class InstanceRepository:
         return reaped
 
     def _stale_cutoff(self) -> datetime:
-        interval = float(ConfigRepository(self.db).get_config("health_check_interval", default=30))
+        interval = settings.value(self.db, "health_check_interval")
         return utcnow() - timedelta(seconds=STALE_HEARTBEATS * interval)
 
     def _stop(self, instance_id: int, *, crash: bool, stale_before: datetime | None = None) -> dict[str, Any] | None:
@@ -795,8 +796,8 @@ class InstanceRepository:
         crash_count = (row.crash_count or 0) + (1 if crash else 0)
         status = "stopped"
         if crash:
-            limit = ConfigRepository(self.db).get_config("max_crash_count", default=3)
-            status = "disabled" if crash_count >= int(limit) else "crashed"
+            limit = settings.value(self.db, "max_crash_count")
+            status = "disabled" if crash_count >= limit else "crashed"
         now = utcnow()
         self.db.execute(
             update(instances)
@@ -946,7 +947,7 @@ class AuditRepository:
         caller can commit between batches. Returns the number deleted.
         """
         if days is None:
-            days = int(ConfigRepository(self.db).get_config("log_retention_days", default=30))
+            days = settings.value(self.db, "log_retention_days")
         check.check_count(days, "days", maximum=check.MAX_DAYS)
         if batch_size is not None:
             check.check_count(batch_size, "batch_size", minimum=1)
@@ -968,15 +969,11 @@ class AuditRepository:
 # --- config ------------------------------------------------------------------------------------
 
 
-def _decode_value(raw: str) -> Any:
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw
-
-
 class ConfigRepository:
-    """System settings. Values are stored as text and read back with their JSON type."""
+    """System settings. Values are stored as text and read back with their JSON type.
+
+    The keys kissbot reads are typed and checked on write and on read (:mod:`kissbot.settings`).
+    """
 
     __slots__ = ("db",)
 
@@ -984,13 +981,16 @@ class ConfigRepository:
         self.db = db
 
     def get_config(self, key: str, default: Any = None) -> Any:
-        """The value of ``key`` (``"60"`` reads as 60), or ``default``."""
+        """The value of ``key`` (``"60"`` reads as 60), or ``default``; a corrupt known setting raises :class:`CorruptConfig`."""
         raw = self.db.execute(select(config.c.value).where(config.c.key == key)).scalar()
-        return default if raw is None else _decode_value(raw)
+        return default if raw is None else settings.decode(key, raw)
 
     def set_config(self, key: str, value: Any, description: str | None = None) -> None:
-        """Set ``key`` to ``value``; strings are stored as given, anything else as JSON."""
-        text = value if isinstance(value, str) else json.dumps(value)
+        """Set ``key`` to ``value``; strings are stored as given, anything else as JSON.
+
+        Raises :class:`ConfigurationError` for an internal key or a value out of a known key's type and range.
+        """
+        text = settings.checked(key, value)
         values: dict[str, Any] = {"value": text, "updated_at": utcnow()}
         if description is not None:
             values["description"] = description
@@ -998,5 +998,6 @@ class ConfigRepository:
             self.db.execute(insert(config).values(key=key, **values))
 
     def list_config(self) -> list[dict[str, Any]]:
-        """Every setting, by key, values decoded."""
-        return [{**r, "value": _decode_value(r["value"])} for r in self.db.execute(select(*config.c).order_by(config.c.key)).mappings()]
+        """Every setting, by key, values decoded (a corrupt known setting as its stored text)."""
+        rows = self.db.execute(select(*config.c).order_by(config.c.key)).mappings()
+        return [{**r, "value": settings.decode(r["key"], r["value"], strict=False)} for r in rows]

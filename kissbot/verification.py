@@ -14,7 +14,6 @@ they hold and the backend enforces the rest. Everything here only reads.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,11 +24,11 @@ from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import StaticPool
 
+from kissbot.settings import SETTINGS
+
 SQLITE_INTERNAL_TABLES = frozenset({"sqlite_sequence", "sqlite_stat1", "sqlite_stat2", "sqlite_stat3", "sqlite_stat4"})
 """Tables SQLite itself creates (AUTOINCREMENT counters, ``ANALYZE`` statistics)."""
 
-INTEGER_SETTINGS = frozenset({"encryption_key_version", "max_crash_count", "log_retention_days"})
-NUMBER_SETTINGS = frozenset({"token_refresh_interval", "health_check_interval"})
 _FINGERPRINT = re.compile(r"key_fingerprint_v(\d+)")
 
 # The SQLite storage class (typeof) of each reflected column type kissbot uses.
@@ -234,7 +233,7 @@ def schema_differences(found: Schema, expected: Schema, revision: str, *, exact_
     return lines
 
 
-def row_problems(conn: Connection, expected: Schema) -> list[str]:
+def row_problems(conn: Connection, expected: Schema, *, config: bool = True) -> list[str]:
     """Rows of a database with the ``expected`` schema that kissbot could not read or open the store with.
 
     On SQLite, whose columns hold any type, each value's storage class is
@@ -270,7 +269,7 @@ def row_problems(conn: Connection, expected: Schema) -> list[str]:
     if broken:
         table, rowid, parent, _ = broken[0]
         problems.append(f"{len(broken)} row(s) break a foreign key, first {table} row {rowid} (no such {parent} row)")
-    if "config" in expected.tables and not problems:
+    if config and "config" in expected.tables and not problems:
         problems += config_problems(conn.exec_driver_sql("SELECT key, value FROM config ORDER BY key").all())
     return problems
 
@@ -282,40 +281,25 @@ def config_problems(rows: Iterable[tuple[str, str]]) -> list[str]:
         match = _FINGERPRINT.fullmatch(key)
         if match and int(match[1]) < 1:
             problems.append(f"config key {key} names key version {match[1]}, not a version >= 1")
-        elif key in INTEGER_SETTINGS and not _is_int(value, minimum=1 if key == "encryption_key_version" else 0):
-            problems.append(f"config {key} is {value[:20]!r}, not a whole number")
-        elif key in NUMBER_SETTINGS and not _is_number(value):
-            problems.append(f"config {key} is {value[:20]!r}, not a finite number >= 0")
+        elif key in SETTINGS and SETTINGS[key].parse(value) is None:
+            problems.append(f"config {key} is {value[:20]!r}, not {SETTINGS[key].expected}")
     return problems
 
 
-def _is_int(value: str, minimum: int) -> bool:
-    try:
-        return minimum <= int(value) < 2**63
-    except ValueError:
-        return False
-
-
-def _is_number(value: str) -> bool:
-    try:
-        number = float(value)
-    except ValueError:
-        return False
-    return math.isfinite(number) and number >= 0
-
-
-def database_problems(conn: Connection, revision: str) -> list[str]:
+def database_problems(conn: Connection, revision: str, *, config: bool = True) -> list[str]:
     """Why the database of ``conn``, which says it is at ``revision``, is not a sound kissbot store.
 
     The schema differences come first; rows are only looked at when the
     schema is exact. Empty: the database is what kissbot makes.
+    ``config=False`` leaves the config values out (``kissbot doctor`` reports
+    each one itself, see :func:`kissbot.settings.problems`).
     """
     expected = expected_schema(revision)
     exact = conn.dialect.name == "sqlite"
     differences = schema_differences(reflect_schema(conn), expected, revision, exact_types=exact)
     if differences:
         return differences
-    return row_problems(conn, expected)
+    return row_problems(conn, expected, config=config)
 
 
 def summary(problems: Sequence[str]) -> str:

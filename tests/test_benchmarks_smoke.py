@@ -22,6 +22,8 @@ ROWS = (
     "migrate-yaml of",
     "key rotation of",
     "cold `kissbot stats` process",
+    "backup --to of a",
+    "a bot's store_tokens latency during that backup",
 )
 NUMBER = re.compile(r"\d")
 

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from kissbot import DatabaseManager
 from kissbot.backup import backup_sqlite, default_backup_path
 from kissbot.cli import cli
+from kissbot.crypto import fingerprint, read_key_ring
 from kissbot.errors import BackupError, NoDatabase
 from kissbot.importers import read_yaml_tokens
 from kissbot.types import utcnow
@@ -369,7 +370,11 @@ def test_expires_in_and_no_backup(runner, deploy):
 
 def test_verbose_logs_to_stderr_without_secrets(runner, deploy):
     quiet = migrate(runner, deploy)
-    assert quiet.stderr == ""
+    fp = fingerprint(read_key_ring(deploy / ".kissbot.key").key(1))
+    assert quiet.stderr == (
+        f"Warning: new key: back up {deploy}/.kissbot.key now: fingerprint {fp[:8]}… (key version 1); "
+        "without it the tokens cannot be decrypted\n"
+    )
     info = migrate(runner, deploy, "-v")
     assert info.exit_code == 0
     assert info.stdout.endswith(SECOND_RUN)
@@ -661,7 +666,8 @@ def test_a_bad_key_file_leaves_the_directory_byte_identical(runner, deploy, comm
     result = runner.invoke(cli, [*map(str, args), "--db", str(deploy / "kissbot.db"), "--key-file", str(deploy / "bad.key")])
     assert result.exit_code == 1
     assert result.stderr == (
-        f"Error: key file {deploy}/bad.key does not hold a valid Fernet key: restore {deploy}/bad.key from your backup\n"
+        f"Error: key file {deploy}/bad.key does not hold a valid Fernet key: restore {deploy}/bad.key from your backup, "
+        "or point to the right key with --key-file PATH or KISSBOT_KEY_FILE\n"
     )
     assert snapshot(deploy) == before
 

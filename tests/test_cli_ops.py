@@ -207,7 +207,10 @@ def test_backup_refuses_an_existing_destination_a_missing_database_and_postgresq
     missing = runner.invoke(cli, ["backup", "--db", str(tmp_path / "none.db"), str(tmp_path / "x")])
     assert one_line_error(missing) == f"Error: database {tmp_path / 'none.db'} does not exist\n"
     without_key = runner.invoke(cli, ["backup", "--db", str(db), "--with-key", "--key-file", str(tmp_path / "k"), str(tmp_path / "x")])
-    assert one_line_error(without_key) == f"Error: key file {tmp_path / 'k'} not found\n"
+    assert one_line_error(without_key) == (
+        f"Error: key file {tmp_path / 'k'} not found: restore {tmp_path / 'k'} from your backup, "
+        "or point to the right key with --key-file PATH or KISSBOT_KEY_FILE\n"
+    )
     assert snapshot(tmp_path) == before
     pg = runner.invoke(cli, ["backup", "--url", postgresql_url])
     assert "pg_dump" in one_line_error(pg)
@@ -259,7 +262,8 @@ def _foreign_backup(tmp_path: Path) -> Path:
         ("corrupt", r"fails integrity_check \(|is not a usable SQLite database \(database disk image is malformed\)"),
         ("foreign", re.escape("is not a kissbot database (no kissbot tables or no alembic_version); nothing restored")),
         ("future", re.escape("is at migration 9999_future, which this kissbot version does not know; nothing restored")),
-        ("other-key", re.escape("tokens of 1 of 1 users do not decrypt with the current key (made with another key?); nothing restored")),
+        ("other-key", r"tokens of 1 of 1 users do not decrypt with the current key: they need key version 1 "
+                      r"\(fingerprint [0-9a-f]{16}\), restore that key from your backup; nothing restored"),
     ],
 )
 def test_restore_refuses_a_bad_backup_and_changes_nothing(runner, store, tmp_path, kind, message):
@@ -382,7 +386,10 @@ def test_restore_into_a_missing_database_and_without_a_key(runner, store, tmp_pa
     target = tmp_path / "new" / "kissbot.db"
     target.parent.mkdir()
     no_key = runner.invoke(cli, ["restore", "--db", str(target), "--key-file", str(tmp_path / "nokey"), str(backup)])
-    assert one_line_error(no_key) == f"Error: key file {tmp_path / 'nokey'} not found\n"
+    assert one_line_error(no_key) == (
+        f"Error: key file {tmp_path / 'nokey'} not found: restore {tmp_path / 'nokey'} from your backup, "
+        "or point to the right key with --key-file PATH or KISSBOT_KEY_FILE\n"
+    )
     assert list(target.parent.iterdir()) == []
     result = runner.invoke(cli, ["restore", "--db", str(target), "--key-file", str(key), str(backup)])
     assert result.output == f"Restored {target} from {backup} (tokens of 2 users decrypt with {key})\n"

@@ -10,7 +10,7 @@ from cryptography.fernet import Fernet
 from sqlalchemy.engine import make_url
 
 from kissbot import DatabaseManager
-from kissbot.crypto import TokenCipher
+from kissbot.crypto import TokenCipher, fingerprint, read_key_ring
 from kissbot.errors import DecryptionError, KeyFileError
 from kissbot.types import EncryptedString
 
@@ -122,7 +122,8 @@ def test_undecryptable_row_fails_closed_naming_user_and_key_version(store_url, k
         with pytest.raises(DecryptionError) as caught:
             mgr.get_tokens(uid)
         assert str(caught.value) == (
-            f"Failed to decrypt tokens for user {uid} (key version 1): wrong key or corrupted data"
+            f"Failed to decrypt tokens for user {uid} (key version 1, fingerprint {fingerprint(read_key_ring(key_file).key(1))}): "
+            "wrong key or corrupted data"
         )
         assert (caught.value.user_id, caught.value.key_version) == (uid, 1)
         assert "gAAAA" not in str(caught.value)
@@ -136,7 +137,7 @@ def test_corrupted_ciphertext_fails_closed(store_url, key_file):
         mgr.store_tokens(uid, ACCESS, REFRESH, 3600)
     _raw(store_url, "UPDATE oauth_tokens SET refresh_token_encrypted = 'gAAAAAnot-a-token'")
     with DatabaseManager(url=store_url, key_file=key_file) as mgr:
-        with pytest.raises(DecryptionError, match=f"user {uid} .key version 1.: wrong key"):
+        with pytest.raises(DecryptionError, match=f"user {uid} .key version 1, fingerprint [0-9a-f]{{16}}.: wrong key"):
             mgr.get_tokens(uid)
 
 
@@ -163,7 +164,7 @@ def test_missing_key_with_tokens_refuses_and_creates_nothing(store_url, key_file
         DatabaseManager(url=store_url, key_file=key_file)
     assert str(caught.value) == (
         f"key file {key_file} not found but {make_url(store_url).database} holds tokens for 1 users; "
-        "restore the key from your backup"
+        "restore the key from your backup, or point to it with --key-file PATH or KISSBOT_KEY_FILE"
     )
     assert not key_file.exists()
 

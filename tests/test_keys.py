@@ -145,7 +145,10 @@ def _refusals(tmp_path: Path, key_file: Path, case: str) -> str:
         )
     key_file.write_text("this is not a fernet key\n")
     key_file.chmod(0o600)
-    return f"key file {key_file} does not hold a valid Fernet key: restore {key_file} from your backup"
+    return (
+        f"key file {key_file} does not hold a valid Fernet key: restore {key_file} from your backup, "
+        "or point to the right key with --key-file PATH or KISSBOT_KEY_FILE"
+    )
 
 
 @pytest.mark.parametrize("case", ["0644", "symlink", "garbage"])
@@ -188,7 +191,8 @@ def test_missing_key_with_tokens_refuses_through_the_cli_and_creates_nothing(tmp
     result = runner.invoke(cli, ["stats", "--db", str(db_file), "--key-file", str(key_file)])
     assert result.exit_code == 1
     assert result.output == (
-        f"Error: key file {key_file} not found but {db_file} holds tokens for 3 users; restore the key from your backup\n"
+        f"Error: key file {key_file} not found but {db_file} holds tokens for 3 users; restore the key from your backup, "
+        "or point to it with --key-file PATH or KISSBOT_KEY_FILE\n"
     )
     assert snapshot(tmp_path) == before
 
@@ -229,9 +233,9 @@ def test_key_argument_beats_the_environment_and_key_file_env_is_the_fallback(tmp
     monkeypatch.delenv("KISSBOT_KEY")
     monkeypatch.setenv("KISSBOT_KEY_FILE", str(tmp_path / "env.key"))
     assert resolve_key_source().path == tmp_path / "env.key"
-    assert resolve_key_source(key_file="given.key").path == Path("given.key")
+    assert resolve_key_source(key_file="given.key").path == Path("given.key").absolute()
     monkeypatch.delenv("KISSBOT_KEY_FILE")
-    assert resolve_key_source().path == Path(".kissbot.key")
+    assert resolve_key_source().path == Path(".kissbot.key").absolute()
 
 
 def test_garbage_kissbot_key_is_refused_without_echoing_it(monkeypatch, db_file, runner):
@@ -284,7 +288,8 @@ def test_store_without_fingerprints_is_probed_before_its_key_is_recorded(db_file
         DatabaseManager(db_file, wrong)
     assert str(caught.value) == (
         f"key file {wrong} does not decrypt the tokens in {db_file} (key version 1); "
-        "use the key they were written with (restore it from your backup)"
+        "use the key they were written with (restore it from your backup, or point to it with --key-file PATH or "
+        "KISSBOT_KEY_FILE)"
     )
     with sqlite3.connect(db_file) as conn:
         assert conn.execute("SELECT count(*) FROM config WHERE key LIKE 'key_fingerprint_v%'").fetchone() == (0,)
@@ -357,7 +362,7 @@ def test_missing_version_after_rotation_is_refused_at_open(db_file, key_file, tm
         DatabaseManager(db_file, old_file)
     assert str(caught.value) == (
         f"key file {old_file} lacks key version 2, which encrypts 2 token rows in {db_file}; "
-        "restore the key file from your backup"
+        "restore the key file from your backup, or point to one that has it with --key-file PATH or KISSBOT_KEY_FILE"
     )
 
 
@@ -568,7 +573,11 @@ def test_reset_needs_yes_then_deletes_tokens_and_makes_a_new_key(tmp_path, db_fi
     assert done.exit_code == 0, done.output
     ring = read_key_ring(key_file)
     assert ring.versions == (2,)
-    assert done.output == f"Deleted 3 token rows of 3 users; new key version 2 ({fingerprint(ring.key(2))}) in {key_file}\n"
+    assert done.stdout == f"Deleted 3 token rows of 3 users; new key version 2 ({fingerprint(ring.key(2))}) in {key_file}\n"
+    assert done.stderr == (
+        f"Warning: key reset: back up {key_file} now: fingerprint {fingerprint(ring.key(2))[:8]}… (key version 2); "
+        "without it the tokens cannot be decrypted\n"
+    )
     assert key_file.stat().st_mode & 0o777 == 0o600
     with DatabaseManager(db_file, key_file) as mgr:
         assert mgr.get_stats()["tokens_count"] == 0

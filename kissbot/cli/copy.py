@@ -16,11 +16,11 @@ from kissbot.cli.main import cli
 )
 @click.option("--to", "target", required=True, help="Empty database to fill: a URL or a SQLite file.")
 @click.option(
-    "--key-file", type=click.Path(dir_okay=False, path_type=Path), default=Path(".kissbot.key"),
-    envvar="KISSBOT_KEY_FILE", show_envvar=True, show_default=True,
-    help="The store's Fernet key, used to check that every copied token decrypts.",
+    "--key-file", type=click.Path(dir_okay=False, path_type=Path), envvar="KISSBOT_KEY_FILE", show_envvar=True,
+    help="The store's Fernet key, used to check that every copied token decrypts "
+    "[default: .kissbot.key beside a --from file, else in the current directory].",
 )
-def copy_command(source: str, target: str, key_file: Path) -> None:
+def copy_command(source: str, target: str, key_file: Path | None) -> None:
     """Copy every table of a store into an empty database, in one transaction.
 
     The target is created or migrated to the current schema, filled with the
@@ -35,7 +35,9 @@ def copy_command(source: str, target: str, key_file: Path) -> None:
     """
     from kissbot.copy import copy_store
     from kissbot.crypto import TokenCipher, read_key_ring
+    from kissbot.keys import default_key_file
 
+    key_file = key_file or default_key_file(source)
     report = copy_store(source, target, TokenCipher(read_key_ring(key_file)))
     click.echo(f"Copied {report.source} → {report.target}")
     for table, count in report.counts.items():

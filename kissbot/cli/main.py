@@ -29,12 +29,18 @@ from kissbot.validation import mask_secrets
 
 @dataclass(frozen=True)
 class StoreTarget:
-    """Where a command's store is: a SQLite path or a URL, and the key file."""
+    """Where a command's store is: a SQLite path or a URL, and the key file (default: beside the database)."""
 
     db_path: Path
     url: str | None
     key_file: Path
     synchronous: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.key_file is None:
+            from kissbot.keys import default_key_file
+
+            object.__setattr__(self, "key_file", default_key_file(self.target))
 
     @property
     def target(self) -> str:
@@ -71,6 +77,7 @@ COMMAND_MODULES = {
     "refresh-worker": "refresh",
     "copy": "copy",
     "key": "key",
+    "backups": "offsite",
 }
 """Each command of ``kissbot`` and the module of :mod:`kissbot.cli` that defines it."""
 
@@ -151,10 +158,17 @@ def _set_verbosity(ctx: click.Context, _param: click.Parameter, verbose: int) ->
     ctx.meta[_VERBOSE] = verbose
     root = logging.getLogger()
     # Undo an earlier command's setting (several commands can run in one process, e.g. under CliRunner).
-    for handler in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
-        root.removeHandler(handler)
-        logging.getLogger("kissbot").setLevel(logging.NOTSET)
+    for logger in (root, logging.getLogger("kissbot")):
+        for handler in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
+            logger.removeHandler(handler)
+    logging.getLogger("kissbot").setLevel(logging.NOTSET)
     if not verbose:
+        # kissbot's warnings (e.g. "back up the new key now") reach the operator without -v.
+        notices = _StderrHandler()
+        notices.setLevel(logging.WARNING)
+        notices.setFormatter(logging.Formatter("Warning: %(message)s"))
+        logging.getLogger("kissbot").addHandler(notices)
+        ctx.call_on_close(lambda: logging.getLogger("kissbot").removeHandler(notices))
         return
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-8s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
@@ -180,7 +194,7 @@ def store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(
-        *args: Any, db_path: Path, url: str | None, key_file: Path, synchronous: str | None, **kwargs: Any
+        *args: Any, db_path: Path, url: str | None, key_file: Path | None, synchronous: str | None, **kwargs: Any
     ) -> Any:
         return fn(*args, store=StoreTarget(db_path, url, key_file, synchronous), **kwargs)
 
@@ -194,8 +208,9 @@ def store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Database URL instead of --db, e.g. postgresql+psycopg://kissbot@db/kissbot.",
         ),
         click.option(
-            "--key-file", type=click.Path(dir_okay=False, path_type=Path), default=Path(".kissbot.key"),
-            envvar="KISSBOT_KEY_FILE", show_envvar=True, show_default=True, help="Fernet key file.",
+            "--key-file", type=click.Path(dir_okay=False, path_type=Path),
+            envvar="KISSBOT_KEY_FILE", show_envvar=True,
+            help="Fernet key file [default: .kissbot.key beside the --db file, or in the current directory for --url].",
         ),
         click.option(
             "--synchronous", metavar="OFF|NORMAL|FULL|EXTRA",

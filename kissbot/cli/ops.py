@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
 from kissbot.cli.main import StoreTarget, cli, echo_json, store_options
+from kissbot.cli.offsite import offsite_backup, offsite_backup_options, offsite_restore, offsite_restore_options
 from kissbot.errors import DatabaseError, UnsupportedBackend
 from kissbot.validation import MAX_DAYS
 
@@ -43,19 +45,28 @@ def cleanup_logs(store: StoreTarget, days: int | None) -> None:
 @cli.command()
 @click.argument("dest", required=False, type=click.Path(path_type=Path))
 @click.option("--with-key", is_flag=True, help="Also copy the key beside the backup as DEST.key (mode 0600).")
+@offsite_backup_options
 @store_options
-def backup(store: StoreTarget, dest: Path | None, with_key: bool) -> None:
+def backup(store: StoreTarget, dest: Path | None, with_key: bool, **offsite: Any) -> None:
     """Copy the live SQLite database consistently to DEST while bots keep writing.
 
     DEST defaults to <db>.backup_YYYYMMDD_HHMMSS (UTC) beside the database; a
     folder gets that name inside it. The copy is checked with integrity_check
     and has mode 0600. The key is not copied unless --with-key.
 
+    With --to URL (a folder, file:// or s3://bucket/prefix; SQLite or
+    PostgreSQL) the snapshot is compressed and uploaded instead, never the key;
+    --every repeats it until SIGTERM, --keep-* prune older backups after each
+    success (see `kissbot backups list`).
+
     \b
     Example:
         kissbot backup --db kissbot.db
         kissbot backup --db kissbot.db /mnt/backups/
+        kissbot backup --db kissbot.db --to s3://my-bucket/kissbot --every 1h --keep-last 24 --keep-daily 7
     """
+    if offsite_backup(store, dest, with_key, **offsite):
+        return
     from kissbot.backup import backup_key, backup_sqlite, default_backup_path
     from kissbot.crypto import read_key_ring
 
@@ -78,9 +89,10 @@ def backup(store: StoreTarget, dest: Path | None, with_key: bool) -> None:
 
 
 @cli.command()
-@click.argument("backup_file", metavar="BACKUP", type=click.Path(path_type=Path))
+@click.argument("backup_file", metavar="BACKUP", required=False, type=click.Path(path_type=Path))
+@offsite_restore_options
 @store_options
-def restore(store: StoreTarget, backup_file: Path) -> None:
+def restore(store: StoreTarget, backup_file: Path | None, **offsite: Any) -> None:
     """Replace the SQLite database with BACKUP, after checking it thoroughly.
 
     BACKUP is refused if it fails integrity_check, is not a kissbot database,
@@ -89,10 +101,19 @@ def restore(store: StoreTarget, backup_file: Path) -> None:
     use. The current database is backed up (<db>.backup_YYYYMMDD_HHMMSS) and
     then replaced atomically.
 
+    With --from URL instead of BACKUP, the newest off-site backup there (or the
+    newest taken at or before --at TIME) is downloaded, checked against its
+    manifest's SHA-256 and restored the same way (PostgreSQL: pg_restore in one
+    transaction, after a pg_dump of the current database).
+
     \b
     Example:
         kissbot restore --db kissbot.db kissbot.db.backup_20251105_004608
+        kissbot restore --db kissbot.db --from s3://my-bucket/kissbot --at 2026-11-29T08:00Z
     """
+    if offsite_restore(store, backup_file, **offsite):
+        return
+    assert backup_file is not None
     from kissbot.backup import restore_sqlite
     from kissbot.crypto import TokenCipher, read_key_ring
 
