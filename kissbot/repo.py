@@ -504,6 +504,7 @@ class TokenRepository:
 
     def get_tokens_needing_refresh(self, buffer_minutes: float = 10) -> list[dict[str, Any]]:
         """Tokens expiring within ``buffer_minutes`` (or expired), soonest first; nothing decrypted."""
+        check.check_seconds(buffer_minutes, "buffer_minutes", check.MAX_SECONDS / 60)
         return _all(self.db.execute(_DUE, {"cutoff": utcnow() + timedelta(minutes=buffer_minutes)}))
 
     def mark_tokens_expired(self, user_id: int, *, token_type: str = "bot", revoked: bool = False) -> None:
@@ -540,6 +541,8 @@ class TokenRepository:
         Exactly one owner holds a live lease; an expired lease can be taken
         over, and the holder may extend its own.
         """
+        check.check_seconds(ttl, "ttl")
+        check.check_text(owner, "owner")
         now = utcnow()
         where = _row(user_id, token_type) & (_lease_free(now) | (_t.refresh_lease_owner == owner))
         return self._take_lease(where, owner, ttl, now) == 1
@@ -559,6 +562,10 @@ class TokenRepository:
         waiting for them (``FOR UPDATE SKIP LOCKED``; SQLite renders no locking
         clause, its ``BEGIN IMMEDIATE`` already lets one claimer in at a time).
         """
+        check.check_seconds(ttl, "ttl")
+        check.check_text(owner, "owner")
+        check.check_seconds(buffer_minutes, "buffer_minutes", check.MAX_SECONDS / 60)
+        check.check_count(limit, "limit", minimum=1)
         now = utcnow()
         due = (
             select(_t.id)
@@ -605,6 +612,7 @@ class TokenRepository:
 
     def get_tokens_needing_validation(self, max_age_seconds: float) -> list[dict[str, Any]]:
         """Usable tokens not validated within ``max_age_seconds`` (or never); nothing decrypted."""
+        check.check_seconds(max_age_seconds, "max_age_seconds")
         return _all(self.db.execute(_TO_VALIDATE, {"cutoff": utcnow() - timedelta(seconds=max_age_seconds)}))
 
     def written_at(self, user_ids: Sequence[int], *, token_type: str = "bot") -> dict[int, datetime]:

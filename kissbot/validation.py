@@ -23,6 +23,8 @@ MAX_ID = 2**63 - 1
 """Largest row id both backends store (a signed 64-bit integer)."""
 MAX_DAYS = 100 * 366
 """Longest retention, in days, that dates can still be computed for."""
+MAX_SECONDS = 10**10
+"""Longest duration, in seconds (~300 years), that dates can still be computed from."""
 MAX_ECHO = 40
 """Longest piece of untrusted input quoted back in a message."""
 _SECRET_LIKE = re.compile(r"\b[A-Za-z0-9]{20,}\b|[A-Za-z0-9_\-=]{40,}")
@@ -38,7 +40,7 @@ _MIN_SECRET_VALUE = 16
 
 def shown(value: object, limit: int = MAX_ECHO) -> str:
     """Untrusted ``value`` for a message: anything token-like masked to 4 characters, the whole cut to ``limit``."""
-    text = _SECRET_LIKE.sub(lambda m: m.group()[:4] + "…", str(value))
+    text = mask_secrets(str(value), ())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -130,6 +132,18 @@ def check_scopes(value: Any) -> list[str] | None:
         if not isinstance(scope, str) or not scope:
             raise ValidationError(f"scopes must be a list of non-empty strings, not one holding {echo(scope)}")
     return scopes
+
+
+def check_seconds(value: Any, name: str, maximum: float = MAX_SECONDS) -> float:
+    """A duration (seconds, or minutes where ``name`` says so): a finite number within ``±maximum``.
+
+    Negative durations are allowed: they name a moment in the past (a lease that has already expired).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValidationError(f"{name} must be a number, not {type(value).__name__}")
+    if not (math.isfinite(value) and -maximum <= value <= maximum):
+        raise ValidationError(f"{name} must be a finite number within ±{maximum:g}, not {value!r}")
+    return value
 
 
 def check_count(value: Any, name: str, minimum: int = 0, maximum: int = MAX_ID) -> int:

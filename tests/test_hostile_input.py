@@ -243,3 +243,21 @@ def test_audit_json_stays_valid_json(mgr, bot, store_url, key_file):
 def test_scopes_round_trip_as_given(mgr, bot):
     mgr.store_tokens(bot, "a", "r", 60, scopes=("chat:read", "chat:edit"))
     assert mgr.get_tokens(bot)["scopes"] == ["chat:read", "chat:edit"]
+
+
+WINDOW_CALLS = {
+    "claim-ttl-nan": (lambda m, u: m.claim_refresh(u, "me", math.nan), "ttl must be a finite number"),
+    "claim-ttl-huge": (lambda m, u: m.claim_refresh(u, "me", 1e300), "ttl must be"),
+    "claim-owner-none": (lambda m, u: m.claim_refresh(u, None, 60), "owner must be a string"),
+    "refresh-window-inf": (lambda m, u: m.get_tokens_needing_refresh(math.inf), "buffer_minutes must be"),
+    "refresh-window-str": (lambda m, u: m.get_tokens_needing_refresh("10"), "buffer_minutes must be a number"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WINDOW_CALLS))
+def test_lease_and_window_arguments_raise_validation_errors(mgr, bot, case):
+    call, message = WINDOW_CALLS[case]
+    mgr.store_tokens(bot, ACCESS, REFRESH, 60)
+    with pytest.raises(ValidationError, match=message):
+        call(mgr, bot)
+    assert mgr.claim_refresh(bot, "me", 60), "no lease was taken"

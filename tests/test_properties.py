@@ -140,3 +140,11 @@ def test_import_tio_parsing(tmp_path_factory, text, login):
         apply_batch(None, batch, expires_in=TIO_EXPIRES_IN, skip_invalid=True, dry_run=True)
 
     outcome(parse)
+
+
+@FAST
+@given(user_id=ids, owner=values, ttl=values, window=values)
+def test_lease_and_window_arguments(store, user_id, owner, ttl, window):
+    mgr, bot = store
+    outcome(lambda: mgr.claim_refresh(bot if user_id == 1 else user_id, owner, ttl))
+    outcome(lambda: mgr.get_tokens_needing_refresh(window))
