@@ -359,6 +359,6 @@ class DatabaseManager:
         path = sqlite_path(self.url)
         if path is None:
             with self.engine.connect() as conn:
-                pages = conn.exec_driver_sql("PRAGMA page_count").scalar_one()
-                return pages * conn.exec_driver_sql("PRAGMA page_size").scalar_one()
+                pages = conn.execute(text("PRAGMA page_count")).scalar_one()
+                return pages * conn.execute(text("PRAGMA page_size")).scalar_one()
         return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
