@@ -396,6 +396,14 @@ def test_restore_into_a_missing_database_and_without_a_key(runner, store, tmp_pa
     assert [p.name for p in target.parent.iterdir()] == ["kissbot.db"]
 
 
+def test_restore_of_a_missing_backup_says_so_before_looking_for_the_key(runner, store, tmp_path):
+    db, _key = store
+    before = snapshot(db.parent)
+    result = runner.invoke(cli, ["restore", "--db", str(db), "--key-file", str(tmp_path / "nokey"), "foo.db"])
+    assert one_line_error(result) == "Error: backup foo.db not found\n"
+    assert snapshot(db.parent) == before
+
+
 # --- maintenance -------------------------------------------------------------------------------
 
 

@@ -9,7 +9,7 @@ import click
 
 from kissbot.cli.main import StoreTarget, cli, echo_json, store_options
 from kissbot.cli.offsite import offsite_backup, offsite_backup_options, offsite_restore, offsite_restore_options
-from kissbot.errors import DatabaseError, UnsupportedBackend
+from kissbot.errors import BackupError, DatabaseError, UnsupportedBackend
 from kissbot.validation import MAX_DAYS
 
 
@@ -118,6 +118,8 @@ def restore(store: StoreTarget, backup_file: Path | None, **offsite: Any) -> Non
     from kissbot.crypto import TokenCipher, read_key_ring
 
     db = _sqlite_file(store, "restore", "pg_restore")
+    if not backup_file.is_file():  # before the key: a mistyped BACKUP is the error to report
+        raise BackupError(f"backup {backup_file} not found")
     cipher = TokenCipher(read_key_ring(store.key_file))
     report = restore_sqlite(backup_file, db, cipher)
     if report.previous_backup is not None:
