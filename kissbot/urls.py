@@ -21,7 +21,7 @@ SUPPORTED = {"sqlite": ("pysqlite",), "postgresql": ("psycopg",)}
 """Backends and the driver kissbot runs each on."""
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9.+-]*):")
-_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9.+-]*:/*[^/:@]*:)[^@]*@")
+_AUTHORITY = re.compile(r"\s*[A-Za-z][A-Za-z0-9.+-]*:/*")
 _BACKEND_NAMES = ("sqlite", "postgres", "mysql", "mariadb", "oracle", "mssql")
 
 
@@ -29,7 +29,12 @@ def shown(url: URL | str) -> str:
     """``url`` as it may be printed: its password replaced by ``***``."""
     if isinstance(url, URL):
         return url.render_as_string(hide_password=True)
-    return _PASSWORD.sub(r"\1***@", url)
+    # Up to the last "@": a password may hold "@", "/" or ":" that the user forgot to escape.
+    head, at, tail = url.rpartition("@")
+    scheme = _AUTHORITY.match(head)
+    start = scheme.end() if scheme else 0
+    user, colon, _ = head[start:].partition(":")
+    return f"{head[:start]}{user}:***@{tail}" if at and colon else url
 
 
 def parse_url(text: str) -> URL:
@@ -48,11 +53,18 @@ def parse_url(text: str) -> URL:
     except (ArgumentError, ValueError) as exc:
         detail = "the port must be a number" if isinstance(exc, ValueError) else "it cannot be parsed"
         raise ConfigurationError(f"malformed database URL {shown(text)!r}: {detail}") from None
+    if "@" in (url.host or "") or (url.get_backend_name() != "sqlite" and "@" in (url.database or "")):
+        raise ConfigurationError(f"malformed database URL {shown(text)!r}: write '@' as %40 in a user name or password")
     backend, driver = url.get_backend_name(), url.drivername.partition("+")[2] or None
     drivers = SUPPORTED.get(backend)
     if drivers is None or (driver is not None and driver not in drivers):
         supported = ", ".join(f"{b}+{d[0]}://" for b, d in SUPPORTED.items())
         raise ConfigurationError(f"unsupported database URL {shown(url)!r}: kissbot supports {supported}")
+    if backend == "sqlite" and (url.username or url.password or url.host or url.port):
+        raise ConfigurationError(
+            f"malformed database URL {shown(text)!r}: a SQLite URL names a file (sqlite:///relative.db, "
+            "sqlite:////absolute.db), with no user, password, host or port"
+        )
     if driver is None and backend == "postgresql":
         url = url.set(drivername=f"{backend}+{drivers[0]}")
     if url.port is not None and not 0 < url.port < 65536:

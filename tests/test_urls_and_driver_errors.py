@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import click
 import pytest
 import sqlalchemy
 from click.testing import CliRunner
@@ -35,6 +36,18 @@ def runner():
          "sqlite+pysqlite://, postgresql+psycopg://\n"),
         ("kissbot.db", "Error: malformed database URL 'kissbot.db': expected BACKEND://…, "
                        "e.g. postgresql+psycopg://user@host/db (a SQLite file is given with --db PATH)\n"),
+        (" postgresql+psycopg://kb:S3CRETPW@127.0.0.1/kbx",
+         "Error: malformed database URL ' postgresql+psycopg://kb:***@127.0.0.1/kbx': expected BACKEND://…, "
+         "e.g. postgresql+psycopg://user@host/db (a SQLite file is given with --db PATH)\n"),
+        ("postgresql+psycopg://kb:S3C@RETPW/x@127.0.0.1/kbx",
+         "Error: malformed database URL 'postgresql+psycopg://kb:***@127.0.0.1/kbx': write '@' as %40 in a user name "
+         "or password\n"),
+        ("postgresql+psycopg://kb:S3C@RETPW@127.0.0.1/kbx",
+         "Error: malformed database URL 'postgresql+psycopg://kb:***@127.0.0.1/kbx': write '@' as %40 in a user name "
+         "or password\n"),
+        ("sqlite://kb:S3CRETPW@127.0.0.1/kbx",
+         "Error: malformed database URL 'sqlite://kb:***@127.0.0.1/kbx': a SQLite URL names a file "
+         "(sqlite:///relative.db, sqlite:////absolute.db), with no user, password, host or port\n"),
     ],
 )
 @pytest.mark.parametrize("command", [["init-db"], ["stats"], ["migrate-yaml", "config.yaml"]])
@@ -121,3 +134,45 @@ def test_tokens_behind_another_sessions_lock_ends_with_one_line(runner, postgres
     assert result.output.startswith("Error: database ")
     assert "is busy: another session held a lock for more than 5000 ms" in result.output
     assert result.output.count("\n") == 1
+
+
+def url_commands() -> list[list[str]]:
+    """Every command taking ``--url``, with its required arguments and options filled in."""
+    fill = {"login": "serda_bot", "version": "1", "instance_id": "1", "key": "log_retention_days", "value": "30",
+            "config": "config.yaml", "file": "config.yaml"}
+    found: list[list[str]] = []
+
+    def walk(command: click.Command, path: list[str], ctx: click.Context) -> None:
+        if isinstance(command, click.Group):
+            for name in command.list_commands(ctx):
+                sub = command.get_command(ctx, name)
+                walk(sub, [*path, name], click.Context(sub, parent=ctx, info_name=name))
+        if any(p.name == "url" and isinstance(p, click.Option) for p in command.params):
+            arguments = [fill[p.name] for p in command.params if isinstance(p, click.Argument) and p.required]
+            options = [o for p in command.params if isinstance(p, click.Option) and p.required for o in (p.opts[0], "1")]
+            found.append([*path, *arguments, *options])
+
+    walk(cli, [], click.Context(cli, info_name="kissbot"))
+    return found
+
+
+@pytest.mark.parametrize(
+    "url",
+    [TYPO, "postgresql+psycopg://kb:S3CRETPW@127.0.0.1:abc/kbx", "mysql://kb:S3CRETPW@127.0.0.1/kbx",
+     "sqlite://kb:S3CRETPW@127.0.0.1/kbx", "postgresql+psycopg://kb:S3C@RETPW/x@127.0.0.1/kbx"],
+    ids=["typo", "port", "mysql", "sqlite-host", "at-in-password"],
+)
+def test_every_command_taking_url_refuses_a_bad_one_in_one_line_and_writes_nothing(runner, tmp_path, monkeypatch, url):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.yaml").write_text("twitch:\n  tokens:\n    bot:\n      user_id: '1'\n"
+                                          "      access_token: a\n      refresh_token: r\n")
+    commands = url_commands()
+    assert len(commands) >= 25
+    for command in commands:
+        result = runner.invoke(cli, [*command, "--url", url], input="a\nb\n", env={"TWITCH_CLIENT_ID": "x"})
+        assert result.exit_code == 1, (command, result.output)
+        assert result.output.startswith("Error: malformed database URL ") or result.output.startswith(
+            "Error: unsupported database URL "
+        ), (command, result.output)
+        assert result.output.count("\n") == 1 and "S3C" not in result.output and "RETPW" not in result.output
+        assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.yaml"], command
