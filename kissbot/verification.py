@@ -15,6 +15,7 @@ they hold and the backend enforces the rest. Everything here only reads.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,12 +23,18 @@ from typing import Any
 import sqlalchemy
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SAWarning
 from sqlalchemy.pool import StaticPool
 
 from kissbot.settings import SETTINGS
+from kissbot.validation import echo
 
 SQLITE_INTERNAL_TABLES = frozenset({"sqlite_sequence", "sqlite_stat1", "sqlite_stat2", "sqlite_stat3", "sqlite_stat4"})
 """Tables SQLite itself creates (AUTOINCREMENT counters, ``ANALYZE`` statistics)."""
+
+MAX_SEQUENCE = 2**53
+"""Highest AUTOINCREMENT counter a restored store may hold: more ids than a store uses in centuries; a counter
+near 2**63 would leave no id for the next row."""
 
 _FINGERPRINT = re.compile(r"key_fingerprint_v(\d+)")
 
@@ -49,6 +56,8 @@ class TableShape:
     triggers: tuple[str, ...]
     checks: frozenset[str] = frozenset()
     kinds: dict[str, str] = field(default_factory=dict)  # name -> Python type of the column's values (any backend)
+    index_keys: dict[str, tuple[bool, tuple[str, ...]]] = field(default_factory=dict)
+    """SQLite: name -> (has a WHERE clause, each key as written: column or expression, order, collation)."""
 
 
 def _default(text: str | None) -> str | None:
@@ -71,28 +80,54 @@ def reflect_shapes(conn: Connection, tables: Iterable[str]) -> dict[str, TableSh
     for table in tables:
         if table not in present:
             continue
-        shapes[table] = TableShape(
-            columns={
-                c["name"]: (str(c["type"]), bool(c["nullable"]), _default(c["default"]))
-                for c in insp.get_columns(table)
-            },
-            primary_key=tuple(insp.get_pk_constraint(table)["constrained_columns"]),
-            uniques=frozenset(tuple(u["column_names"]) for u in insp.get_unique_constraints(table)),
-            foreign_keys=frozenset(
-                (
-                    tuple(fk["constrained_columns"]),
-                    fk["referred_table"],
-                    tuple(fk["referred_columns"]),
-                    (fk["options"].get("ondelete") or "").upper() or None,
-                )
-                for fk in insp.get_foreign_keys(table)
-            ),
-            indexes={i["name"]: (tuple(i["column_names"]), bool(i["unique"])) for i in insp.get_indexes(table)},
-            triggers=tuple(triggers.get(table, ())),
-            checks=frozenset(" ".join(c["sqltext"].split()) for c in insp.get_check_constraints(table)),
-            kinds={c["name"]: _kind(c["type"]) for c in insp.get_columns(table)},
-        )
+        with warnings.catch_warnings():  # an expression index: index_keys describes it
+            warnings.filterwarnings("ignore", "Skipped unsupported reflection", SAWarning)
+            shapes[table] = _shape(conn, insp, table, triggers)
     return shapes
+
+
+def _shape(conn: Connection, insp: Any, table: str, triggers: dict[str, list[str]]) -> TableShape:
+    return TableShape(
+        columns={
+            c["name"]: (str(c["type"]), bool(c["nullable"]), _default(c["default"]))
+            for c in insp.get_columns(table)
+        },
+        primary_key=tuple(insp.get_pk_constraint(table)["constrained_columns"]),
+        uniques=frozenset(tuple(u["column_names"]) for u in insp.get_unique_constraints(table)),
+        foreign_keys=frozenset(
+            (
+                tuple(fk["constrained_columns"]),
+                fk["referred_table"],
+                tuple(fk["referred_columns"]),
+                (fk["options"].get("ondelete") or "").upper() or None,
+            )
+            for fk in insp.get_foreign_keys(table)
+        ),
+        indexes={i["name"]: (tuple(i["column_names"]), bool(i["unique"])) for i in insp.get_indexes(table)},
+        triggers=tuple(triggers.get(table, ())),
+        checks=frozenset(" ".join(c["sqltext"].split()) for c in insp.get_check_constraints(table)),
+        kinds={c["name"]: _kind(c["type"]) for c in insp.get_columns(table)},
+        index_keys=_index_keys(conn, table) if conn.dialect.name == "sqlite" else {},
+    )
+
+
+def _index_keys(conn: Connection, table: str) -> dict[str, tuple[bool, tuple[str, ...]]]:
+    """The indexes of ``table`` that CREATE INDEX made, as SQLite records them (PRAGMA index_list, index_xinfo)."""
+    found = {}
+    for _, name, _, origin, partial in conn.exec_driver_sql(f"PRAGMA index_list({quote_name(table)})").all():
+        if origin != "c":
+            continue
+        keys = tuple(
+            (column or "an expression") + (" DESC" if desc else "") + ("" if coll == "BINARY" else f" COLLATE {coll}")
+            for _, _, column, desc, coll, key in conn.exec_driver_sql(f"PRAGMA index_xinfo({quote_name(name)})").all()
+            if key
+        )
+        found[name] = (bool(partial), keys)
+    return found
+
+
+def _keys(index: tuple[bool, tuple[str, ...]]) -> str:
+    return f"({_pairs(index[1])})" + (" with a WHERE clause" if index[0] else "")
 
 
 def _kind(type_: Any) -> str:
@@ -227,6 +262,8 @@ def schema_differences(found: Schema, expected: Schema, revision: str, *, exact_
                     f"index {name} on {table} is {'unique ' if h_unique else ''}({_pairs(h_cols)}), "
                     f"{at} defines {'unique ' if shape[1] else ''}({_pairs(shape[0])})"
                 )
+            elif exact_types and name in have.index_keys and have.index_keys[name] != want.index_keys.get(name):
+                lines.append(f"index {name} on {table} is {_keys(have.index_keys[name])}, {at} defines {_keys(want.index_keys[name])}")
         for check in sorted(have.checks ^ want.checks):
             state = "not part of" if check in have.checks else "missing from"
             lines.append(f"check ({check}) on {table} is {state} {at}")
@@ -265,6 +302,13 @@ def row_problems(conn: Connection, expected: Schema, *, config: bool = True) -> 
         n = conn.exec_driver_sql("SELECT count(*) FROM alembic_version").scalar()
         if n != 1:
             problems.append(f"alembic_version holds {n} rows, not 1")
+    if sqlite and conn.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'").first():
+        counters = conn.exec_driver_sql(
+            "SELECT name, seq FROM sqlite_sequence WHERE typeof(seq) != 'integer' OR seq NOT BETWEEN 0 AND ?",
+            (MAX_SEQUENCE,),
+        ).all()
+        for name, seq in counters:
+            problems.append(f"sqlite_sequence holds {echo(seq)} for {echo(name)}, not an id counter from 0 to {MAX_SEQUENCE}")
     broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all() if sqlite else []
     if broken:
         table, rowid, parent, _ = broken[0]

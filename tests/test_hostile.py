@@ -83,6 +83,28 @@ HOSTILE = {
         "UPDATE oauth_tokens SET key_version = 1e20;",
         "oauth_tokens.key_version holds real in 2 row(s), kissbot stores integer",
     ),
+    # Same index names and columns, different meaning: ON CONFLICT finds no unique index, lookups no usable one.
+    "partial-unique-index": (
+        "DROP INDEX uq_oauth_tokens_user_id_token_type; "
+        "CREATE UNIQUE INDEX uq_oauth_tokens_user_id_token_type ON oauth_tokens (user_id, token_type) WHERE user_id < 0;",
+        "index uq_oauth_tokens_user_id_token_type on oauth_tokens is (user_id, token_type) with a WHERE clause, "
+        f"migration {HEAD} defines (user_id, token_type)",
+    ),
+    "nocase-unique-index": (
+        "DROP INDEX uq_oauth_tokens_user_id_token_type; "
+        "CREATE UNIQUE INDEX uq_oauth_tokens_user_id_token_type ON oauth_tokens (user_id, token_type COLLATE NOCASE);",
+        "index uq_oauth_tokens_user_id_token_type on oauth_tokens is (user_id, token_type COLLATE NOCASE), "
+        f"migration {HEAD} defines (user_id, token_type)",
+    ),
+    "expression-index": (
+        "DROP INDEX idx_oauth_user; CREATE INDEX idx_oauth_user ON oauth_tokens (user_id + 0);",
+        f"index idx_oauth_user on oauth_tokens is (an expression), migration {HEAD} defines (user_id)",
+    ),
+    # The next user would find no id: every later `user add` fails with "database or disk is full".
+    "exhausted-ids": (
+        "UPDATE sqlite_sequence SET seq = 9223372036854775807 WHERE name = 'users';",
+        "sqlite_sequence holds '9223372036854775807' for 'users', not an id counter from 0 to 9007199254740992",
+    ),
 }
 
 
@@ -144,7 +166,7 @@ def test_adopt_refuses_a_hostile_database_and_changes_nothing(runner, store, tmp
 
 
 # A live store's corrupt config values are findings of their own (tests/test_settings.py).
-@pytest.mark.parametrize("kind", ["delete-trigger", "renamed-column", "blob-token"])
+@pytest.mark.parametrize("kind", ["delete-trigger", "renamed-column", "blob-token", "expression-index", "exhausted-ids"])
 def test_doctor_reports_a_hostile_live_store(runner, store, kind):
     db, key = store
     edit(db, HOSTILE[kind][0])
@@ -160,6 +182,7 @@ def test_doctor_reports_a_hostile_live_store(runner, store, kind):
 
 def test_doctor_finds_a_healthy_store_exact(runner, store):
     db, key = store
+    edit(db, "ANALYZE;")  # SQLite's statistics (kissbot maintenance analyze) are not a difference
     result = runner.invoke(cli, ["doctor", "--db", str(db), "--key-file", str(key)])
     assert result.exit_code == 0, result.output
     assert f"[ok] schema: exactly migration {HEAD}'s tables, columns and indexes; rows well-typed\n" in result.output
