@@ -102,6 +102,9 @@ class AuditRepository:
     ) -> list[dict[str, Any]]:
         """The newest ``limit`` events, optionally of one type or one user, ``details`` decoded."""
         check.check_count(limit, "limit", minimum=1)
+        check.check_optional_id(user_id, "user_id")
+        if event_type is not None:
+            check.check_text(event_type, "event_type")
         stmt = select(*audit_log.c).order_by(audit_log.c.timestamp.desc(), audit_log.c.id.desc()).limit(limit)
         if event_type is not None:
             stmt = stmt.where(audit_log.c.event_type == event_type)

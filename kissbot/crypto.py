@@ -115,7 +115,10 @@ class KeyRing:
             return keys
         if isinstance(keys, (bytes, str)):
             keys = [keys]
-        raw = [k.encode() if isinstance(k, str) else bytes(k) for k in keys]
+        items = list(keys) if isinstance(keys, Iterable) else [keys]
+        if not all(isinstance(k, (bytes, str)) for k in items):
+            raise KeyFileError("an encryption key must be bytes or a str, or a list of them")
+        raw = [k.encode("utf-8", "replace") if isinstance(k, str) else k for k in items]
         for key in raw:
             if not _valid(key):
                 raise KeyFileError("encryption key is not a valid Fernet key (32 url-safe base64-encoded bytes)")

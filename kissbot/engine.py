@@ -36,15 +36,18 @@ from sqlalchemy.pool import StaticPool
 
 from kissbot import dberrors
 from kissbot.crypto import TokenCipher
-from kissbot.errors import ConfigurationError
+from kissbot.errors import ConfigurationError, ValidationError
 from kissbot.types import attach_cipher
 from kissbot.urls import is_memory, sqlite_path, to_url
+from kissbot import validation as check
 
 DEFAULT_DB_PATH = "kissbot.db"
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 SYNCHRONOUS_ENV = "KISSBOT_SQLITE_SYNCHRONOUS"
 DEFAULT_SYNCHRONOUS = "NORMAL"
 DEFAULT_BUSY_TIMEOUT_MS = 5000
+MAX_BUSY_TIMEOUT_MS = 2**31 - 1
+"""Longest lock wait: SQLite's busy_timeout and PostgreSQL's lock_timeout are 32-bit milliseconds."""
 _WRITE = {"kissbot_write": True}
 """The execution option that makes a SQLite transaction begin with ``BEGIN IMMEDIATE``."""
 SQL_LOG = logging.getLogger("kissbot.sql")
@@ -95,6 +98,9 @@ def create_engine(
     """
     url = to_url(target)
     synchronous = synchronous_mode(synchronous)
+    check.check_count(busy_timeout_ms, "busy_timeout_ms", 0, MAX_BUSY_TIMEOUT_MS)
+    if echo not in (True, False, "debug"):
+        raise ValidationError(f"echo must be True, False or 'debug', not {check.echo(echo)}")
     kwargs.setdefault("hide_parameters", True)
     memory = is_memory(url)
     if memory:
@@ -130,9 +136,9 @@ def synchronous_mode(value: str | None = None) -> str:
     source = "synchronous"
     if value is None:
         value, source = os.environ.get(SYNCHRONOUS_ENV) or DEFAULT_SYNCHRONOUS, SYNCHRONOUS_ENV
-    mode = value.strip().upper()
+    mode = value.strip().upper() if isinstance(value, str) else None
     if mode not in SYNCHRONOUS_MODES:
-        raise ConfigurationError(f"{source} must be one of {', '.join(SYNCHRONOUS_MODES)}, not {value!r}")
+        raise ConfigurationError(f"{source} must be one of {', '.join(SYNCHRONOUS_MODES)}, not {check.echo(value)}")
     return mode
 
 

@@ -108,6 +108,8 @@ class InstanceRepository:
         Raises :class:`InstanceDisabled` for a disabled instance: a late
         heartbeat does not bring back an instance that crashed too often.
         """
+        check.check_id(instance_id, "instance_id")
+        check.check_text(status, "status")
         now = utcnow()
         result = self.db.execute(
             update(instances)
@@ -127,6 +129,8 @@ class InstanceRepository:
         A crash counts toward ``max_crash_count``; at that count the instance
         becomes ``disabled``.
         """
+        check.check_id(instance_id, "instance_id")
+        check.check_flag(crash, "crash")
         stopped = self._stop(instance_id, crash=crash)
         if stopped is None:
             raise InstanceNotFound(f"no instance with id {instance_id}")
@@ -196,6 +200,7 @@ class InstanceRepository:
 
     def reset_instance(self, instance_id: int) -> None:
         """Clear the crash count of ``instance_id`` so it can be registered again."""
+        check.check_id(instance_id, "instance_id")
         result = self.db.execute(
             update(instances)
             .where(instances.c.id == instance_id)

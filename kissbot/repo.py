@@ -281,7 +281,8 @@ _TO_VALIDATE = (
 
 
 def _row(user_id: int, token_type: str) -> ColumnElement[bool]:
-    return (_t.user_id == user_id) & (_t.token_type == token_type)
+    """The token row of ``user_id`` and ``token_type``, both checked (:class:`ValidationError`)."""
+    return (_t.user_id == check.check_id(user_id)) & (_t.token_type == _check_type(token_type))
 
 
 def _lease_free(now: datetime) -> ColumnElement[bool]:
@@ -316,7 +317,7 @@ def _listed(row: Mapping[str, Any], now: datetime) -> dict[str, Any]:
 
 def _check_type(token_type: str) -> str:
     if token_type not in TOKEN_TYPES:
-        raise ValidationError(f"token_type must be one of {', '.join(TOKEN_TYPES)}, not {token_type!r}")
+        raise ValidationError(f"token_type must be one of {', '.join(TOKEN_TYPES)}, not {check.echo(token_type)}")
     return token_type
 
 
@@ -389,6 +390,8 @@ class TokenRepository:
         _check_tokens(user_id, access_token, refresh_token)
         check.check_expires_in(expires_in)
         scopes = check.check_scopes(scopes)
+        if expected_version is not None:
+            check.check_count(expected_version, "expected_version")
         now = utcnow()
         params = {
             "b_user_id": user_id, "b_token_type": token_type, "b_access": access_token, "b_refresh": refresh_token,
@@ -480,6 +483,7 @@ class TokenRepository:
         version if they do not decrypt.
         """
         check.check_id(user_id)
+        _check_type(token_type)
         try:
             tokens = self.db.execute(_TOKENS, {"user_id": user_id, "token_type": token_type}).mappings().first()
         except DecryptionError as exc:
@@ -572,6 +576,7 @@ class TokenRepository:
 
     def release_refresh(self, user_id: int, owner: str, *, token_type: str = "bot") -> bool:
         """Give back ``owner``'s refresh lease; False if it did not hold it (any more)."""
+        check.check_text(owner, "owner")
         stmt = (
             update(oauth_tokens)
             .where(_row(user_id, token_type), _t.refresh_lease_owner == owner)

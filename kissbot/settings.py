@@ -108,14 +108,19 @@ def is_internal(key: str) -> bool:
     return key.startswith(FINGERPRINT_PREFIX) or (setting is not None and setting.internal)
 
 
+def _check_key(key: Any) -> str:
+    if not isinstance(key, str) or not key.strip():
+        raise ConfigurationError("a config key must be a non-empty string")
+    return key
+
+
 def checked(key: str, value: Any) -> str:
     """The text to store for ``key`` = ``value``; raise :class:`~kissbot.errors.ConfigurationError` if refused.
 
     Known keys take an integer in their range (``"60"`` or ``60``); internal
     keys are refused; other keys take a string (stored as given) or any JSON value.
     """
-    if not isinstance(key, str) or not key.strip():
-        raise ConfigurationError("a config key must be a non-empty string")
+    _check_key(key)
     if is_internal(key):
         raise ConfigurationError(
             f"config {key} is kept by kissbot and cannot be set; see kissbot key status"
@@ -264,7 +269,7 @@ class ConfigRepository:
 
     def get_config(self, key: str, default: Any = None) -> Any:
         """The value of ``key`` (``"60"`` reads as 60), or ``default``; a corrupt known setting raises :class:`CorruptConfig`."""
-        raw = self.db.execute(select(config.c.value).where(config.c.key == key)).scalar()
+        raw = self.db.execute(select(config.c.value).where(config.c.key == _check_key(key))).scalar()
         return default if raw is None else decode(key, raw)
 
     def set_config(self, key: str, value: Any, description: str | None = None) -> None:
@@ -273,6 +278,8 @@ class ConfigRepository:
         Raises :class:`ConfigurationError` for an internal key or a value out of a known key's type and range.
         """
         text = checked(key, value)
+        if description is not None and not isinstance(description, str):
+            raise ConfigurationError(f"a config description must be a string, not {type(description).__name__}")
         values: dict[str, Any] = {"value": text, "updated_at": utcnow()}
         if description is not None:
             values["description"] = description

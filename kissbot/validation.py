@@ -107,6 +107,13 @@ def check_user_fields(**fields: Any) -> None:
         raise ValidationError(f"is_bot must be true or false, not {type(fields['is_bot']).__name__}")
 
 
+def check_flag(value: Any, name: str) -> bool:
+    """A yes/no argument: a bool (or the integers 0 and 1)."""
+    if not isinstance(value, int) or value not in (0, 1):
+        raise ValidationError(f"{name} must be true or false, not {echo(value)}")
+    return bool(value)
+
+
 def check_expires_in(value: Any) -> int | float:
     """A token lifetime in seconds: a finite number within ±:data:`MAX_EXPIRES_IN` (negative: already expired)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -148,3 +148,61 @@ def test_lease_and_window_arguments(store, user_id, owner, ttl, window):
     mgr, bot = store
     outcome(lambda: mgr.claim_refresh(bot if user_id == 1 else user_id, owner, ttl))
     outcome(lambda: mgr.get_tokens_needing_refresh(window))
+
+
+token_types = st.one_of(st.sampled_from(["bot", "broadcaster"]), values)
+
+
+@FAST
+@given(user_id=ids, token_type=token_types, owner=values, expected=values, decrypt=values)
+def test_token_row_arguments(store, user_id, token_type, owner, expected, decrypt):
+    mgr, bot = store
+    uid = bot if user_id == 1 else user_id
+    outcome(lambda: mgr.get_tokens(uid, token_type=token_type))
+    outcome(lambda: mgr.get_tokens_by_twitch_id(owner, token_type=token_type))
+    outcome(lambda: mgr.release_refresh(uid, owner, token_type=token_type))
+    outcome(lambda: mgr.increment_refresh_failures(uid, token_type=token_type))
+    outcome(lambda: mgr.mark_tokens_expired(uid, token_type=token_type))
+    outcome(lambda: mgr.store_tokens(uid, "access-token-1", "refresh-token-1", 60, token_type=token_type, expected_version=expected))
+    outcome(lambda: mgr.list_tokens(decrypt=decrypt))
+
+
+@FAST
+@given(twitch_id=values, user_id=ids, fields=st.dictionaries(st.sampled_from(["twitch_login", "display_name", "is_bot", "twitch_user_id", "bogus"]), values, max_size=3))
+def test_user_lookup_and_update_arguments(store, twitch_id, user_id, fields):
+    mgr, bot = store
+    outcome(lambda: mgr.get_user(twitch_id))
+    outcome(lambda: mgr.update_user(bot if user_id == 1 else user_id, **fields))
+
+
+@FAST
+@given(instance_id=ids, status=values, crash=values, event_type=values, user_id=ids)
+def test_instance_and_audit_filter_arguments(store, instance_id, status, crash, event_type, user_id):
+    mgr, _ = store
+    outcome(lambda: mgr.update_instance_heartbeat(instance_id, status))
+    outcome(lambda: mgr.stop_instance(instance_id, crash=crash))
+    outcome(lambda: mgr.reset_instance(instance_id))
+    outcome(lambda: mgr.get_audit_log(event_type=event_type, user_id=user_id))
+
+
+@FAST
+@given(key=values, value=values, description=values, default=values)
+def test_config_arguments(store, key, value, description, default):
+    mgr, _ = store
+    outcome(lambda: mgr.set_config(key, value, description))
+    outcome(lambda: mgr.get_config(key, default))
+    outcome(lambda: mgr.list_config())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(busy=values, synchronous=st.one_of(st.sampled_from(["OFF", "normal", "FULL"]), values), echo=values, key=values)
+def test_opening_arguments(store, busy, synchronous, echo, key):
+    mgr, _ = store
+    db = mgr.url.database
+
+    def open_and_close() -> None:
+        with DatabaseManager(db, key=key if isinstance(key, (bytes, str, list)) else None, echo=echo,
+                             synchronous=synchronous, busy_timeout_ms=busy, create=False) as other:
+            other.get_stats()
+
+    outcome(open_and_close)
