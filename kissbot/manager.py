@@ -60,6 +60,9 @@ class DatabaseManager:
     older migration raises :class:`~kissbot.errors.OutdatedSchema`, and a
     missing key file is not made (a store without tokens then opens without a
     key: reading or writing tokens raises :class:`~kissbot.errors.KeyFileError`).
+    With ``need_key=False`` a missing key file is not an error even when
+    tokens are stored: the store opens without a key, for what decrypts
+    nothing (users, instances, audit, config).
 
     A manager may be created before ``os.fork()`` and used in the children.
     """
@@ -75,6 +78,7 @@ class DatabaseManager:
         synchronous: str | None = None,
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
         create: bool = True,
+        need_key: bool = True,
     ) -> None:
         self.url = to_url(url if url is not None else db_path)
         self.key_source = resolve_key_source(key, key_file, db=self.url)
@@ -89,7 +93,7 @@ class DatabaseManager:
         try:
             ensure_schema(self.engine, create=create)
             db = self.url.database or "the store"
-            cipher = load_cipher(self.engine, self.key_source, db, cipher, create=create)
+            cipher = load_cipher(self.engine, self.key_source, db, cipher, create=create, need_key=need_key)
             if cipher is not None:
                 attach_cipher(self.engine, cipher)
         except BaseException:

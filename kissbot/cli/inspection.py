@@ -65,7 +65,7 @@ def users(store: StoreTarget, as_json: bool) -> None:
     Example:
         kissbot users --db kissbot.db --json
     """
-    with store.open(create=False) as mgr:
+    with store.open(create=False, need_key=False) as mgr:
         rows = mgr.list_users()
     if as_json:
         echo_json(rows)
@@ -197,7 +197,7 @@ def instances(ctx: click.Context, store: StoreTarget, as_json: bool) -> None:
     _refuse_group_store_options(ctx)
     if ctx.invoked_subcommand:
         return
-    with store.open(create=False) as mgr:
+    with store.open(create=False, need_key=False) as mgr:
         rows = mgr.list_instances()
     if as_json:
         echo_json(rows)
@@ -218,7 +218,7 @@ def instances_reset(store: StoreTarget, instance_id: int) -> None:
     Example:
         kissbot instances reset 3 --db kissbot.db
     """
-    with store.open(create=False) as mgr:
+    with store.open(create=False, need_key=False) as mgr:
         mgr.reset_instance(instance_id)
     click.echo(f"Instance {instance_id} reset: status stopped, crash count 0")
 
@@ -235,7 +235,7 @@ def instances_reap(store: StoreTarget) -> None:
     Example:
         kissbot instances reap --db kissbot.db
     """
-    with store.open(create=False) as mgr:
+    with store.open(create=False, need_key=False) as mgr:
         reaped = mgr.reap_stale_instances()
     for inst in reaped:
         heartbeat = inst["last_heartbeat"]
@@ -264,7 +264,7 @@ def audit(store: StoreTarget, limit: int, event_type: str | None, login: str | N
         kissbot audit --limit 20 --event-type tokens_migrated
         kissbot audit --user serda_bot --json
     """
-    with store.open(create=False) as mgr:
+    with store.open(create=False, need_key=False) as mgr:
         logins = {u["id"]: u["twitch_login"] for u in mgr.list_users()}
         user_id = None
         if login is not None:
@@ -317,7 +317,7 @@ def config_get(store: StoreTarget, key: str, as_json: bool) -> None:
         kissbot config get max_crash_count --db kissbot.db
     """
     missing = object()
-    with store.open(create=False) as mgr:
+    with store.open(create=False, need_key=False) as mgr:
         value = mgr.get_config(key, default=missing)
     if value is missing:
         raise click.ClickException(f"no config key {key!r}; see kissbot config list")
@@ -339,7 +339,7 @@ def config_set(store: StoreTarget, key: str, value: str, description: str | None
     Example:
         kissbot config set log_retention_days 60 --db kissbot.db
     """
-    with store.open(create=False) as mgr:
+    with store.open(create=False, need_key=False) as mgr:
         mgr.set_config(key, value, description)
     click.echo(f"{key} = {value}")
 
@@ -354,7 +354,7 @@ def config_list(store: StoreTarget, as_json: bool) -> None:
     Example:
         kissbot config list --json
     """
-    with store.open(create=False) as mgr:
+    with store.open(create=False, need_key=False) as mgr:
         rows = mgr.list_config()
     if as_json:
         echo_json(rows)

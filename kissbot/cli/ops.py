@@ -35,7 +35,7 @@ def cleanup_logs(store: StoreTarget, days: int | None) -> None:
     Example:
         kissbot cleanup-logs --db kissbot.db --days 30
     """
-    with store.open(create=False) as mgr:
+    with store.open(create=False, need_key=False) as mgr:
         if days is None:
             days = int(mgr.get_config("log_retention_days", default=30))
         deleted = mgr.cleanup_old_logs(days)
