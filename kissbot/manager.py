@@ -7,6 +7,7 @@ Each method runs in its own short transaction: reads on a plain connection
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -31,6 +32,8 @@ from kissbot.validation import check_id
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
+log = logging.getLogger(__name__)
+
 CLEANUP_BATCH_SIZE = 5000
 CLEANUP_PAUSE_RATIO = 0.5
 """On SQLite, ``cleanup_old_logs`` rests this fraction of a batch's time before the next one."""
@@ -39,9 +42,11 @@ CLEANUP_PAUSE_RATIO = 0.5
 class DatabaseManager:
     """The store, as the specification's ``DatabaseManager``.
 
-    ``DatabaseManager(db_path="kissbot.db")`` opens (and
-    creates or migrates) the database, then loads the key and checks it against
-    the fingerprints the store recorded, before any token is decrypted. ``url``
+    ``DatabaseManager(db_path="kissbot.db")`` opens (and creates or
+    migrates) the database, then loads the key and checks it against the
+    fingerprints the store recorded, before any token is decrypted. Creating
+    a SQLite file logs a warning naming it (a mistyped path shows at once;
+    ``create=False`` refuses a missing database instead). ``url``
     selects another database (``postgresql+psycopg://…``). ``synchronous``
     and ``busy_timeout_ms`` tune SQLite (see :func:`kissbot.engine.create_engine`).
 
@@ -84,8 +89,10 @@ class DatabaseManager:
         self.key_source = resolve_key_source(key, key_file, db=self.url)
         self.key_file: Path | None = self.key_source.path
         path = sqlite_path(self.url)
-        if not create and path is not None and not path.exists():
-            raise NoDatabase(f"database {path} does not exist; create it with kissbot init-db")
+        if path is not None and not path.exists():
+            if not create:
+                raise NoDatabase(f"database {path} does not exist; create it with kissbot init-db")
+            log.warning("database %s does not exist: creating a new, empty store", os.path.abspath(path))
         cipher = read_key_source(self.key_source)
         self.engine: Engine = create_engine(
             self.url, echo=echo, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms

@@ -1,7 +1,8 @@
-"""The options every store command shares: before the command, from the environment, and no key when none is needed."""
+"""Store options (before the command, from the environment, no key unless decrypting) and new databases."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -88,3 +89,17 @@ def test_kissbot_db_environment_variable(tmp_path, monkeypatch):
         assert (result.exit_code, result.stderr) == (1, "Error: database nope.db does not exist; create it with kissbot init-db\n")
     assert listing(tmp_path) == before
     assert "KISSBOT_DB" in runner.invoke(cli, ["users", "--help"]).stdout
+
+
+def test_a_database_that_does_not_exist_is_created_with_a_warning_naming_it(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="kissbot"):
+        DatabaseManager(db_path="kisbot.db").close()  # a typo of kissbot.db
+    assert caplog.records[0].getMessage() == f"database {tmp_path / 'kisbot.db'} does not exist: creating a new, empty store"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kissbot"):
+        DatabaseManager(db_path="kisbot.db").close()
+        # init-db creates the file it is asked for: no warning.
+        result = CliRunner().invoke(cli, ["init-db", "--db", "new.db"])
+    assert result.exit_code == 0, result.output
+    assert (result.stderr, caplog.records) == ("", [])
