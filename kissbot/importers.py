@@ -486,6 +486,7 @@ def _write(
             if user is not None and e.display_name and user["display_name"] != e.display_name
         }
     )
+    user_repo.mark_bots(user["id"] for e, user in zip(ready, users) if user is not None and e.is_bot and not user["is_bot"])
     user_ids = [new_ids[e.twitch_user_id] if user is None else user["id"] for e, user in zip(ready, users)]
     logins = [e.login or user["twitch_login"] for e, user in zip(ready, users)]
     TokenRepository(db).store_many_tokens(

@@ -89,16 +89,17 @@ class DatabaseManager:
         self.key_source = resolve_key_source(key, key_file, db=self.url)
         self.key_file: Path | None = self.key_source.path
         path = sqlite_path(self.url)
-        if path is not None and not path.exists():
-            if not create:
-                raise NoDatabase(f"database {path} does not exist; create it with kissbot init-db")
-            log.warning("database %s does not exist: creating a new, empty store", os.path.abspath(path))
+        new = path is not None and not path.exists()
+        if new and not create:
+            raise NoDatabase(f"database {path} does not exist; create it with kissbot init-db")
         cipher = read_key_source(self.key_source)
         self.engine: Engine = create_engine(
             self.url, echo=echo, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms
         )
         try:
             ensure_schema(self.engine, create=create)
+            if new:
+                log.warning("database %s did not exist: created a new, empty store", os.path.abspath(path))
             db = self.url.database or "the store"
             cipher = load_cipher(self.engine, self.key_source, db, cipher, create=create, need_key=need_key)
             if cipher is not None:

@@ -373,7 +373,7 @@ def test_verbose_logs_to_stderr_without_secrets(runner, deploy):
     quiet = migrate(runner, deploy)
     fp = fingerprint(read_key_ring(deploy / ".kissbot.key").key(1))
     assert quiet.stderr == (
-        f"Warning: database {deploy}/kissbot.db does not exist: creating a new, empty store\n"
+        f"Warning: database {deploy}/kissbot.db did not exist: created a new, empty store\n"
         f"Warning: new key: back up {deploy}/.kissbot.key now: fingerprint {fp[:8]}… (key version 1); "
         "without it the tokens cannot be decrypted\n"
     )
@@ -815,3 +815,16 @@ def test_skip_invalid_with_every_entry_invalid_exits_1(runner, deploy, dry_run):
     assert result.stderr == "Error: nothing to migrate from config.yaml: every entry is invalid (see above)\n"
     assert "errors: 3" in result.stdout
     assert snapshot(deploy) == before
+
+
+def test_a_second_run_marks_the_bot_account_of_an_earlier_migration(runner, deploy):
+    # Stores migrated before the bot account was read have every user with is_bot = no.
+    _config_without_bot_id(deploy)
+    assert migrate(runner, deploy, "--no-backup").exit_code == 0
+    assert _bots(deploy) == set()
+    result = migrate(runner, deploy, "--no-backup", "--bot", "serda_bot")
+    assert result.exit_code == 0, result.output
+    assert _bots(deploy) == {"serda_bot"}
+    # A run that names no bot leaves the flag as it is.
+    assert migrate(runner, deploy, "--no-backup").exit_code == 0
+    assert _bots(deploy) == {"serda_bot"}

@@ -95,7 +95,7 @@ def test_a_database_that_does_not_exist_is_created_with_a_warning_naming_it(tmp_
     monkeypatch.chdir(tmp_path)
     with caplog.at_level(logging.WARNING, logger="kissbot"):
         DatabaseManager(db_path="kisbot.db").close()  # a typo of kissbot.db
-    assert caplog.records[0].getMessage() == f"database {tmp_path / 'kisbot.db'} does not exist: creating a new, empty store"
+    assert caplog.records[0].getMessage() == f"database {tmp_path / 'kisbot.db'} did not exist: created a new, empty store"
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="kissbot"):
         DatabaseManager(db_path="kisbot.db").close()
