@@ -8,7 +8,9 @@ from collections import Counter
 import pytest
 from click.testing import CliRunner
 
+from kissbot import DatabaseManager
 from kissbot.cli import cli
+from kissbot.errors import ValidationError
 from kissbot.fake_twitch import FakeTwitch
 from kissbot.refresh import MAX_CONCURRENCY, Outcome
 from test_refresh import PROCESS_TIMEOUT, WORKER, outcomes, refresher, seed_due_tokens, twitch, worker_env  # noqa: F401
@@ -74,17 +76,21 @@ def test_a_429_pauses_every_request_until_the_limit_resets(mgr, twitch: FakeTwit
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "1.5", "abc", str(MAX_CONCURRENCY + 1), ""])
-def test_a_bad_concurrency_is_one_line_and_exit_1_with_nothing_written(mgr, twitch, store_url, key_file, value):
-    if not store_url.startswith("sqlite"):
-        pytest.skip("the files are compared on SQLite")
-    db = store_url.removeprefix("sqlite:///")
-    seed_due_tokens(mgr, 1)
-    mgr.close()
-    before = {path: open(path, "rb").read() for path in (db, key_file)}
-    args = ["refresh-worker", "--once", "--concurrency", value, "--url", store_url, "--key-file", str(key_file)]
+def test_a_bad_concurrency_is_one_line_and_exit_1_with_nothing_written(tmp_path, twitch, value):
+    db, key_file = tmp_path / "kissbot.db", tmp_path / ".kissbot.key"
+    with DatabaseManager(db, key_file) as mgr:
+        seed_due_tokens(mgr, 1)
+    before = {path: path.read_bytes() for path in tmp_path.iterdir()}
+    args = ["refresh-worker", "--once", "--concurrency", value, "--db", str(db), "--key-file", str(key_file)]
     result = CliRunner().invoke(cli, args, env=worker_env(twitch))
     assert (result.exit_code, result.output) == (
         1, f"Error: --concurrency must be a whole number from 1 to {MAX_CONCURRENCY}, not {value!r}\n"
     )
-    assert {path: open(path, "rb").read() for path in before} == before
+    assert {path: path.read_bytes() for path in tmp_path.iterdir()} == before
     assert twitch.requests == Counter()
+
+
+def test_the_library_refuses_a_bad_concurrency(mgr, twitch):
+    for bad in (0, MAX_CONCURRENCY + 1, 2.5, None):
+        with pytest.raises(ValidationError, match="^concurrency must be"):
+            refresher(mgr, twitch, concurrency=bad)
