@@ -31,7 +31,7 @@ from kissbot.errors import (
 )
 from kissbot import validation as check
 from kissbot.models import audit_log, config, instances, oauth_tokens, users
-from kissbot.types import cipher_of, utcnow
+from kissbot.types import Secret, cipher_of, ciphertext, utcnow
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -50,6 +50,15 @@ def _one(result: Result[Any]) -> dict[str, Any] | None:
 
 def _all(result: Result[Any]) -> list[dict[str, Any]]:
     return [dict(row) for row in result.mappings()]
+
+
+_YIELD_PER = 1000
+"""Rows fetched at a time by the ``iter_*`` methods (a server-side cursor on PostgreSQL)."""
+
+
+def _stream(db: Executor, stmt: Select[Any]) -> Iterator[dict[str, Any]]:
+    """The rows of ``stmt``, one query fetched ``_YIELD_PER`` rows at a time: memory stays constant."""
+    return (dict(row) for row in db.execute(stmt.execution_options(yield_per=_YIELD_PER)).mappings())
 
 
 def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
@@ -214,7 +223,11 @@ class UserRepository:
 
     def list_users(self) -> list[dict[str, Any]]:
         """Every user, ordered by login."""
-        return _all(self.db.execute(_USERS.order_by(users.c.twitch_login)))
+        return list(self.iter_users())
+
+    def iter_users(self, limit: int | None = None) -> Iterator[dict[str, Any]]:
+        """The first ``limit`` users (all: None) by login, streamed from one query."""
+        return _stream(self.db, _USERS.order_by(users.c.twitch_login).limit(limit))
 
     def count(self) -> int:
         """Number of users."""
@@ -597,18 +610,25 @@ class TokenRepository:
         both and ``decrypt_error`` True instead of failing the whole list.
         ``expired`` is True for a token past its ``expires_at``.
         """
-        now = utcnow()
-        rows = [_listed(r, now) for r in self.db.execute(_TOKEN_LIST).mappings()]
+        return list(self.iter_tokens(decrypt))
+
+    def iter_tokens(self, decrypt: bool = False, limit: int | None = None) -> Iterator[dict[str, Any]]:
+        """The first ``limit`` rows of :meth:`list_tokens` (all: None), streamed from one query."""
+        stmt = _TOKEN_LIST.limit(limit)
         if decrypt:
-            for row in rows:
-                try:
-                    tokens = self.get_tokens(row["user_id"], token_type=row["token_type"]) or {}
+            stmt = stmt.add_columns(ciphertext(_t.access_token_encrypted), ciphertext(_t.refresh_token_encrypted))
+        now = utcnow()
+        for row in _stream(self.db, stmt):
+            stored = (row.pop("access_token_encrypted", None), row.pop("refresh_token_encrypted", None))
+            listed = _listed(row, now)
+            if decrypt:
+                try:  # a store without tokens needs no key
+                    access, refresh = (Secret(cipher_of(_dialect(self.db)).decrypt(value)) for value in stored)
                 except DecryptionError:
-                    row.update(access_token=None, refresh_token=None, decrypt_error=True)
+                    listed.update(access_token=None, refresh_token=None, decrypt_error=True)
                 else:
-                    row.update(access_token=tokens.get("access_token"), refresh_token=tokens.get("refresh_token"))
-                    row["decrypt_error"] = False
-        return rows
+                    listed.update(access_token=access, refresh_token=refresh, decrypt_error=False)
+            yield listed
 
     def get_tokens_needing_validation(self, max_age_seconds: float) -> list[dict[str, Any]]:
         """Usable tokens not validated within ``max_age_seconds`` (or never); nothing decrypted."""
@@ -659,7 +679,7 @@ _LATEST_INSTANCE = (
     .order_by(instances.c.id.desc())
     .limit(1)
 )
-_channel, _bot = users.alias("channel"), users.alias("bot")
+_channel, _bot, _user = users.alias("channel"), users.alias("bot"), users.alias("user")
 
 
 def _with_logins(*columns: Any) -> Select[Any]:
@@ -925,20 +945,32 @@ class AuditRepository:
         self, limit: int = 100, event_type: str | None = None, user_id: int | None = None
     ) -> list[dict[str, Any]]:
         """The newest ``limit`` events, optionally of one type or one user, ``details`` decoded."""
+        return list(self.iter_audit_log(limit, event_type, user_id))
+
+    def iter_audit_log(
+        self, limit: int = 100, event_type: str | None = None, user_id: int | None = None, *, logins: bool = False
+    ) -> Iterator[dict[str, Any]]:
+        """:meth:`get_audit_log` streamed from one query; with ``logins``, each event also has
+        ``user_login`` and ``channel_login`` (None without a user or channel)."""
         check.check_count(limit, "limit", minimum=1)
         stmt = select(*audit_log.c).order_by(audit_log.c.timestamp.desc(), audit_log.c.id.desc()).limit(limit)
+        if logins:
+            stmt = (
+                stmt.add_columns(_user.c.twitch_login.label("user_login"), _channel.c.twitch_login.label("channel_login"))
+                .outerjoin(_user, _user.c.id == audit_log.c.user_id)
+                .outerjoin(_channel, _channel.c.id == audit_log.c.channel_id)
+            )
         if event_type is not None:
             stmt = stmt.where(audit_log.c.event_type == event_type)
         if user_id is not None:
             stmt = stmt.where(audit_log.c.user_id == user_id)
-        entries = _all(self.db.execute(stmt))
-        for entry in entries:
+        for entry in _stream(self.db, stmt):
             if entry["details"] is not None:
                 try:
                     entry["details"] = json.loads(entry["details"])
                 except ValueError:
                     pass
-        return entries
+            yield entry
 
     def cleanup_old_logs(self, days: int | None = None, batch_size: int | None = None) -> int:
         """Delete events older than ``days`` (default: config ``log_retention_days``).
