@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Union
 
-from sqlalchemy import ColumnElement, Result, Select, bindparam, delete, false, func, insert, select, update
+from sqlalchemy import ColumnElement, Result, Select, bindparam, delete, false, func, insert, select, tuple_, update
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import IntegrityError
 
@@ -972,26 +972,41 @@ class AuditRepository:
                     pass
             yield entry
 
-    def cleanup_old_logs(self, days: int | None = None, batch_size: int | None = None) -> int:
-        """Delete events older than ``days`` (default: config ``log_retention_days``).
+    def cleanup_old_logs(self, days: int | None = None) -> int:
+        """Delete events older than ``days`` (default: config ``log_retention_days``) in one statement; return how many."""
+        return self.delete_logs_before(self.retention_cutoff(days))[0]
 
-        With ``batch_size``, delete at most that many (oldest first) so a
-        caller can commit between batches. Returns the number deleted.
-        """
+    def retention_cutoff(self, days: int | None = None) -> datetime:
+        """Now less ``days`` (default: config ``log_retention_days``): the events before it are due for deletion."""
         if days is None:
             days = settings.value(self.db, "log_retention_days")
         check.check_count(days, "days", maximum=check.MAX_DAYS)
+        return utcnow() - timedelta(days=days)
+
+    def delete_logs_before(
+        self, cutoff: datetime, batch_size: int | None = None, after: tuple[datetime, int] | None = None
+    ) -> tuple[int, tuple[datetime, int] | None]:
+        """Delete the events older than ``cutoff``: all, or the oldest ``batch_size`` after ``after``.
+
+        A batch is a range of ``idx_audit_timestamp`` that starts at ``after``, the
+        ``(timestamp, id)`` this returned for the previous batch, so it does not
+        walk again over the entries of the rows deleted before it (PostgreSQL
+        keeps them until a vacuum). Returns the number deleted and the ``after``
+        of the next batch, None when no older event is left.
+        """
+        key = tuple_(audit_log.c.timestamp, audit_log.c.id)
+        where = audit_log.c.timestamp < cutoff
+        if after is not None:
+            where &= (audit_log.c.timestamp >= after[0]) & (key > tuple_(*after))
+        last = None
         if batch_size is not None:
             check.check_count(batch_size, "batch_size", minimum=1)
-        condition = audit_log.c.timestamp < utcnow() - timedelta(days=days)
-        if batch_size is not None:
-            # Ordered by the indexed column so the batch is a range of idx_audit_timestamp,
-            # not a scan of the whole table under the write lock.
-            oldest = (
-                select(audit_log.c.id).where(condition).order_by(audit_log.c.timestamp, audit_log.c.id).limit(batch_size)
-            )
-            condition = audit_log.c.id.in_(oldest.scalar_subquery())
-        return self.db.execute(delete(audit_log).where(condition)).rowcount
+            oldest = select(audit_log.c.timestamp, audit_log.c.id).where(where).order_by(audit_log.c.timestamp, audit_log.c.id)
+            last = self.db.execute(oldest.offset(batch_size - 1).limit(1)).first()
+            if last is not None:
+                where &= (audit_log.c.timestamp <= last[0]) & (key <= tuple_(*last))
+        deleted = self.db.execute(delete(audit_log).where(where)).rowcount
+        return deleted, (last[0], last[1]) if last is not None else None
 
     def count(self) -> int:
         """Number of audit events."""
