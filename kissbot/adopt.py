@@ -28,15 +28,18 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import sqlalchemy
-from sqlalchemy import inspect
+from sqlalchemy import inspect, select, type_coerce
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import NullPool, StaticPool
+from sqlalchemy.types import NULLTYPE
 
 from kissbot.crypto import TokenCipher, read_key_ring
 from kissbot.backup import backup_sqlite, default_backup_path
 from kissbot.engine import DEFAULT_BUSY_TIMEOUT_MS, connect_sqlite_query_only, create_engine
-from kissbot.errors import AdoptionError, DecryptionError, KissbotError
+from kissbot.errors import AdoptionError, ConfigurationError, DecryptionError
 from kissbot.migrations import HEAD, alembic_config, current_revision, is_known_revision, migration_connection
+from kissbot.models import metadata
+from kissbot.types import EncryptedString, ciphertext
 from kissbot.verification import (
     SQLITE_INTERNAL_TABLES,
     TableShape,
@@ -50,7 +53,6 @@ BASELINE = "0001"
 """The revision an adopted database is stamped with before it is upgraded to head."""
 
 SPEC_TABLES = ("users", "oauth_tokens", "instances", "audit_log", "config")
-_TOKEN_COLUMNS = ("access_token_encrypted", "refresh_token_encrypted")
 _FERNET_PREFIX = "gAAAAA"
 _NEW = "_adopt_new_"
 _SQLITE_DATETIME = "%Y-%m-%d %H:%M:%S.%f"  # what SQLAlchemy's SQLite DATETIME writes and reads
@@ -69,7 +71,7 @@ def resolve_zone(name: str | None = None) -> tuple[tzinfo, str]:
         try:
             return ZoneInfo(name), name
         except (ZoneInfoNotFoundError, ValueError):
-            raise KissbotError(f"unknown time zone {name!r}: give an IANA name such as Europe/Paris") from None
+            raise ConfigurationError(f"unknown time zone {name!r}: give an IANA name such as Europe/Paris") from None
     env = os.environ.get("TZ", "").lstrip(":")
     if env:
         try:
@@ -282,12 +284,16 @@ def _plan(conn: Connection, base: Baseline, zone: tzinfo, cipher: Callable[[], T
     undecryptable: list[int] = []
     for table in SPEC_TABLES:
         columns = [c for c in base.shapes[table].columns if c in found[table].columns]
+        model = metadata.tables[table]
+        # Every value as the file holds it: token columns as their ciphertext, the others
+        # without their type's conversion (times are converted below, from what v4 wrote).
+        tokens = {i for i, c in enumerate(columns) if isinstance(model.c[c].type, EncryptedString)}
+        stored = [ciphertext(model.c[c]) if i in tokens else type_coerce(model.c[c], NULLTYPE) for i, c in enumerate(columns)]
         stamps = {columns.index(c) for c in base.datetime_columns(table) if c in columns}
-        tokens = {columns.index(c) for c in _TOKEN_COLUMNS if c in columns} if table == "oauth_tokens" else set()
         login = columns.index("twitch_login") if table == "users" else None
         owner = columns.index("user_id") if tokens else None
         rows = []
-        for raw in conn.exec_driver_sql(f"SELECT {_cols(map(quote_name, columns))} FROM {quote_name(table)}"):
+        for raw in conn.execute(select(*stored)):
             row = list(raw)
             for i in stamps:
                 if row[i] is not None:

@@ -28,7 +28,7 @@ from sqlalchemy.engine import URL
 
 from kissbot.crypto import KeyRing
 from kissbot.engine import DEFAULT_BUSY_TIMEOUT_MS, DEFAULT_DB_PATH
-from kissbot.errors import KissbotError, StaleTokens, TokenRejected, UserNotFound
+from kissbot.errors import StaleTokens, TokenRejected, UserNotFound, ValidationError
 from kissbot.manager import DatabaseManager
 from kissbot.repo import AuditRepository, TokenRepository
 
@@ -96,7 +96,7 @@ class AsyncTokenStore:
             return store
         if isinstance(store, DatabaseManager):
             return cls(manager=store)
-        raise KissbotError(f"token_store must be an AsyncTokenStore or a DatabaseManager, not {type(store).__name__}")
+        raise ValidationError(f"token_store must be an AsyncTokenStore or a DatabaseManager, not {type(store).__name__}")
 
     def __repr__(self) -> str:
         where = repr(self._manager) if self._manager is not None else "not opened yet"
@@ -281,7 +281,7 @@ def _store_refreshed(
     except StaleTokens:
         pass  # our lease had expired and another process stored newer tokens: theirs win
     except KeyError as exc:
-        raise KissbotError(f"do_refresh must return access_token, refresh_token and expires_in: no {exc.args[0]}") from None
+        raise ValidationError(f"do_refresh must return access_token, refresh_token and expires_in: no {exc.args[0]}") from None
     tokens = manager.get_tokens(user_id, token_type=token_type)
     assert tokens is not None
     return tokens

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sqlalchemy
+from sqlalchemy import select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import StaticPool
@@ -35,8 +36,9 @@ from kissbot.engine import connect_sqlite_query_only
 from kissbot.errors import BackupError, DatabaseBusy, NoDatabase
 from kissbot.maintenance import integrity_problems
 from kissbot.migrations import KISSBOT_TABLES, is_known_revision
+from kissbot.models import oauth_tokens
 from kissbot.settings import needed_keys
-from kissbot.types import utcnow
+from kissbot.types import ciphertext, utcnow
 from kissbot.verification import database_problems, summary
 
 log = logging.getLogger(__name__)
@@ -243,9 +245,9 @@ def _check_backup(conn: Connection, backup: Path, cipher: TokenCipher) -> TokenC
     problems = database_problems(conn, row[0])
     if problems:
         raise BackupError(f"{backup} is not a database kissbot made: {summary(problems)}; nothing restored")
-    check = verify_tokens(
-        conn.exec_driver_sql("SELECT user_id, access_token_encrypted, refresh_token_encrypted FROM oauth_tokens"), cipher
-    )
+    tokens = oauth_tokens.c
+    stored = select(tokens.user_id, ciphertext(tokens.access_token_encrypted), ciphertext(tokens.refresh_token_encrypted))
+    check = verify_tokens(conn.execute(stored), cipher)
     if check.failed_user_ids:
         raise BackupError(
             f"{backup}: tokens of {len(check.failed_user_ids)} of {check.checked} users do not decrypt with "

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy
-from sqlalchemy import Text, func, select, type_coerce
+from sqlalchemy import func, select
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -25,14 +25,12 @@ from kissbot import settings
 from kissbot.crypto import TokenCipher, read_key_ring, verify_tokens
 from kissbot.urls import is_memory, sqlite_path, to_url
 from kissbot.errors import KeyFileError
+from kissbot.instances import STALE_HEARTBEATS
 from kissbot.maintenance import integrity_problems
 from kissbot.migrations import HEAD, KISSBOT_TABLES, current_revision, is_known_revision, read_only_engine
 from kissbot.models import audit_log, instances, oauth_tokens, users
-from kissbot.types import utcnow
+from kissbot.types import ciphertext, utcnow
 from kissbot.verification import database_problems, summary
-
-STALE_HEARTBEATS = 3
-"""An instance is stale after this many ``health_check_interval`` periods without a heartbeat."""
 
 
 @dataclass(frozen=True)
@@ -186,8 +184,8 @@ def _check_tokens(conn: Connection, key_path: Path, cipher: TokenCipher | None, 
     rows = conn.execute(
         select(
             oauth_tokens.c.user_id,
-            type_coerce(oauth_tokens.c.access_token_encrypted, Text),
-            type_coerce(oauth_tokens.c.refresh_token_encrypted, Text),
+            ciphertext(oauth_tokens.c.access_token_encrypted),
+            ciphertext(oauth_tokens.c.refresh_token_encrypted),
         ).order_by(oauth_tokens.c.user_id)
     ).all()
     if cipher is not None:

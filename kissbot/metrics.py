@@ -43,9 +43,10 @@ from sqlalchemy.pool import NullPool
 from kissbot import __version__
 from kissbot.engine import connect_sqlite_query_only, create_engine, is_memory, sqlite_path, to_url
 from kissbot.errors import ConfigurationError, KissbotError, NoDatabase, driver_message
+from kissbot.instances import STALE_HEARTBEATS
 from kissbot.migrations import current_revision, ensure_schema
-from kissbot.repo import STALE_HEARTBEATS, ConfigRepository
 from kissbot.models import audit_log, instances, oauth_tokens, users
+from kissbot.settings import ConfigRepository
 from kissbot.types import utcnow
 
 log = logging.getLogger(__name__)

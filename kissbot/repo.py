@@ -6,6 +6,10 @@ either with ``execute()``; it never commits, never opens a connection, and
 returns plain dicts. Token columns are :class:`~kissbot.types.EncryptedString`:
 they are encrypted when bound and decrypted when read, and only selected
 where the caller asked for the tokens.
+
+This module holds the users and tokens; the audit trail
+(:mod:`kissbot.audit`), the bot instances (:mod:`kissbot.instances`) and the
+settings (:mod:`kissbot.settings`) have their own, re-exported here.
 """
 
 from __future__ import annotations
@@ -13,31 +17,25 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any
 
-from sqlalchemy import ColumnElement, Result, Select, bindparam, delete, false, func, insert, select, tuple_, update
+from sqlalchemy import ColumnElement, Result, Select, bindparam, false, func, insert, select, update
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import IntegrityError
 
 from kissbot import settings
-from kissbot.errors import (
-    DecryptionError,
-    DuplicateUser,
-    InstanceDisabled,
-    InstanceNotFound,
-    StaleTokens,
-    UserNotFound,
-    ValidationError,
-)
 from kissbot import validation as check
-from kissbot.models import audit_log, config, instances, oauth_tokens, users
+from kissbot.audit import SEVERITIES, AuditRepository
+from kissbot.errors import DecryptionError, DuplicateUser, StaleTokens, UserNotFound, ValidationError
+from kissbot.instances import STALE_HEARTBEATS, InstanceRepository
+from kissbot.models import oauth_tokens, users
+from kissbot.settings import ConfigRepository, Executor
 from kissbot.types import Secret, cipher_of, ciphertext, utcnow
 
-if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
-
-Executor = Union["Session", Connection]
-"""What a repository runs its statements on."""
+__all__ = [
+    "SEVERITIES", "STALE_HEARTBEATS", "TOKEN_TYPES", "AuditRepository", "ConfigRepository", "Executor",
+    "InstanceRepository", "TokenRepository", "UserRepository",
+]
 
 _IN_CHUNK = 400
 """Values bound to one ``IN (…)`` of the batch methods: two lists stay under SQLite's oldest limit of 999 variables."""
@@ -106,14 +104,6 @@ class UserRepository:
         """The user with this login (any case), or None."""
         check.check_text(login, "login")
         return _one(self.db.execute(_USERS.where(users.c.twitch_login == login.lower())))
-
-    def user_id_for_login(self, login: str) -> int:
-        """The kissbot id of ``login``; raise :class:`UserNotFound`."""
-        check.check_text(login, "login")
-        user_id = self.db.execute(select(users.c.id).where(users.c.twitch_login == login.lower())).scalar()
-        if user_id is None:
-            raise UserNotFound(f"no user with login {login!r}")
-        return user_id
 
     def create_user(
         self, twitch_user_id: str | int, twitch_login: str, display_name: str | None = None, is_bot: bool = False
@@ -668,383 +658,3 @@ class TokenRepository:
         """Number of token rows flagged ``needs_reauth``."""
         stmt = select(func.count()).select_from(oauth_tokens).where(_t.needs_reauth.is_(True))
         return self.db.execute(stmt).scalar_one()
-
-
-# --- instances ---------------------------------------------------------------------------------
-
-_INSTANCE_COLUMNS = tuple(instances.c)
-_LATEST_INSTANCE = (
-    select(instances.c.id, instances.c.status, instances.c.crash_count)
-    .where(instances.c.channel_id == bindparam("channel_id"), instances.c.bot_user_id == bindparam("bot_user_id"))
-    .order_by(instances.c.id.desc())
-    .limit(1)
-)
-_channel, _bot, _user = users.alias("channel"), users.alias("bot"), users.alias("user")
-
-
-def _with_logins(*columns: Any) -> Select[Any]:
-    """``columns`` of each instance with its ``channel_login`` and ``bot_login``, by instance id."""
-    return (
-        select(*columns, _channel.c.twitch_login.label("channel_login"), _bot.c.twitch_login.label("bot_login"))
-        .join(_channel, _channel.c.id == instances.c.channel_id)
-        .join(_bot, _bot.c.id == instances.c.bot_user_id)
-        .order_by(instances.c.id)
-    )
-
-
-_INSTANCES_WITH_LOGINS = _with_logins(*_INSTANCE_COLUMNS)
-STALE_HEARTBEATS = 3
-"""A running instance whose last heartbeat is older than this many ``health_check_interval`` is stale."""
-
-
-def _fresh(cutoff: datetime) -> Any:
-    return (instances.c.status == "running") & (instances.c.last_heartbeat >= cutoff)
-
-
-def _stale(cutoff: datetime) -> Any:
-    return (instances.c.status == "running") & (
-        instances.c.last_heartbeat.is_(None) | (instances.c.last_heartbeat < cutoff)
-    )
-
-
-class InstanceRepository:
-    """Bot processes: registration, heartbeats, stops and crashes."""
-
-    __slots__ = ("db",)
-
-    def __init__(self, db: Executor) -> None:
-        self.db = db
-
-    def register_instance(self, channel_login: str, bot_login: str, pid: int | None) -> int:
-        """Mark the (channel, bot) instance running under ``pid`` and return its id.
-
-        Reuses the pair's row so crashes keep counting; raises
-        :class:`InstanceDisabled` if it reached ``max_crash_count``.
-        """
-        check.check_optional_id(pid, "pid")
-        user_repo = UserRepository(self.db)
-        channel_id = user_repo.user_id_for_login(channel_login)
-        bot_id = user_repo.user_id_for_login(bot_login)
-        now = utcnow()
-        row = self.db.execute(_LATEST_INSTANCE, {"channel_id": channel_id, "bot_user_id": bot_id}).first()
-        if row is not None and row.status == "disabled":
-            raise InstanceDisabled(
-                f"instance {row.id} ({bot_login} on {channel_login}) is disabled after {row.crash_count} crashes; "
-                f"reset it with `kissbot instances reset {row.id}`"
-            )
-        values = {"status": "running", "pid": pid, "start_time": now, "stop_time": None, "last_heartbeat": now, "updated_at": now}
-        if row is None:
-            result = self.db.execute(
-                insert(instances).values(channel_id=channel_id, bot_user_id=bot_id, created_at=now, **values)
-            )
-            instance_id = result.inserted_primary_key[0]
-        else:
-            instance_id = row.id
-            self.db.execute(update(instances).where(instances.c.id == instance_id).values(**values))
-        AuditRepository(self.db).log_event(
-            "instance_started", user_id=bot_id, channel_id=channel_id, details={"instance_id": instance_id, "pid": pid}
-        )
-        return instance_id
-
-    def update_instance_heartbeat(self, instance_id: int, status: str = "running") -> None:
-        """Record a heartbeat (and status) for ``instance_id``.
-
-        Raises :class:`InstanceDisabled` for a disabled instance: a late
-        heartbeat does not bring back an instance that crashed too often.
-        """
-        now = utcnow()
-        result = self.db.execute(
-            update(instances)
-            .where(instances.c.id == instance_id, instances.c.status != "disabled")
-            .values(last_heartbeat=now, status=status, updated_at=now)
-        )
-        if result.rowcount == 0:
-            if self.get_instance(instance_id) is None:
-                raise InstanceNotFound(f"no instance with id {instance_id}")
-            raise InstanceDisabled(
-                f"instance {instance_id} is disabled; reset it with `kissbot instances reset {instance_id}`"
-            )
-
-    def stop_instance(self, instance_id: int, crash: bool = False) -> str:
-        """Stop ``instance_id`` and return its new status.
-
-        A crash counts toward ``max_crash_count``; at that count the instance
-        becomes ``disabled``.
-        """
-        stopped = self._stop(instance_id, crash=crash)
-        if stopped is None:
-            raise InstanceNotFound(f"no instance with id {instance_id}")
-        return stopped["status"]
-
-    def reap_stale_instances(self) -> list[dict[str, Any]]:
-        """Count the silent running instances as crashed and return them.
-
-        An instance is silent when its last heartbeat is older than
-        :data:`STALE_HEARTBEATS` times the config ``health_check_interval``
-        (seconds). Each one becomes ``crashed`` (``disabled`` once it reaches
-        ``max_crash_count``), with an ``instance_crashed``/``instance_disabled``
-        audit event. Returned dicts hold ``id``, ``channel_login``,
-        ``bot_login``, ``pid``, ``last_heartbeat``, ``status`` and ``crash_count``.
-        """
-        cutoff = self._stale_cutoff()
-        stale = _all(self.db.execute(_with_logins(instances.c.id, instances.c.pid, instances.c.last_heartbeat)
-                                     .where(_stale(cutoff))))
-        reaped = []
-        for row in stale:
-            stopped = self._stop(row["id"], crash=True, stale_before=cutoff)
-            if stopped is not None:
-                reaped.append({**row, **stopped})
-        return reaped
-
-    def _stale_cutoff(self) -> datetime:
-        interval = settings.value(self.db, "health_check_interval")
-        return utcnow() - timedelta(seconds=STALE_HEARTBEATS * interval)
-
-    def _stop(self, instance_id: int, *, crash: bool, stale_before: datetime | None = None) -> dict[str, Any] | None:
-        # With ``stale_before``, only a running instance still silent since
-        # then is stopped (a heartbeat may have come in meanwhile): None if not.
-        where = instances.c.id == instance_id
-        if stale_before is not None:
-            where &= _stale(stale_before)
-        row = self.db.execute(
-            select(instances.c.crash_count, instances.c.channel_id, instances.c.bot_user_id, instances.c.last_heartbeat)
-            .where(where)
-            .with_for_update()
-        ).first()
-        if row is None:
-            return None
-        crash_count = (row.crash_count or 0) + (1 if crash else 0)
-        status = "stopped"
-        if crash:
-            limit = settings.value(self.db, "max_crash_count")
-            status = "disabled" if crash_count >= limit else "crashed"
-        now = utcnow()
-        self.db.execute(
-            update(instances)
-            .where(instances.c.id == instance_id)
-            .values(status=status, stop_time=now, crash_count=crash_count, pid=None, updated_at=now)
-        )
-        details: dict[str, Any] = {"instance_id": instance_id, "crash_count": crash_count}
-        if stale_before is not None:
-            details["reason"] = "no heartbeat"
-            details["last_heartbeat"] = row.last_heartbeat.isoformat() if row.last_heartbeat else None
-        AuditRepository(self.db).log_event(
-            f"instance_{status}",
-            user_id=row.bot_user_id,
-            channel_id=row.channel_id,
-            details=details,
-            severity="info" if status == "stopped" else ("error" if status == "disabled" else "warning"),
-        )
-        return {"status": status, "crash_count": crash_count}
-
-    def reset_instance(self, instance_id: int) -> None:
-        """Clear the crash count of ``instance_id`` so it can be registered again."""
-        result = self.db.execute(
-            update(instances)
-            .where(instances.c.id == instance_id)
-            .values(status="stopped", crash_count=0, updated_at=utcnow())
-        )
-        if result.rowcount == 0:
-            raise InstanceNotFound(f"no instance with id {instance_id}")
-        AuditRepository(self.db).log_event("instance_reset", details={"instance_id": instance_id})
-
-    def get_instance(self, instance_id: int) -> dict[str, Any] | None:
-        """One instance, or None."""
-        return _one(self.db.execute(select(*_INSTANCE_COLUMNS).where(instances.c.id == instance_id)))
-
-    def get_active_instances(self) -> list[dict[str, Any]]:
-        """Running instances whose heartbeat is fresh, with the channel and bot logins.
-
-        An instance silent for more than :data:`STALE_HEARTBEATS` health-check
-        intervals is left out even before :meth:`reap_stale_instances` marks it.
-        """
-        return _all(self.db.execute(_INSTANCES_WITH_LOGINS.where(_fresh(self._stale_cutoff()))))
-
-    def list_instances(self) -> list[dict[str, Any]]:
-        """Every instance, whatever its status, with the channel and bot logins."""
-        return _all(self.db.execute(_INSTANCES_WITH_LOGINS))
-
-    def count_active(self) -> int:
-        """Number of running instances with a fresh heartbeat (as :meth:`get_active_instances`)."""
-        stmt = select(func.count()).select_from(instances).where(_fresh(self._stale_cutoff()))
-        return self.db.execute(stmt).scalar_one()
-
-
-# --- audit log ---------------------------------------------------------------------------------
-
-SEVERITIES = ("info", "warning", "error")
-_INSERT_AUDIT = insert(audit_log).inline()  # no implicit RETURNING of the new id on PostgreSQL: nothing reads it
-
-
-def _check_severity(severity: str) -> None:
-    if severity not in SEVERITIES:
-        raise ValidationError(f"severity must be one of {', '.join(SEVERITIES)}, not {severity!r}")
-
-
-def _stored_secrets(db: Executor, user_id: int | None) -> list[str]:
-    """The tokens stored for ``user_id`` (none if they do not decrypt), for the audit-details guard."""
-    if user_id is None:
-        return []
-    try:
-        rows = db.execute(select(_t.access_token_encrypted, _t.refresh_token_encrypted).where(_t.user_id == user_id)).all()
-    except DecryptionError:
-        return []
-    return [secret for row in rows for secret in row if secret]
-
-
-class AuditRepository:
-    """The audit trail: events without secrets, newest first."""
-
-    __slots__ = ("db",)
-
-    def __init__(self, db: Executor) -> None:
-        self.db = db
-
-    def log_event(
-        self,
-        event_type: str,
-        user_id: int | None = None,
-        channel_id: int | None = None,
-        details: dict[str, Any] | None = None,
-        severity: str = "info",
-    ) -> None:
-        """Append one audit event. ``details`` must not hold tokens or keys."""
-        check.check_text(event_type, "event_type")
-        check.check_optional_id(user_id, "user_id")
-        check.check_optional_id(channel_id, "channel_id")
-        _check_severity(severity)
-        details_json = check.audit_details_json(details, lambda: _stored_secrets(self.db, user_id))
-        row = {
-            "event_type": event_type,
-            "user_id": user_id,
-            "channel_id": channel_id,
-            "details": details_json,
-            "severity": severity,
-            "timestamp": utcnow(),
-        }
-        try:
-            self.db.execute(_INSERT_AUDIT, row)
-        except IntegrityError as exc:
-            raise UserNotFound(f"no user with id {user_id if channel_id is None else f'{user_id} or {channel_id}'}") from exc
-
-    def log_events(
-        self, event_type: str, events: Iterable[tuple[int | None, dict[str, Any] | None]], severity: str = "info"
-    ) -> None:
-        """Append one ``event_type`` event per ``(user_id, details)`` in one statement; as :meth:`log_event`."""
-        _check_severity(severity)
-        now = utcnow()
-        rows = [
-            {"event_type": event_type, "user_id": user_id, "channel_id": None, "details": check.audit_details_json(details),
-             "severity": severity, "timestamp": now}
-            for user_id, details in events
-        ]
-        if rows:
-            self.db.execute(_INSERT_AUDIT, rows)
-
-    def get_audit_log(
-        self, limit: int = 100, event_type: str | None = None, user_id: int | None = None
-    ) -> list[dict[str, Any]]:
-        """The newest ``limit`` events, optionally of one type or one user, ``details`` decoded."""
-        return list(self.iter_audit_log(limit, event_type, user_id))
-
-    def iter_audit_log(
-        self, limit: int = 100, event_type: str | None = None, user_id: int | None = None, *, logins: bool = False
-    ) -> Iterator[dict[str, Any]]:
-        """:meth:`get_audit_log` streamed from one query; with ``logins``, each event also has
-        ``user_login`` and ``channel_login`` (None without a user or channel)."""
-        check.check_count(limit, "limit", minimum=1)
-        stmt = select(*audit_log.c).order_by(audit_log.c.timestamp.desc(), audit_log.c.id.desc()).limit(limit)
-        if logins:
-            stmt = (
-                stmt.add_columns(_user.c.twitch_login.label("user_login"), _channel.c.twitch_login.label("channel_login"))
-                .outerjoin(_user, _user.c.id == audit_log.c.user_id)
-                .outerjoin(_channel, _channel.c.id == audit_log.c.channel_id)
-            )
-        if event_type is not None:
-            stmt = stmt.where(audit_log.c.event_type == event_type)
-        if user_id is not None:
-            stmt = stmt.where(audit_log.c.user_id == user_id)
-        for entry in _stream(self.db, stmt):
-            if entry["details"] is not None:
-                try:
-                    entry["details"] = json.loads(entry["details"])
-                except ValueError:
-                    pass
-            yield entry
-
-    def cleanup_old_logs(self, days: int | None = None) -> int:
-        """Delete events older than ``days`` (default: config ``log_retention_days``) in one statement; return how many."""
-        return self.delete_logs_before(self.retention_cutoff(days))[0]
-
-    def retention_cutoff(self, days: int | None = None) -> datetime:
-        """Now less ``days`` (default: config ``log_retention_days``): the events before it are due for deletion."""
-        if days is None:
-            days = settings.value(self.db, "log_retention_days")
-        check.check_count(days, "days", maximum=check.MAX_DAYS)
-        return utcnow() - timedelta(days=days)
-
-    def delete_logs_before(
-        self, cutoff: datetime, batch_size: int | None = None, after: tuple[datetime, int] | None = None
-    ) -> tuple[int, tuple[datetime, int] | None]:
-        """Delete the events older than ``cutoff``: all, or the oldest ``batch_size`` after ``after``.
-
-        A batch is a range of ``idx_audit_timestamp`` that starts at ``after``, the
-        ``(timestamp, id)`` this returned for the previous batch, so it does not
-        walk again over the entries of the rows deleted before it (PostgreSQL
-        keeps them until a vacuum). Returns the number deleted and the ``after``
-        of the next batch, None when no older event is left.
-        """
-        key = tuple_(audit_log.c.timestamp, audit_log.c.id)
-        where = audit_log.c.timestamp < cutoff
-        if after is not None:
-            where &= (audit_log.c.timestamp >= after[0]) & (key > tuple_(*after))
-        last = None
-        if batch_size is not None:
-            check.check_count(batch_size, "batch_size", minimum=1)
-            oldest = select(audit_log.c.timestamp, audit_log.c.id).where(where).order_by(audit_log.c.timestamp, audit_log.c.id)
-            last = self.db.execute(oldest.offset(batch_size - 1).limit(1)).first()
-            if last is not None:
-                where &= (audit_log.c.timestamp <= last[0]) & (key <= tuple_(*last))
-        deleted = self.db.execute(delete(audit_log).where(where)).rowcount
-        return deleted, (last[0], last[1]) if last is not None else None
-
-    def count(self) -> int:
-        """Number of audit events."""
-        return self.db.execute(select(func.count()).select_from(audit_log)).scalar_one()
-
-
-# --- config ------------------------------------------------------------------------------------
-
-
-class ConfigRepository:
-    """System settings. Values are stored as text and read back with their JSON type.
-
-    The keys kissbot reads are typed and checked on write and on read (:mod:`kissbot.settings`).
-    """
-
-    __slots__ = ("db",)
-
-    def __init__(self, db: Executor) -> None:
-        self.db = db
-
-    def get_config(self, key: str, default: Any = None) -> Any:
-        """The value of ``key`` (``"60"`` reads as 60), or ``default``; a corrupt known setting raises :class:`CorruptConfig`."""
-        raw = self.db.execute(select(config.c.value).where(config.c.key == key)).scalar()
-        return default if raw is None else settings.decode(key, raw)
-
-    def set_config(self, key: str, value: Any, description: str | None = None) -> None:
-        """Set ``key`` to ``value``; strings are stored as given, anything else as JSON.
-
-        Raises :class:`ConfigurationError` for an internal key or a value out of a known key's type and range.
-        """
-        text = settings.checked(key, value)
-        values: dict[str, Any] = {"value": text, "updated_at": utcnow()}
-        if description is not None:
-            values["description"] = description
-        if self.db.execute(update(config).where(config.c.key == key).values(**values)).rowcount == 0:
-            self.db.execute(insert(config).values(key=key, **values))
-
-    def list_config(self) -> list[dict[str, Any]]:
-        """Every setting, by key, values decoded (a corrupt known setting as its stored text)."""
-        rows = self.db.execute(select(*config.c).order_by(config.c.key)).mappings()
-        return [{**r, "value": settings.decode(r["key"], r["value"], strict=False)} for r in rows]

@@ -1,7 +1,7 @@
 """The store's settings (the ``config`` table): every key kissbot reads, with its type, range and meaning.
 
 Values are checked where they are written (:func:`checked`, which
-:meth:`ConfigRepository.set_config <kissbot.repo.ConfigRepository.set_config>`
+:meth:`ConfigRepository.set_config`
 calls) and where kissbot reads them (:func:`value`). A value that is not
 valid for its key (written before this check existed, or by hand in SQL)
 never stops a store from opening: the code that needs it raises
@@ -19,13 +19,21 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy.engine import Connection
 
 from kissbot.crypto import MAX_KEY_VERSION
 from kissbot.errors import ConfigurationError, CorruptConfig
 from kissbot.models import config
+from kissbot.types import utcnow
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+Executor = Union["Session", Connection]
+"""What a repository runs its statements on (this module's :class:`ConfigRepository`, and :mod:`kissbot.repo`'s)."""
 
 FINGERPRINT_PREFIX = "key_fingerprint_v"
 _INTEGER = re.compile(r"^[+-]?[0-9]{1,20}$")
@@ -241,3 +249,37 @@ def needed_keys(conn: Any, user_ids: Iterable[int]) -> str:
         fp = recorded.get(f"{FINGERPRINT_PREFIX}{version}")
         shown.append(f"key version {version}" + (f" (fingerprint {fp})" if is_fingerprint(fp) else ""))
     return ", ".join(shown)
+
+
+class ConfigRepository:
+    """System settings. Values are stored as text and read back with their JSON type.
+
+    The keys kissbot reads are typed and checked on write and on read (:mod:`kissbot.settings`).
+    """
+
+    __slots__ = ("db",)
+
+    def __init__(self, db: Executor) -> None:
+        self.db = db
+
+    def get_config(self, key: str, default: Any = None) -> Any:
+        """The value of ``key`` (``"60"`` reads as 60), or ``default``; a corrupt known setting raises :class:`CorruptConfig`."""
+        raw = self.db.execute(select(config.c.value).where(config.c.key == key)).scalar()
+        return default if raw is None else decode(key, raw)
+
+    def set_config(self, key: str, value: Any, description: str | None = None) -> None:
+        """Set ``key`` to ``value``; strings are stored as given, anything else as JSON.
+
+        Raises :class:`ConfigurationError` for an internal key or a value out of a known key's type and range.
+        """
+        text = checked(key, value)
+        values: dict[str, Any] = {"value": text, "updated_at": utcnow()}
+        if description is not None:
+            values["description"] = description
+        if self.db.execute(update(config).where(config.c.key == key).values(**values)).rowcount == 0:
+            self.db.execute(insert(config).values(key=key, **values))
+
+    def list_config(self) -> list[dict[str, Any]]:
+        """Every setting, by key, values decoded (a corrupt known setting as its stored text)."""
+        rows = self.db.execute(select(*config.c).order_by(config.c.key)).mappings()
+        return [{**r, "value": decode(r["key"], r["value"], strict=False)} for r in rows]

@@ -10,7 +10,7 @@ import pytest
 
 from kissbot import DatabaseManager
 from kissbot.aio import AsyncTokenStore
-from kissbot.errors import KeyFileError, StaleTokens, TokenRejected, UserNotFound
+from kissbot.errors import KeyFileError, StaleTokens, TokenRejected, UserNotFound, ValidationError
 
 TWITCH_ID = "1209350837"
 
@@ -180,6 +180,24 @@ def test_an_unknown_twitch_user_is_a_typed_error_and_writes_nothing(mgr, stored)
 
     asyncio.run(main())
     assert twitch.calls == [] and counts(mgr) == before
+
+
+def test_misuse_is_a_validation_error_and_writes_nothing(mgr, stored):
+    async def incomplete(_refresh_token: str) -> dict[str, Any]:
+        return {"access_token": "access-1", "expires_in": 3600}
+
+    async def main() -> None:
+        with pytest.raises(ValidationError, match=r"^token_store must be an AsyncTokenStore or a DatabaseManager, not str$"):
+            AsyncTokenStore.of("kissbot.db")
+        async with AsyncTokenStore(manager=mgr) as store:
+            with pytest.raises(ValidationError, match=r"^do_refresh must return .* no refresh_token$"):
+                await store.refresh_with_lease(TWITCH_ID, "refresh-0", incomplete)
+
+    before = counts(mgr)
+    asyncio.run(main())
+    assert counts(mgr) == before
+    assert mgr.get_tokens(stored)["refresh_token"] == "refresh-0"
+    assert mgr.claim_refresh(stored, "anyone", ttl=1)
 
 
 def test_a_store_without_its_key_is_a_typed_error(tmp_path: Path, sqlite_url, key_file):

@@ -21,7 +21,7 @@ from test_aio import counts
 
 from kissbot import DatabaseManager
 from kissbot.aio import AsyncTokenStore
-from kissbot.errors import KissbotError, TokenRejected
+from kissbot.errors import AuthorizationError, TokenRejected
 
 from kissbot.ext.twitchapi import KissbotUserAuth, UnsupportedTwitchAPI
 from kissbot.ext.twitchio import KissbotTokens, UnsupportedTwitchIO
@@ -262,7 +262,7 @@ def test_an_unknown_twitch_user_is_a_typed_error_at_bind(mgr, twitch):
         api = Twitch(twitch.client_id, "app-secret", authenticate_app=False,
                      base_url=f"{twitch.base_url}/helix/", auth_base_url=f"{twitch.base_url}/oauth2/")
         auth = KissbotUserAuth(api, mgr, twitch_user_id="42", scopes=[AuthScope.CHAT_READ], auth_generator_func=refuse)
-        with pytest.raises(KissbotError, match=r"^Twitch refused the new authorisation of Twitch user '42'$"):
+        with pytest.raises(AuthorizationError, match=r"^Twitch refused the new authorisation of Twitch user '42'$"):
             await auth.bind()
 
     before = counts(mgr)

@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from kissbot.aio import AsyncTokenStore
-from kissbot.errors import KissbotError, TokenRejected
+from kissbot.errors import AuthorizationError, KissbotError, TokenRejected, WrongTwitchAccount
 from kissbot.ext._common import StoredRow, store_authorization, usable_tokens
 from kissbot.manager import DatabaseManager
 
@@ -163,9 +163,9 @@ class KissbotUserAuth:
     async def _store_new(self, token: str, refresh: str) -> StoredRow:
         answer = await validate_token(token, auth_base_url=self.twitch.auth_base_url)
         if answer.get("status", 200) != 200:
-            raise KissbotError(f"Twitch refused the new authorisation of Twitch user {self.twitch_user_id!r}")
+            raise AuthorizationError(f"Twitch refused the new authorisation of Twitch user {self.twitch_user_id!r}")
         if answer.get("user_id") != self.twitch_user_id:
-            raise KissbotError(
+            raise WrongTwitchAccount(
                 f"the new authorisation is for Twitch user {answer.get('user_id')!r}, not {self.twitch_user_id!r}"
             )
         scopes = [s.value if isinstance(s, AuthScope) else str(s) for s in answer.get("scopes") or []]

@@ -1,4 +1,4 @@
-"""get_tokens serves repeated reads from memory, yet every commit anywhere is seen at once."""
+"""get_tokens reads what is committed now: every commit, by any manager, process or path, is seen at once."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def test_commit_by_another_process_is_seen(tmp_path):
         assert mgr.get_tokens(bot)["access_token"] == "access-from-child"
 
 
-def test_ciphertext_corrupted_by_another_connection_is_not_served_from_memory(tmp_path):
+def test_ciphertext_corrupted_by_another_connection_is_reported_at_once(tmp_path):
     db, key = tmp_path / "kissbot.db", tmp_path / ".kissbot.key"
     with DatabaseManager(db, key) as mgr:
         bot = mgr.create_user("1", "serda_bot", is_bot=True)
@@ -95,7 +95,7 @@ def test_ciphertext_corrupted_by_another_connection_is_not_served_from_memory(tm
             mgr.get_tokens(bot)
 
 
-def test_cipher_remembers_only_what_decrypts():
+def test_tampered_or_foreign_ciphertext_never_decrypts():
     cipher = TokenCipher(generate_key())
     stored = cipher.encrypt(ACCESS)
     assert cipher.decrypt(stored) == cipher.decrypt(stored) == ACCESS
