@@ -25,6 +25,8 @@ ROWS = (
     "metrics scrape of",
     "backup --to of a",
     "a bot's store_tokens latency during that backup",
+    "tokens, SQLite: whole process, peak RSS",
+    "private memory (USS) per bot",
 )
 NUMBER = re.compile(r"\d")
 

@@ -280,7 +280,12 @@ def audit(store: StoreTarget, limit: int, event_type: str | None, login: str | N
         kissbot audit --user serda_bot --json
     """
     with store.open(create=False) as mgr, mgr.engine.connect() as conn:
-        user_id = None if login is None else UserRepository(conn).user_id_for_login(login)
+        user_id = None
+        if login is not None:
+            user = UserRepository(conn).get_user_by_login(login)
+            if user is None:
+                raise UserNotFound(f"no user with login {login!r}")
+            user_id = user["id"]
         events = AuditRepository(conn).iter_audit_log(limit, event_type, user_id, logins=True)
         if as_json:
             echo_json_rows(events)
