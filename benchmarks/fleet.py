@@ -332,7 +332,7 @@ def bench_plans(ctx: Context) -> list[Row]:
             times.append(time.perf_counter() - t0)
     one, ten = times
     out.append(Row(
-        f"PostgreSQL cleanup_old_logs of {10 * s.pg_cleanup_rows:,} vs {s.pg_cleanup_rows:,} old events (batches of 5000)",
+        f"PostgreSQL batched audit cleanup: {10 * s.pg_cleanup_rows:,} vs {s.pg_cleanup_rows:,} old events (batches of 5000)",
         f"{ten:,.2f} s", f"{one:,.2f} s", ten / one, "≤ 12x time for 10x rows (was 17x)", ten <= 12 * one,
         ratio_label="x time",
     ))

@@ -25,7 +25,7 @@ ROWS = (
     "metrics scrape of",
     "backup --to of a",
     "a bot's store_tokens latency during that backup",
-    "tokens, SQLite: whole process, peak RSS",
+    "tokens, SQLite: whole process",
     "private memory (USS) per bot",
 )
 NUMBER = re.compile(r"\d")

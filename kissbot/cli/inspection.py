@@ -20,7 +20,7 @@ from kissbot.cli.main import StoreTarget, cli, echo_json, echo_json_rows, store_
 from kissbot.crypto import mask_secret
 from kissbot.errors import UserNotFound
 from kissbot.repo import AuditRepository, TokenRepository, UserRepository
-from kissbot.validation import MAX_ID
+from kissbot.validation import MAX_EXPIRES_IN, MAX_ID
 
 _JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 _LIMIT = click.option("--limit", type=click.IntRange(1, MAX_ID), help="Show at most N rows  [default: all].")
@@ -163,7 +163,7 @@ def _read_tokens() -> tuple[str, str]:
     help="Which of the user's tokens.",
 )
 @click.option(
-    "--expires-in", type=click.IntRange(1, 10 * 365 * 86400), required=True,
+    "--expires-in", type=click.IntRange(1, MAX_EXPIRES_IN), required=True,
     help="Seconds until the access token expires (Twitch's expires_in).",
 )
 @click.option("--scopes", default="", help="Comma-separated scopes, e.g. chat:read,chat:edit.")
