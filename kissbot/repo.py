@@ -364,6 +364,15 @@ _INSERT = insert(oauth_tokens).values(
 )
 
 
+_RELEASE = (
+    update(oauth_tokens)
+    .where(_t.user_id == bindparam("b_user_id"), _t.token_type == bindparam("b_token_type"),
+           _t.refresh_lease_owner == bindparam("b_owner"))
+    .values(refresh_lease_owner=None, refresh_lease_expires_at=None)
+)
+_RELEASE_VALIDATED = _RELEASE.values(last_validated=bindparam("b_now"))
+
+
 class TokenRepository:
     """A user's OAuth tokens, encrypted at rest and decrypted only when read.
 
@@ -583,14 +592,17 @@ class TokenRepository:
         self._take_lease(_t.id.in_(ids), owner, ttl, now)
         return _all(self.db.execute(_CLAIMED.where(_t.id.in_(ids))))
 
-    def release_refresh(self, user_id: int, owner: str, *, token_type: str = "bot") -> bool:
-        """Give back ``owner``'s refresh lease; False if it did not hold it (any more)."""
-        stmt = (
-            update(oauth_tokens)
-            .where(_row(user_id, token_type), _t.refresh_lease_owner == owner)
-            .values(refresh_lease_owner=None, refresh_lease_expires_at=None)
-        )
-        return self.db.execute(stmt).rowcount == 1
+    def release_refresh(self, user_id: int, owner: str, *, token_type: str = "bot", validated: bool = False) -> bool:
+        """Give back ``owner``'s refresh lease; False if it did not hold it (any more).
+
+        With ``validated``, the same statement records that Twitch accepted the
+        access token just now (``last_validated``), as a worker does after a
+        refresh or a validation.
+        """
+        params = {"b_user_id": user_id, "b_token_type": token_type, "b_owner": owner}
+        if validated:
+            return self.db.execute(_RELEASE_VALIDATED, {**params, "b_now": utcnow()}).rowcount == 1
+        return self.db.execute(_RELEASE, params).rowcount == 1
 
     def list_tokens(self, decrypt: bool = False) -> list[dict[str, Any]]:
         """Every token row (each user, each token type) with its login; nothing decrypted unless ``decrypt``.
