@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import text
 from sqlalchemy.engine import URL, Engine
 
-from kissbot import settings
 from kissbot.crypto import KeyRing
 from kissbot.engine import DEFAULT_BUSY_TIMEOUT_MS, DEFAULT_DB_PATH, create_engine, write_transaction, writer
 from kissbot.errors import NoDatabase, UserNotFound
@@ -316,16 +315,15 @@ class DatabaseManager:
         between them on SQLite, so concurrent writers wait at most about one
         batch. Returns the number deleted.
         """
-        if days is None:
-            with self.engine.connect() as conn:
-                days = settings.value(conn, "log_retention_days")
-        deleted = 0
+        with self.engine.connect() as conn:
+            cutoff = AuditRepository(conn).retention_cutoff(days)
+        deleted, after = 0, None
         while True:
             started = time.monotonic()
             with write_transaction(self.engine) as conn:
-                batch = AuditRepository(conn).cleanup_old_logs(days, batch_size=CLEANUP_BATCH_SIZE)
+                batch, after = AuditRepository(conn).delete_logs_before(cutoff, CLEANUP_BATCH_SIZE, after)
             deleted += batch
-            if batch < CLEANUP_BATCH_SIZE:
+            if after is None:
                 return deleted
             if self.engine.dialect.name == "sqlite":
                 # SQLite's busy handler polls: without a gap, the next batch

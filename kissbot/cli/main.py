@@ -14,11 +14,12 @@ import logging
 import math
 import os
 import sys
+import textwrap
 import traceback
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import click
 
@@ -204,6 +205,15 @@ def _set_verbosity(ctx: click.Context, _param: click.Parameter, verbose: int) ->
 def echo_json(data: Any) -> None:
     """Print ``data`` as indented JSON (datetimes in ISO 8601)."""
     click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=_json_default))
+
+
+def echo_json_rows(rows: Iterable[Any]) -> None:
+    """Print ``rows`` exactly as :func:`echo_json` prints a list of them, one row at a time (constant memory)."""
+    opening = "[\n"
+    for row in rows:
+        click.echo(opening + textwrap.indent(json.dumps(row, indent=2, ensure_ascii=False, default=_json_default), "  "), nl=False)
+        opening = ",\n"
+    click.echo("[]" if opening == "[\n" else "\n]")
 
 
 def _json_default(value: Any) -> Any:
