@@ -25,6 +25,13 @@ ROWS = (
     "metrics scrape of",
     "backup --to of a",
     "a bot's store_tokens latency during that backup",
+    "due tokens, one process, concurrency",
+    "tokens/s vs the sequential worker",
+    "2 `refresh-worker --once` processes",
+    "4 `refresh-worker --once` processes",
+    "the fleet,",
+    "tokens, SQLite: whole process",
+    "private memory (USS) per bot",
 )
 NUMBER = re.compile(r"\d")
 
