@@ -50,18 +50,22 @@ class Sizes:
     refresh_tokens: int = 1000
     refresh_fleet: int = 10_000
     refresh_latency: float = 0.1
+    list_rows: int = 100_000
+    fleet_bots: int = 8
+    pg_cleanup_rows: int = 20_000
 
     @classmethod
     def quick(cls) -> Sizes:
         return cls(users=300, calls=500, repeats=5, scan_calls=50, proc_ops=400, audit_rows=200_000,
                    migrate_users=2000, rotation_rows=20_000, cold_runs=5, offsite_rows=20_000,
-                   refresh_tokens=300, refresh_fleet=2000)
+                   refresh_tokens=300, refresh_fleet=2000, list_rows=20_000, fleet_bots=4, pg_cleanup_rows=5000)
 
     @classmethod
     def smoke(cls) -> Sizes:
         return cls(users=20, calls=10, repeats=2, scan_rows=500, scan_due=10, scan_calls=3, procs=2, proc_ops=10,
                    audit_rows=2000, migrate_users=20, rotation_rows=200, cold_runs=1, offsite_rows=200,
-                   refresh_tokens=20, refresh_fleet=40, refresh_latency=0.01)
+                   refresh_tokens=20, refresh_fleet=40, refresh_latency=0.01, list_rows=200, fleet_bots=2,
+                   pg_cleanup_rows=200)
 
 
 @dataclass
@@ -605,6 +609,17 @@ def bench_refresh(ctx: Context) -> list[Row]:
     return bench_refresh_worker(ctx)
 
 
+def bench_fleet_cases(name: str) -> Callable[[Context], list[Row]]:
+    """A case of benchmarks/fleet.py (``listing``, ``fleet``, ``plans``), imported when it runs."""
+
+    def run(ctx: Context) -> list[Row]:
+        from benchmarks import fleet
+
+        return getattr(fleet, f"bench_{name}")(ctx)
+
+    return run
+
+
 CASES: dict[str, Callable[[Context], list[Row]]] = {
     "get": bench_get_tokens,
     "store": bench_store_tokens,
@@ -617,4 +632,7 @@ CASES: dict[str, Callable[[Context], list[Row]]] = {
     "metrics": bench_metrics,
     "offsite": bench_offsite,
     "refresh": bench_refresh,
+    "listing": bench_fleet_cases("listing"),
+    "fleet": bench_fleet_cases("fleet"),
+    "plans": bench_fleet_cases("plans"),
 }

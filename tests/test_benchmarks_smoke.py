@@ -30,6 +30,8 @@ ROWS = (
     "2 `refresh-worker --once` processes",
     "4 `refresh-worker --once` processes",
     "the fleet,",
+    "tokens, SQLite: whole process",
+    "private memory (USS) per bot",
 )
 NUMBER = re.compile(r"\d")
 
