@@ -7,6 +7,7 @@ Each method runs in its own short transaction: reads on a plain connection
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -30,6 +31,8 @@ from kissbot.validation import check_id
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
+log = logging.getLogger(__name__)
+
 CLEANUP_BATCH_SIZE = 5000
 CLEANUP_PAUSE_RATIO = 0.5
 """On SQLite, ``cleanup_old_logs`` rests this fraction of a batch's time before the next one."""
@@ -38,9 +41,11 @@ CLEANUP_PAUSE_RATIO = 0.5
 class DatabaseManager:
     """The store, as the specification's ``DatabaseManager``.
 
-    ``DatabaseManager(db_path="kissbot.db")`` opens (and
-    creates or migrates) the database, then loads the key and checks it against
-    the fingerprints the store recorded, before any token is decrypted. ``url``
+    ``DatabaseManager(db_path="kissbot.db")`` opens (and creates or
+    migrates) the database, then loads the key and checks it against the
+    fingerprints the store recorded, before any token is decrypted. Creating
+    a SQLite file logs a warning naming it (a mistyped path shows at once;
+    ``create=False`` refuses a missing database instead). ``url``
     selects another database (``postgresql+psycopg://…``). ``synchronous``
     and ``busy_timeout_ms`` tune SQLite (see :func:`kissbot.engine.create_engine`).
 
@@ -59,6 +64,9 @@ class DatabaseManager:
     older migration raises :class:`~kissbot.errors.OutdatedSchema`, and a
     missing key file is not made (a store without tokens then opens without a
     key: reading or writing tokens raises :class:`~kissbot.errors.KeyFileError`).
+    With ``need_key=False`` a missing key file is not an error even when
+    tokens are stored: the store opens without a key, for what decrypts
+    nothing (users, instances, audit, config).
 
     A manager may be created before ``os.fork()`` and used in the children.
     """
@@ -74,12 +82,14 @@ class DatabaseManager:
         synchronous: str | None = None,
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
         create: bool = True,
+        need_key: bool = True,
     ) -> None:
         self.url = to_url(url if url is not None else db_path)
         self.key_source = resolve_key_source(key, key_file, db=self.url)
         self.key_file: Path | None = self.key_source.path
         path = sqlite_path(self.url)
-        if not create and path is not None and not path.exists():
+        new = path is not None and not path.exists()
+        if new and not create:
             raise NoDatabase(f"database {path} does not exist; create it with kissbot init-db")
         cipher = read_key_source(self.key_source)
         self.engine: Engine = create_engine(
@@ -87,8 +97,10 @@ class DatabaseManager:
         )
         try:
             ensure_schema(self.engine, create=create)
+            if new:
+                log.warning("database %s did not exist: created a new, empty store", os.path.abspath(path))
             db = self.url.database or "the store"
-            cipher = load_cipher(self.engine, self.key_source, db, cipher, create=create)
+            cipher = load_cipher(self.engine, self.key_source, db, cipher, create=create, need_key=need_key)
             if cipher is not None:
                 attach_cipher(self.engine, cipher)
         except BaseException:

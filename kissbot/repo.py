@@ -202,6 +202,11 @@ class UserRepository:
             )
             self.db.execute(stmt, [{"b_id": i, "b_display": n} for i, n in names.items()])
 
+    def mark_bots(self, ids: Iterable[int]) -> None:
+        """Set ``is_bot`` on many users at once, by kissbot id (``users.id``)."""
+        for chunk in _chunks(list(ids)):
+            self.db.execute(update(users).where(users.c.id.in_(chunk)).values(is_bot=True, updated_at=utcnow()))
+
     def list_users(self) -> list[dict[str, Any]]:
         """Every user, ordered by login."""
         return list(self.iter_users())

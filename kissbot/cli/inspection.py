@@ -74,7 +74,7 @@ def users(store: StoreTarget, limit: int | None, as_json: bool) -> None:
         kissbot users --db kissbot.db --json
         kissbot users --limit 20
     """
-    with store.open(create=False) as mgr, mgr.engine.connect() as conn:
+    with store.open(create=False, need_key=False) as mgr, mgr.engine.connect() as conn:
         rows = UserRepository(conn).iter_users(limit)
         if as_json:
             echo_json_rows(rows)
@@ -212,7 +212,7 @@ def instances(ctx: click.Context, store: StoreTarget, as_json: bool) -> None:
     _refuse_group_store_options(ctx)
     if ctx.invoked_subcommand:
         return
-    with store.open(create=False) as mgr:
+    with store.open(create=False, need_key=False) as mgr:
         rows = mgr.list_instances()
     if as_json:
         echo_json(rows)
@@ -233,7 +233,7 @@ def instances_reset(store: StoreTarget, instance_id: int) -> None:
     Example:
         kissbot instances reset 3 --db kissbot.db
     """
-    with store.open(create=False) as mgr:
+    with store.open(create=False, need_key=False) as mgr:
         mgr.reset_instance(instance_id)
     click.echo(f"Instance {instance_id} reset: status stopped, crash count 0")
 
@@ -250,7 +250,7 @@ def instances_reap(store: StoreTarget) -> None:
     Example:
         kissbot instances reap --db kissbot.db
     """
-    with store.open(create=False) as mgr:
+    with store.open(create=False, need_key=False) as mgr:
         reaped = mgr.reap_stale_instances()
     for inst in reaped:
         heartbeat = inst["last_heartbeat"]
@@ -279,7 +279,7 @@ def audit(store: StoreTarget, limit: int, event_type: str | None, login: str | N
         kissbot audit --limit 20 --event-type tokens_migrated
         kissbot audit --user serda_bot --json
     """
-    with store.open(create=False) as mgr, mgr.engine.connect() as conn:
+    with store.open(create=False, need_key=False) as mgr, mgr.engine.connect() as conn:
         user_id = None
         if login is not None:
             user = UserRepository(conn).get_user_by_login(login)
@@ -331,7 +331,7 @@ def config_get(store: StoreTarget, key: str, as_json: bool) -> None:
         kissbot config get max_crash_count --db kissbot.db
     """
     missing = object()
-    with store.open(create=False) as mgr:
+    with store.open(create=False, need_key=False) as mgr:
         value = mgr.get_config(key, default=missing)
     if value is missing:
         raise click.ClickException(f"no config key {key!r}; see kissbot config list")
@@ -353,7 +353,7 @@ def config_set(store: StoreTarget, key: str, value: str, description: str | None
     Example:
         kissbot config set log_retention_days 60 --db kissbot.db
     """
-    with store.open(create=False) as mgr:
+    with store.open(create=False, need_key=False) as mgr:
         mgr.set_config(key, value, description)
     click.echo(f"{key} = {value}")
 
@@ -368,7 +368,7 @@ def config_list(store: StoreTarget, as_json: bool) -> None:
     Example:
         kissbot config list --json
     """
-    with store.open(create=False) as mgr:
+    with store.open(create=False, need_key=False) as mgr:
         rows = mgr.list_config()
     if as_json:
         echo_json(rows)
