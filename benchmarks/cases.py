@@ -47,16 +47,19 @@ class Sizes:
     rotation_rows: int = 100_000
     cold_runs: int = 9
     offsite_rows: int = 100_000
+    writer_procs: int = 16
+    writer_ops: int = 200
 
     @classmethod
     def quick(cls) -> Sizes:
         return cls(users=300, calls=500, repeats=5, scan_calls=50, proc_ops=400, audit_rows=200_000,
-                   migrate_users=2000, rotation_rows=20_000, cold_runs=5, offsite_rows=20_000)
+                   migrate_users=2000, rotation_rows=20_000, cold_runs=5, offsite_rows=20_000, writer_ops=100)
 
     @classmethod
     def smoke(cls) -> Sizes:
         return cls(users=20, calls=10, repeats=2, scan_rows=500, scan_due=10, scan_calls=3, procs=2, proc_ops=10,
-                   audit_rows=2000, migrate_users=20, rotation_rows=200, cold_runs=1, offsite_rows=200)
+                   audit_rows=2000, migrate_users=20, rotation_rows=200, cold_runs=1, offsite_rows=200, writer_procs=2,
+                   writer_ops=5)
 
 
 @dataclass
@@ -593,6 +596,17 @@ def bench_offsite(ctx: Context) -> list[Row]:
     return run(ctx)
 
 
+def bench_store_scale(case: str) -> Callable[[Context], list[Row]]:
+    """A case of benchmarks/store_scale.py (imported when it runs: that module imports this one)."""
+
+    def run(ctx: Context) -> list[Row]:
+        from benchmarks import store_scale
+
+        return getattr(store_scale, f"bench_{case}")(ctx)
+
+    return run
+
+
 CASES: dict[str, Callable[[Context], list[Row]]] = {
     "get": bench_get_tokens,
     "store": bench_store_tokens,
@@ -604,4 +618,7 @@ CASES: dict[str, Callable[[Context], list[Row]]] = {
     "cold": bench_cold_stats,
     "metrics": bench_metrics,
     "offsite": bench_offsite,
+    "open": bench_store_scale("open"),
+    "writers": bench_store_scale("writers"),
+    "pg": bench_store_scale("pg_get"),
 }

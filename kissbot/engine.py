@@ -181,9 +181,15 @@ def read_connection(engine: Engine) -> Iterator[Connection]:
 
 @contextmanager
 def write_transaction(engine: Engine) -> Iterator[Connection]:
-    """A connection of ``engine`` in a write transaction (``BEGIN IMMEDIATE`` on SQLite), committed on success."""
-    with engine.connect() as conn, conn.execution_options(**_WRITE).begin():
-        yield conn
+    """A connection of ``engine`` in a write transaction (``BEGIN IMMEDIATE`` on SQLite), committed on success.
+
+    The transaction begins with the first statement, once its parameters are
+    bound (tokens encrypted): the checks and encryption before it do not hold
+    SQLite's write lock.
+    """
+    with engine.connect() as conn:
+        yield conn.execution_options(**_WRITE)
+        conn.commit()
 
 
 def _ensure_wal(cursor: sqlite3.Cursor, busy_timeout_ms: int) -> None:
@@ -244,8 +250,17 @@ def _sqlite_sessions(engine: Engine, synchronous: str, busy_timeout_ms: int) -> 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         options = conn.get_execution_options()
-        if not options.get(_AUTOCOMMIT):
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get("kissbot_write") else "BEGIN")
+        if options.get(_AUTOCOMMIT):
+            return
+        # Straight to the driver: BEGIN returns nothing, and a SQLAlchemy execution around it cost
+        # as much per transaction as the statement that follows. Errors are mapped as handle_error does.
+        try:
+            conn.connection.driver_connection.execute("BEGIN IMMEDIATE" if options.get("kissbot_write") else "BEGIN")
+        except sqlite3.Error as exc:
+            mapped = dberrors.sqlite_error(exc, path, busy_timeout_ms)
+            if mapped is None:
+                raise
+            raise mapped from exc
 
 
 def _postgresql_sessions(engine: Engine, lock_timeout_ms: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -25,6 +26,9 @@ ROWS = (
     "metrics scrape of",
     "backup --to of a",
     "a bot's store_tokens latency during that backup",
+    "open a store (DatabaseManager, then close) at",
+    "processes storing tokens of distinct users",
+    *(("PostgreSQL get_tokens: DatabaseManager",) if os.environ.get("KISSBOT_TEST_POSTGRES_URL") else ()),
 )
 NUMBER = re.compile(r"\d")
 

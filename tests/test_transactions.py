@@ -52,8 +52,8 @@ def test_a_held_write_lock_fails_writers_with_database_busy_not_readers(tmp_path
         with engine.connect() as conn:
             assert conn.execute(text("SELECT count(*) FROM users")).scalar_one() == 0
         with pytest.raises(DatabaseBusy, match="is locked"):
-            with write_transaction(engine):
-                pass
+            with write_transaction(engine) as conn:
+                conn.execute(text("UPDATE config SET value = value"))
         other.execute("ROLLBACK")
         statements: list[str] = []
         with engine.connect() as conn:  # the failed attempt left nothing behind
@@ -62,6 +62,25 @@ def test_a_held_write_lock_fails_writers_with_database_busy_not_readers(tmp_path
         with write_transaction(engine) as conn:
             conn.execute(text("UPDATE config SET value = value"))
         assert begins(statements) == ["BEGIN", "BEGIN IMMEDIATE"]
+    finally:
+        other.close()
+        engine.dispose()
+
+
+def test_a_write_transaction_takes_the_lock_at_its_first_statement_not_before(tmp_path: Path):
+    path = tmp_path / "kissbot.db"
+    DatabaseManager(path, tmp_path / ".kissbot.key").close()
+    engine = create_engine(path, busy_timeout_ms=50)
+    other = sqlite3.connect(path, isolation_level=None, timeout=0.05)
+    try:
+        with write_transaction(engine) as conn:
+            other.execute("BEGIN IMMEDIATE")  # free until the first statement
+            other.execute("ROLLBACK")
+            conn.execute(text("UPDATE config SET value = value"))
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                other.execute("BEGIN IMMEDIATE")
+        other.execute("BEGIN IMMEDIATE")  # committed: free again
+        other.execute("ROLLBACK")
     finally:
         other.close()
         engine.dispose()
