@@ -290,25 +290,26 @@ def mixed_worker(path: str, key_file: str, ids: list[int], ops: int, seed: int, 
     results.put((ops, errors, t0, t1, first_error))
 
 
-def run_processes(path: Path, key_file: Path, ids: list[int], procs: int, ops: int) -> tuple[float, int, str]:
-    """Run ``procs`` mixed workers at once; return (ops per second overall, errors, first error)."""
+def run_workers(target: Callable[..., None], args: list[tuple[Any, ...]]) -> list[Any]:
+    """Spawn one process per ``args`` running ``target(*args, barrier, results)``, start them together, return their reports."""
     mp = multiprocessing.get_context("spawn")
-    barrier = mp.Barrier(procs + 1)
-    results = mp.Queue()
-    workers = [
-        mp.Process(target=mixed_worker, args=(str(path), str(key_file), ids, ops, n, barrier, results))
-        for n in range(procs)
-    ]
+    barrier, results = mp.Barrier(len(args) + 1), mp.Queue()
+    workers = [mp.Process(target=target, args=(*a, barrier, results)) for a in args]
     for w in workers:
         w.start()
     try:
-        barrier.wait(timeout=120)
-        reports = [results.get(timeout=600) for _ in workers]
+        barrier.wait(timeout=180)
+        return [results.get(timeout=600) for _ in workers]
     finally:
         for w in workers:
             w.join(timeout=60)
             if w.is_alive():
                 w.kill()
+
+
+def run_processes(path: Path, key_file: Path, ids: list[int], procs: int, ops: int) -> tuple[float, int, str]:
+    """Run ``procs`` mixed workers at once; return (ops per second overall, errors, first error)."""
+    reports = run_workers(mixed_worker, [(str(path), str(key_file), ids, ops, n) for n in range(procs)])
     total = sum(r[0] for r in reports)
     elapsed = (max(r[3] for r in reports) - min(r[2] for r in reports)) / 1e9
     errors = sum(r[1] for r in reports)

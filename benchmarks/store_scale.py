@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import statistics
 import uuid
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import raw
-from benchmarks.cases import Context, Row, fernet_of, interleaved, ns, open_store, percentile, us
+from benchmarks.cases import Context, Row, fernet_of, interleaved, ns, open_store, percentile, run_workers, us
 
 POSTGRES_ENV = ("KISSBOT_BENCH_POSTGRES_URL", "KISSBOT_TEST_POSTGRES_URL")
 
@@ -75,19 +74,7 @@ def _writer(path: str, key_file: str, user_id: int, ops: int, kissbot: bool, bar
 
 
 def _writers(path: Path, key_file: Path, ids: list[int], ops: int, kissbot: bool) -> tuple[list[int], int, str]:
-    mp = multiprocessing.get_context("spawn")
-    barrier, results = mp.Barrier(len(ids) + 1), mp.Queue()
-    procs = [mp.Process(target=_writer, args=(str(path), str(key_file), uid, ops, kissbot, barrier, results)) for uid in ids]
-    for p in procs:
-        p.start()
-    try:
-        barrier.wait(timeout=180)
-        reports = [results.get(timeout=600) for _ in procs]
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
+    reports = run_workers(_writer, [(str(path), str(key_file), uid, ops, kissbot) for uid in ids])
     return [lat for r in reports for lat in r[0]], sum(r[1] for r in reports), next((r[2] for r in reports if r[2]), "")
 
 
