@@ -106,7 +106,7 @@ def bench_writers(ctx: Context) -> list[Row]:
 
 
 def bench_pg_get(ctx: Context) -> list[Row]:
-    name = "PostgreSQL get_tokens: DatabaseManager vs raw psycopg (held autocommit connection, same row, decrypted)"
+    name = "PostgreSQL: get_tokens through DatabaseManager vs raw psycopg (held autocommit connection, same row, decrypted)"
     url = next((os.environ[v] for v in POSTGRES_ENV if os.environ.get(v)), None)
     if url is None:
         return [Row(name, "not run", f"no server: set ${POSTGRES_ENV[0]}", None, "≤ 2x floor", None)]

@@ -28,7 +28,7 @@ ROWS = (
     "a bot's store_tokens latency during that backup",
     "open a store (DatabaseManager, then close) at",
     "processes storing tokens of distinct users",
-    *(("PostgreSQL get_tokens: DatabaseManager",) if os.environ.get("KISSBOT_TEST_POSTGRES_URL") else ()),
+    *(("PostgreSQL: get_tokens through DatabaseManager",) if os.environ.get("KISSBOT_TEST_POSTGRES_URL") else ()),
 )
 NUMBER = re.compile(r"\d")
 
