@@ -48,17 +48,20 @@ from kissbot.crypto import (
 )
 from kissbot import settings
 from kissbot.engine import write_transaction, writer
-from kissbot.errors import CorruptConfig, DecryptionError, KeyFileError
+from kissbot.errors import CorruptConfig, DecryptionError, KeyFileError, ValidationError
 from kissbot.models import config, oauth_tokens
 from kissbot.repo import AuditRepository, TokenRepository
 from kissbot.types import ciphertext, utcnow
 from kissbot.urls import sqlite_path, to_url
+from kissbot.validation import check_count
 
 ENV_KEY = "KISSBOT_KEY"
 ENV_KEY_FILE = "KISSBOT_KEY_FILE"
 FINGERPRINT_KEY = "key_fingerprint_v{}"
 KEY_VERSION_KEY = "encryption_key_version"
 ROTATE_BATCH_SIZE = 500
+MAX_BATCH_SIZE = 100_000
+"""Most token rows re-encrypted in one transaction."""
 log = logging.getLogger(__name__)
 _PROBE_ROWS = 5
 
@@ -508,12 +511,15 @@ def rotate_keys(
     ``progress`` is called with the number of rows each batch re-encrypted. Finally
     ``encryption_key_version`` is set and the rotation audited.
 
-    Raises :class:`DecryptionError` (naming the first user) if rows cannot be
-    decrypted with any key: they keep their old version, the rotation stays
-    unfinished and the old key must be kept.
+    Raises :class:`ValidationError` for a ``batch_size`` outside
+    1..:data:`MAX_BATCH_SIZE` or a ``progress`` that is not callable, before
+    anything is written; :class:`DecryptionError` (naming the first user) if
+    rows cannot be decrypted with any key: they keep their old version, the
+    rotation stays unfinished and the old key must be kept.
     """
-    if batch_size < 1:
-        raise KeyFileError(f"batch size must be 1 or more, not {batch_size}")
+    check_count(batch_size, "batch_size", 1, MAX_BATCH_SIZE)
+    if progress is not None and not callable(progress):
+        raise ValidationError(f"progress must be callable, not {type(progress).__name__}")
     path = writable_key_file(source, "rotate keys")
     with key_file_lock(path):
         ring = read_key_ring(path)
@@ -645,7 +651,10 @@ def retire_key(engine: Engine, source: KeySource, version: int, *, db: str = "th
 
     Refuses while any token row still uses it, and refuses the primary
     version. The file is rewritten atomically; the retirement is audited.
+    A ``version`` that is not an integer from 1 to :data:`MAX_KEY_VERSION`
+    raises :class:`ValidationError`.
     """
+    check_count(version, "version", 1, MAX_KEY_VERSION)
     path = writable_key_file(source, "retire a key")
     with key_file_lock(path):
         ring = read_key_ring(path)

@@ -53,6 +53,7 @@ from kissbot.urls import sqlite_path, to_url
 from kissbot.errors import BackupError, KissbotError, UnsupportedBackend
 from kissbot.migrations import KISSBOT_TABLES, is_known_revision
 from kissbot.types import utcnow
+from kissbot.validation import echo
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ SUFFIXES = {"sqlite": ".sqlite.gz", "postgresql": ".pgdump"}
 _NAME = re.compile(r"^(kissbot-(\d{8}T\d{6}Z)-([0-9A-Za-z_]+))(\.sqlite\.gz|\.pgdump)$")
 _TIME_FORMAT = "%Y%m%dT%H%M%SZ"
 _CHUNK = 1 << 20
+MAX_INTERVAL_DAYS = 366
+"""Longest ``--every`` interval."""
 ORPHAN_AGE = timedelta(days=1)
 """A snapshot left without a manifest this long (an upload that died) is deleted by :func:`prune_backups`."""
 PG_LOCK_TIMEOUT = "10s"
@@ -622,21 +625,21 @@ def prune_backups(url: str | os.PathLike[str] | Destination, policy: Retention, 
 
 
 def parse_interval(text: str) -> timedelta:
-    """``90``, ``90s``, ``15m``, ``1h``, ``1d`` as a timedelta (at least one second)."""
-    match = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", text.lower())
-    if not match or int(match.group(1)) == 0:
-        raise ValueError(f"{text!r} is not an interval such as 30s, 15m, 1h or 1d")
-    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-    return timedelta(seconds=int(match.group(1)) * unit)
+    """``90``, ``90s``, ``15m``, ``1h``, ``1d`` as a timedelta (one second to 366 days)."""
+    match = re.fullmatch(r"\s*(\d{1,12})\s*([smhd]?)\s*", text.lower())
+    seconds = int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)] if match else 0
+    if not 0 < seconds <= MAX_INTERVAL_DAYS * 86400:
+        raise ValueError(f"{echo(text)} is not an interval from 1s to {MAX_INTERVAL_DAYS}d such as 30s, 15m, 1h or 1d")
+    return timedelta(seconds=seconds)
 
 
 def parse_time(text: str) -> datetime:
     """An ISO 8601 time (``2026-11-29T08:00:00Z``, ``2026-11-29 08:00``, ``2026-11-29``); no zone means UTC."""
     try:
         value = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"{text!r} is not a time such as 2026-11-29T08:00:00Z") from None
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    except (ValueError, OverflowError):
+        raise ValueError(f"{echo(text)} is not a time such as 2026-11-29T08:00:00Z") from None
 
 
 def run_every(

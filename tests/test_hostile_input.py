@@ -1,4 +1,4 @@
-"""Hostile arguments and files (issue 14, items 6, 7, 9, 14): one line and exit 1 (or 2 for usage), or a typed error."""
+"""Hostile arguments and files (issue 14, items 6, 7, 9, 14): one line and exit 1, or a typed error."""
 
 from __future__ import annotations
 
@@ -49,15 +49,13 @@ def store(d: Path) -> list[str]:
     return ["--db", str(d / "kissbot.db"), "--key-file", str(d / ".kissbot.key")]
 
 
-def assert_one_line_error(result, code: int = 1) -> str:
-    assert result.exit_code == code, result.output
+def assert_one_line_error(result) -> str:
+    assert result.exit_code == 1, result.output
     assert result.stdout == ""
     assert "Traceback" not in result.output
     lines = result.stderr.splitlines()
-    assert lines[-1].startswith("Error: "), result.stderr
-    if code == 1:
-        assert len(lines) == 1, result.stderr
-    return lines[-1]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return lines[0]
 
 
 HUGE = "99999999999999999999"
@@ -76,14 +74,71 @@ OUT_OF_RANGE = {
 
 
 @pytest.mark.parametrize("case", sorted(OUT_OF_RANGE))
-def test_numeric_options_out_of_range_are_usage_errors_that_change_nothing(deploy, monkeypatch, case):
+def test_numeric_options_out_of_range_are_one_line_errors_that_change_nothing(deploy, monkeypatch, case):
     monkeypatch.chdir(deploy)
     args, option = OUT_OF_RANGE[case]
     before = snapshot(deploy)
     env = {"TWITCH_CLIENT_ID": "id", "TWITCH_CLIENT_SECRET": "secret"}
-    line = assert_one_line_error(CliRunner().invoke(cli, [*args, *store(deploy)], env=env), code=2)
+    line = assert_one_line_error(CliRunner().invoke(cli, [*args, *store(deploy)], env=env))
     assert line.startswith(f"Error: Invalid value for {option}"), line
     assert snapshot(deploy) == before, "no backup, key version or row was added"
+
+
+def numeric_parameters() -> dict[str, tuple[list[str], click.Parameter]]:
+    """Every numeric option and argument of every ``kissbot`` command, by ``command path/parameter``."""
+    found: dict[str, tuple[list[str], click.Parameter]] = {}
+
+    def walk(command: click.Command, path: list[str], ctx: click.Context) -> None:
+        for param in command.params:
+            counter = getattr(param, "count", False)  # -v, -vv: not a value
+            if isinstance(param.type, (click.types._NumberParamTypeBase, click.types.FloatParamType)) and not counter:
+                found[f"{' '.join(path)}/{param.name}"] = (path, param)
+        if isinstance(command, click.Group):
+            for name in command.list_commands(ctx):
+                sub = command.get_command(ctx, name)
+                walk(sub, [*path, name], click.Context(sub, parent=ctx, info_name=name))
+
+    walk(cli, [], click.Context(cli, info_name="kissbot"))
+    return found
+
+
+NUMERIC = numeric_parameters()
+
+
+def test_every_numeric_parameter_is_bounded_on_both_sides():
+    assert len(NUMERIC) >= 15, sorted(NUMERIC)
+    unbounded = [name for name, (_, p) in NUMERIC.items() if getattr(p.type, "min", None) is None or getattr(p.type, "max", None) is None]
+    assert unbounded == []
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e400", HUGE, f"-{HUGE}", "abc", ""])
+@pytest.mark.parametrize("name", sorted(NUMERIC))
+def test_every_numeric_parameter_refuses_hostile_values_in_one_line(deploy, monkeypatch, name, value):
+    monkeypatch.chdir(deploy)
+    path, param = NUMERIC[name]
+    given = [param.opts[0], value] if isinstance(param, click.Option) else ["--", value]
+    before = snapshot(deploy)
+    result = CliRunner().invoke(cli, [*path, *store(deploy), *given])
+    line = assert_one_line_error(result)
+    assert line.startswith(f"Error: Invalid value for '{param.opts[0] if isinstance(param, click.Option) else param.human_readable_name}'"), line
+    assert snapshot(deploy) == before
+
+
+def test_usage_errors_are_one_line_and_group_help_is_kept():
+    for args, message in (
+        (["nope"], "Error: No such command 'nope'."),
+        (["--bogus"], "Error: No such option '--bogus'."),
+        (["key", "--bogus"], "Error: No such option '--bogus'."),
+        (["stats", "--db"], "Error: Option '--db' requires an argument."),
+        (["config", "set"], "Error: Missing argument 'KEY'."),
+        (["copy"], "Error: Missing option '--to'."),
+    ):
+        assert assert_one_line_error(CliRunner().invoke(cli, args)) == message
+    for group in ([], ["key"], ["config"]):
+        shown = CliRunner().invoke(cli, group)
+        assert shown.output.startswith("Usage: ") and "Commands:" in shown.output, shown.output
+        assert "Error" not in shown.output
+        assert CliRunner().invoke(cli, [*group, "--help"]).exit_code == 0
 
 
 @pytest.fixture

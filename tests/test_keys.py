@@ -19,8 +19,8 @@ from kissbot import DatabaseManager
 from kissbot.cli import cli
 from kissbot.crypto import KeyFileCipher, KeyRing, TokenCipher, decrypts_with, fingerprint, read_key_ring
 from kissbot.engine import create_engine
-from kissbot.errors import DecryptionError, KeyFileError
-from kissbot.keys import check_key, resolve_key_source, rotate_keys
+from kissbot.errors import DecryptionError, KeyFileError, ValidationError
+from kissbot.keys import check_key, resolve_key_source, retire_key, rotate_keys
 
 DATA = Path(__file__).parent / "data"
 CLI = [sys.executable, "-c", "from kissbot.cli import cli; cli()"]
@@ -694,3 +694,32 @@ def test_opening_a_store_reads_the_token_key_versions_through_their_index(store_
                 assert not [line for line in lines if line.startswith("SCAN") or "Seq Scan" in line], lines
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"batch_size": 10**20}, {"batch_size": 0}, {"batch_size": "10"}, {"batch_size": 2.5}, {"batch_size": True},
+     {"progress": "not callable"}],
+    ids=["huge", "zero", "str", "float", "bool", "progress"],
+)
+def test_rotate_keys_checks_every_argument_before_writing(tmp_path, db_file, key_file, kwargs):
+    with DatabaseManager(db_file, key_file) as mgr:
+        fill(mgr, 2)
+    before = snapshot(tmp_path)
+    engine = create_engine(db_file)
+    with pytest.raises(ValidationError):
+        rotate_keys(engine, resolve_key_source(key_file=key_file), **kwargs)
+    engine.dispose()
+    assert snapshot(tmp_path) == before, "no key version was added, no row or audit event written"
+
+
+@pytest.mark.parametrize("version", ["1", 1.0, 0, 2**63, None])
+def test_retire_key_checks_its_version_before_anything(tmp_path, db_file, key_file, version):
+    with DatabaseManager(db_file, key_file) as mgr:
+        fill(mgr, 1)
+    before = snapshot(tmp_path)
+    engine = create_engine(db_file)
+    with pytest.raises(ValidationError, match="version must be"):
+        retire_key(engine, resolve_key_source(key_file=key_file), version)
+    engine.dispose()
+    assert snapshot(tmp_path) == before

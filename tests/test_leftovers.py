@@ -249,14 +249,26 @@ def test_the_database_and_its_wal_and_shm_are_created_0600(tmp_path, umask):
     )
 
 
+def can_mount() -> bool:
+    """True if this process holds CAP_SYS_ADMIN (bit 21 of its effective capabilities), which ``mount`` needs."""
+    status = Path("/proc/self/status").read_text()
+    effective = next((line.split()[1] for line in status.splitlines() if line.startswith("CapEff:")), "0")
+    return bool(int(effective, 16) >> 21 & 1)
+
+
 @pytest.fixture
 def full_disk(tmp_path):
-    """A 512 KiB tmpfs: a real file system that fills up (mounting needs root with CAP_SYS_ADMIN)."""
+    """A 512 KiB tmpfs: a real file system that fills up.
+
+    Mounting needs CAP_SYS_ADMIN (root outside a container, or a privileged
+    one); without it the test skips and says so. With it, a failed mount fails.
+    """
+    if not can_mount():
+        pytest.skip("a full disk needs a 512 KiB tmpfs, and mounting one needs CAP_SYS_ADMIN, which this process lacks")
     mount = tmp_path / "small"
     mount.mkdir()
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill up: {done.stderr.strip()}")
+    assert done.returncode == 0, f"cannot mount a small tmpfs although CAP_SYS_ADMIN is held: {done.stderr.strip()}"
     try:
         yield mount
     finally:

@@ -478,16 +478,16 @@ def test_pg_dump_missing_is_one_line(runner, postgresql_url, key_file, tmp_path,
     assert not (tmp_path / "offsite").exists()
 
 
-def test_option_combinations_are_usage_errors(runner, tmp_path):
+def test_option_combinations_are_one_line_errors(runner, tmp_path):
     def usage(args):
-        result = runner.invoke(cli, args)
-        assert result.exit_code == 2, result.output
-        return result.output.strip().splitlines()[-1]
+        return one_line_error(runner.invoke(cli, args))
 
     assert usage(["backup", "--every", "1h"]) == "Error: --every and --keep-* need --to URL"
     assert usage(["backup", "dest", "--to", str(tmp_path)]) == "Error: give DEST or --to URL, not both"
     assert "the key is never uploaded" in usage(["backup", "--with-key", "--to", str(tmp_path)])
     assert "'0h' is not an interval" in usage(["backup", "--to", str(tmp_path), "--every", "0h"])
+    assert "is not an interval from 1s to 366d" in usage(["backup", "--to", str(tmp_path), "--every", "99999999999999999999d"])
+    assert "is not a time" in usage(["restore", "--from", str(tmp_path), "--at", "0001-01-01T00:00:00+01:00"])
     assert usage(["restore", "--at", "2026-01-01"]) == "Error: --at needs --from URL"
     assert usage(["restore"]) == "Error: give BACKUP or --from URL"
     assert "is not a time" in usage(["restore", "--from", str(tmp_path), "--at", "yesterday"])

@@ -17,7 +17,7 @@ from click.core import ParameterSource
 from kissbot.cli.main import StoreTarget, cli, echo_json, store_options
 from kissbot.crypto import mask_secret
 from kissbot.errors import UserNotFound
-from kissbot.validation import MAX_ID
+from kissbot.validation import MAX_EXPIRES_IN, MAX_ID
 
 _JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 _STORE_PARAMS = ("db_path", "url", "key_file", "synchronous", "verbose")
@@ -148,7 +148,7 @@ def _read_tokens() -> tuple[str, str]:
     help="Which of the user's tokens.",
 )
 @click.option(
-    "--expires-in", type=click.IntRange(1, 10 * 365 * 86400), required=True,
+    "--expires-in", type=click.IntRange(1, MAX_EXPIRES_IN), required=True,
     help="Seconds until the access token expires (Twitch's expires_in).",
 )
 @click.option("--scopes", default="", help="Comma-separated scopes, e.g. chat:read,chat:edit.")

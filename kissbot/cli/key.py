@@ -10,7 +10,9 @@ import click
 from sqlalchemy.engine import Engine
 
 from kissbot.cli.main import StoreTarget, cli, echo_json, store_options
+from kissbot.crypto import MAX_KEY_VERSION
 from kissbot.keys import (
+    MAX_BATCH_SIZE,
     ROTATE_BATCH_SIZE,
     KeySource,
     key_status,
@@ -22,11 +24,6 @@ from kissbot.keys import (
     token_holders,
     writable_key_file,
 )
-from kissbot.validation import MAX_ID
-
-MAX_BATCH_SIZE = 100_000
-"""Most token rows re-encrypted in one transaction."""
-
 
 @contextmanager
 def _open(store: StoreTarget, create: bool = True) -> Iterator[tuple[Engine, KeySource, str]]:
@@ -121,7 +118,7 @@ def rotate(store: StoreTarget, batch_size: int) -> None:
 
 
 @key.command()
-@click.argument("version", type=click.IntRange(1, MAX_ID))
+@click.argument("version", type=click.IntRange(1, MAX_KEY_VERSION))
 @store_options
 def retire(store: StoreTarget, version: int) -> None:
     """Remove an old key version from the key file.

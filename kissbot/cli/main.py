@@ -87,8 +87,8 @@ COMMAND_MODULES = {
 class KissbotGroup(click.Group):
     """The ``kissbot`` group: loads a command's module when the command is used
     (:data:`COMMAND_MODULES`, so ``kissbot stats`` imports no other command's
-    dependencies), and turns every error into one line on stderr and exit status 1
-    (``-v`` also prints the traceback, secrets masked).
+    dependencies), and turns every error, usage errors included, into one line on
+    stderr and exit status 1 (``-v`` also prints the traceback, secrets masked).
     """
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -99,15 +99,36 @@ class KissbotGroup(click.Group):
             importlib.import_module(f"kissbot.cli.{COMMAND_MODULES[cmd_name]}")
         return super().get_command(ctx, cmd_name)
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:
+            raise _usage_error(exc) from exc
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:
+            raise _usage_error(exc) from exc
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:
             if ctx.meta.get(_VERBOSE):
                 click.echo(mask_secrets("".join(traceback.format_exc()), ()), err=True, nl=False)
             raise click.ClickException(_one_line(exc)) from exc
+
+
+def _usage_error(exc: click.UsageError) -> click.ClickException:
+    """A usage error (bad option value, unknown option or command, missing argument) as one ``Error:`` line, exit 1.
+
+    Click would print the usage block above it and exit with status 2; the
+    message already names the option and what is wrong with its value.
+    """
+    return click.ClickException(mask_secrets(" ".join(exc.format_message().split()), ()))
 
 
 def _one_line(exc: Exception) -> str:

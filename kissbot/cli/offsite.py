@@ -11,9 +11,13 @@ from typing import TYPE_CHECKING, Any, Callable
 import click
 
 from kissbot.cli.main import StoreTarget, cli, echo_json
+from kissbot.validation import MAX_DAYS
 
 if TYPE_CHECKING:
     from kissbot.offsite import BackupInfo
+
+MAX_KEEP = 100_000
+"""Most backups ``--keep-last`` keeps."""
 
 
 class IntervalType(click.ParamType):
@@ -53,9 +57,14 @@ def offsite_backup_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--to", "to", metavar="URL", help="Upload to a folder, file://… or s3://bucket/prefix instead."),
         click.option("--every", type=IntervalType(), help="With --to: back up every INTERVAL (30s, 15m, 1h, 1d) until SIGTERM."),
-        click.option("--keep-last", type=click.IntRange(min=1), help="With --to: keep the newest N backups."),
-        click.option("--keep-daily", type=click.IntRange(min=1), help="With --to: keep the newest backup of each of the last D days."),
-        click.option("--keep-weekly", type=click.IntRange(min=1), help="With --to: keep the newest backup of each of the last W weeks."),
+        click.option("--keep-last", type=click.IntRange(1, MAX_KEEP), help="With --to: keep the newest N backups."),
+        click.option(
+            "--keep-daily", type=click.IntRange(1, MAX_DAYS), help="With --to: keep the newest backup of each of the last D days."
+        ),
+        click.option(
+            "--keep-weekly", type=click.IntRange(1, MAX_DAYS // 7),
+            help="With --to: keep the newest backup of each of the last W weeks.",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
