@@ -8,6 +8,7 @@ and each figure is the median over the repeats.
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
 import random
@@ -47,19 +48,28 @@ class Sizes:
     rotation_rows: int = 100_000
     cold_runs: int = 9
     offsite_rows: int = 100_000
+    refresh_tokens: int = 1000
+    refresh_fleet: int = 10_000
+    refresh_latency: float = 0.1
+    list_rows: int = 100_000
+    fleet_bots: int = 8
+    pg_cleanup_rows: int = 20_000
     writer_procs: int = 16
     writer_ops: int = 200
 
     @classmethod
     def quick(cls) -> Sizes:
         return cls(users=300, calls=500, repeats=5, scan_calls=50, proc_ops=400, audit_rows=200_000,
-                   migrate_users=2000, rotation_rows=20_000, cold_runs=5, offsite_rows=20_000, writer_ops=100)
+                   migrate_users=2000, rotation_rows=20_000, cold_runs=5, offsite_rows=20_000,
+                   refresh_tokens=300, refresh_fleet=2000, list_rows=20_000, fleet_bots=4, pg_cleanup_rows=5000,
+                   writer_ops=100)
 
     @classmethod
     def smoke(cls) -> Sizes:
         return cls(users=20, calls=10, repeats=2, scan_rows=500, scan_due=10, scan_calls=3, procs=2, proc_ops=10,
-                   audit_rows=2000, migrate_users=20, rotation_rows=200, cold_runs=1, offsite_rows=200, writer_procs=2,
-                   writer_ops=5)
+                   audit_rows=2000, migrate_users=20, rotation_rows=200, cold_runs=1, offsite_rows=200,
+                   refresh_tokens=20, refresh_fleet=40, refresh_latency=0.01, list_rows=200, fleet_bots=2,
+                   pg_cleanup_rows=200, writer_procs=2, writer_ops=5)
 
 
 @dataclass
@@ -597,13 +607,18 @@ def bench_offsite(ctx: Context) -> list[Row]:
     return run(ctx)
 
 
-def bench_store_scale(case: str) -> Callable[[Context], list[Row]]:
-    """A case of benchmarks/store_scale.py (imported when it runs: that module imports this one)."""
+def bench_refresh(ctx: Context) -> list[Row]:
+    """The refresh worker against a fake Twitch (benchmarks/refresh_worker.py)."""
+    from benchmarks.refresh_worker import bench_refresh_worker
+
+    return bench_refresh_worker(ctx)
+
+
+def case_of(module: str, name: str) -> Callable[[Context], list[Row]]:
+    """The case ``bench_<name>`` of ``benchmarks/<module>.py``, imported when it runs (those modules import this one)."""
 
     def run(ctx: Context) -> list[Row]:
-        from benchmarks import store_scale
-
-        return getattr(store_scale, f"bench_{case}")(ctx)
+        return getattr(importlib.import_module(f"benchmarks.{module}"), f"bench_{name}")(ctx)
 
     return run
 
@@ -619,7 +634,11 @@ CASES: dict[str, Callable[[Context], list[Row]]] = {
     "cold": bench_cold_stats,
     "metrics": bench_metrics,
     "offsite": bench_offsite,
-    "open": bench_store_scale("open"),
-    "writers": bench_store_scale("writers"),
-    "pg": bench_store_scale("pg_get"),
+    "refresh": bench_refresh,
+    "listing": case_of("fleet", "listing"),
+    "fleet": case_of("fleet", "fleet"),
+    "plans": case_of("fleet", "plans"),
+    "open": case_of("store_scale", "open"),
+    "writers": case_of("store_scale", "writers"),
+    "pg": case_of("store_scale", "pg_get"),
 }

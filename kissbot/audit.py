@@ -11,17 +11,17 @@ the tokens stored for the event's user.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
-from datetime import timedelta
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, insert, select, tuple_
 from sqlalchemy.exc import IntegrityError
 
 from kissbot import settings
 from kissbot import validation as check
 from kissbot.errors import DecryptionError, UserNotFound, ValidationError
-from kissbot.models import audit_log, oauth_tokens
+from kissbot.models import audit_log, oauth_tokens, users
 from kissbot.settings import Executor
 from kissbot.types import utcnow
 
@@ -101,41 +101,70 @@ class AuditRepository:
         self, limit: int = 100, event_type: str | None = None, user_id: int | None = None
     ) -> list[dict[str, Any]]:
         """The newest ``limit`` events, optionally of one type or one user, ``details`` decoded."""
+        return list(self.iter_audit_log(limit, event_type, user_id))
+
+    def iter_audit_log(
+        self, limit: int = 100, event_type: str | None = None, user_id: int | None = None, *, logins: bool = False
+    ) -> Iterator[dict[str, Any]]:
+        """:meth:`get_audit_log` streamed from one query (1,000 rows fetched at a time); with ``logins``,
+        each event also has ``user_login`` and ``channel_login`` (None without a user or channel)."""
         check.check_count(limit, "limit", minimum=1)
         stmt = select(*audit_log.c).order_by(audit_log.c.timestamp.desc(), audit_log.c.id.desc()).limit(limit)
+        if logins:
+            user, channel = users.alias("user"), users.alias("channel")
+            stmt = (
+                stmt.add_columns(user.c.twitch_login.label("user_login"), channel.c.twitch_login.label("channel_login"))
+                .outerjoin(user, user.c.id == audit_log.c.user_id)
+                .outerjoin(channel, channel.c.id == audit_log.c.channel_id)
+            )
         if event_type is not None:
             stmt = stmt.where(audit_log.c.event_type == event_type)
         if user_id is not None:
             stmt = stmt.where(audit_log.c.user_id == user_id)
-        entries = [dict(row) for row in self.db.execute(stmt).mappings()]
-        for entry in entries:
+        for row in self.db.execute(stmt.execution_options(yield_per=1000)).mappings():
+            entry = dict(row)
             if entry["details"] is not None:
                 try:
                     entry["details"] = json.loads(entry["details"])
                 except ValueError:
                     pass
-        return entries
+            yield entry
 
-    def cleanup_old_logs(self, days: int | None = None, batch_size: int | None = None) -> int:
-        """Delete events older than ``days`` (default: config ``log_retention_days``).
+    def cleanup_old_logs(self, days: int | None = None) -> int:
+        """Delete events older than ``days`` (default: config ``log_retention_days``) in one statement; return how many."""
+        return self.delete_logs_before(self.retention_cutoff(days))[0]
 
-        With ``batch_size``, delete at most that many (oldest first) so a
-        caller can commit between batches. Returns the number deleted.
-        """
+    def retention_cutoff(self, days: int | None = None) -> datetime:
+        """Now less ``days`` (default: config ``log_retention_days``): the events before it are due for deletion."""
         if days is None:
             days = settings.value(self.db, "log_retention_days")
         check.check_count(days, "days", maximum=check.MAX_DAYS)
+        return utcnow() - timedelta(days=days)
+
+    def delete_logs_before(
+        self, cutoff: datetime, batch_size: int | None = None, after: tuple[datetime, int] | None = None
+    ) -> tuple[int, tuple[datetime, int] | None]:
+        """Delete the events older than ``cutoff``: all, or the oldest ``batch_size`` after ``after``.
+
+        A batch is a range of ``idx_audit_timestamp`` that starts at ``after``, the
+        ``(timestamp, id)`` this returned for the previous batch, so it does not
+        walk again over the entries of the rows deleted before it (PostgreSQL
+        keeps them until a vacuum). Returns the number deleted and the ``after``
+        of the next batch, None when no older event is left.
+        """
+        key = tuple_(audit_log.c.timestamp, audit_log.c.id)
+        where = audit_log.c.timestamp < cutoff
+        if after is not None:
+            where &= (audit_log.c.timestamp >= after[0]) & (key > tuple_(*after))
+        last = None
         if batch_size is not None:
             check.check_count(batch_size, "batch_size", minimum=1)
-        condition = audit_log.c.timestamp < utcnow() - timedelta(days=days)
-        if batch_size is not None:
-            # Ordered by the indexed column so the batch is a range of idx_audit_timestamp,
-            # not a scan of the whole table under the write lock.
-            oldest = (
-                select(audit_log.c.id).where(condition).order_by(audit_log.c.timestamp, audit_log.c.id).limit(batch_size)
-            )
-            condition = audit_log.c.id.in_(oldest.scalar_subquery())
-        return self.db.execute(delete(audit_log).where(condition)).rowcount
+            oldest = select(audit_log.c.timestamp, audit_log.c.id).where(where).order_by(audit_log.c.timestamp, audit_log.c.id)
+            last = self.db.execute(oldest.offset(batch_size - 1).limit(1)).first()
+            if last is not None:
+                where &= (audit_log.c.timestamp <= last[0]) & (key <= tuple_(*last))
+        deleted = self.db.execute(delete(audit_log).where(where)).rowcount
+        return deleted, (last[0], last[1]) if last is not None else None
 
     def count(self) -> int:
         """Number of audit events."""

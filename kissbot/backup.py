@@ -33,7 +33,7 @@ from sqlalchemy.pool import StaticPool
 
 from kissbot.crypto import TokenCheck, TokenCipher, read_key_ring, verify_tokens
 from kissbot.engine import connect_sqlite_query_only
-from kissbot.errors import BackupError, DatabaseBusy, NoDatabase
+from kissbot.errors import BackupError, DatabaseBusy, NoDatabase, ValidationError
 from kissbot.maintenance import integrity_problems
 from kissbot.migrations import KISSBOT_TABLES, is_known_revision
 from kissbot.models import oauth_tokens
@@ -388,3 +388,40 @@ def _remove_sqlite_files(path: Path) -> None:
 def _refuse_existing(dest: Path) -> None:
     if dest.exists() or dest.is_symlink():
         raise BackupError(f"backup {dest} already exists")
+
+
+def prune_backups(db_path: str | os.PathLike[str], directory: str | os.PathLike[str], keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest backups of ``db_path`` that kissbot made in ``directory``.
+
+    A backup counts only if it is named as :func:`default_backup_path` names
+    them (``<db name>.backup_YYYYMMDD_HHMMSS[_N]``) and is what
+    :func:`backup_sqlite` writes: a regular file of this user, mode 0600,
+    starting with SQLite's header. Anything else in ``directory`` is never
+    touched, nor are the key copies of :func:`backup_key`. Returns the deleted
+    paths, oldest first.
+    """
+    if keep < 1:
+        raise ValidationError(f"keep must be at least 1, not {keep}")
+    pattern = re.compile(rf"{re.escape(Path(db_path).name)}\.backup_(\d{{8}}_\d{{6}})(?:_(\d+))?")
+    found = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            match = pattern.fullmatch(entry.name)
+            if match is not None and _made_by_backup_sqlite(entry):
+                found.append(((match[1], int(match[2] or 1)), Path(entry.path)))
+    found.sort()
+    gone = [path for _, path in found[:-keep]]
+    for path in gone:
+        path.unlink()
+        log.info("pruned backup %s", path)
+    return gone
+
+
+def _made_by_backup_sqlite(entry: os.DirEntry[str]) -> bool:
+    if not entry.is_file(follow_symlinks=False):
+        return False
+    info = entry.stat(follow_symlinks=False)
+    if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) != 0o600:
+        return False
+    with open(entry.path, "rb") as fh:
+        return fh.read(16) == b"SQLite format 3\x00"

@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from kissbot.twitch import (
@@ -107,7 +107,8 @@ class FakeTwitch:
     * ``on_token_request``: called on each token request; :meth:`hold_first`
       makes the first N token requests wait for each other.
 
-    Recorded: ``requests`` (a Counter per endpoint path), :meth:`refreshes_per_token`,
+    Recorded: ``requests`` (a Counter per endpoint path), ``exchanges`` (each
+    request's :class:`Exchange`: path, status, when it arrived and was answered), :meth:`refreshes_per_token`,
     ``token_forms`` (every form posted to the token endpoint), ``validate_headers``,
     ``issued`` (every token handed out, access then refresh) and ``device_codes``
     (the ``(device_code, user_code)`` of each device grant).
@@ -141,6 +142,7 @@ class FakeTwitch:
         self.on_token_request: Callable[[], None] | None = None
         self.gate: threading.Barrier | None = None
         self.requests: Counter[str] = Counter()
+        self.exchanges: list[Exchange] = []
         self.token_forms: list[dict[str, str]] = []
         self.validate_headers: list[str] = []
         self.issued: list[str] = []
@@ -158,7 +160,7 @@ class FakeTwitch:
         self._users: dict[str, str] = {}
         self._rate_limited = 0
         self._reset_in = 1
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self.server = _Server(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
         host, port = self.server.server_address[:2]
         self.base_url = f"http://{host}:{port}"
@@ -505,9 +507,23 @@ def _helix_user(login: str, user_id: str) -> dict[str, Any]:
     }
 
 
+class Exchange(NamedTuple):
+    """One request the fake answered: ``arrived`` and ``answered`` are :func:`time.monotonic` times."""
+
+    path: str
+    status: int
+    arrived: float
+    answered: float
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 1024  # a worker opens many connections at once; the default backlog (5) resets them
+
+
 def _handler(twitch: FakeTwitch) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # the body, written after the headers, is not held back ~40 ms
 
         def do_POST(self) -> None:
             parts = urlsplit(self.path)
@@ -547,6 +563,7 @@ def _handler(twitch: FakeTwitch) -> type[BaseHTTPRequestHandler]:
                 self._json(*_error(404, "Not Found"))
 
         def _admit(self, path: str) -> bool:
+            self.arrived = time.monotonic()
             with twitch.lock:
                 twitch.requests[path] += 1
             if twitch.latency:
@@ -570,6 +587,8 @@ def _handler(twitch: FakeTwitch) -> type[BaseHTTPRequestHandler]:
                 self.send_header(name, value)
             self.end_headers()
             self.wfile.write(data)
+            with twitch.lock:
+                twitch.exchanges.append(Exchange(urlsplit(self.path).path, status, self.arrived, time.monotonic()))
 
         def log_message(self, *args: Any) -> None:
             pass

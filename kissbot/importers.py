@@ -134,6 +134,8 @@ class ImportReport:
     dry_run: bool = False
     backup: str | None = None
     notes: list[str] = field(default_factory=list)
+    logins: dict[str, str] = field(default_factory=dict)
+    """Each login whose tokens are (or, in a dry run, would be) stored: ``"create"`` or ``"update"`` its user."""
 
     def as_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data."""
@@ -145,6 +147,7 @@ class ImportReport:
             "dry_run": self.dry_run,
             "backup": self.backup,
             "notes": list(self.notes),
+            "logins": dict(self.logins),
         }
 
 
@@ -213,14 +216,17 @@ def _scopes_field(value: Any, where: str, problems: list[str]) -> list[str] | No
     return None
 
 
-def read_yaml_tokens(path: str | os.PathLike[str]) -> TokenBatch:
+def read_yaml_tokens(path: str | os.PathLike[str], bot: str | None = None) -> TokenBatch:
     """Read ``twitch.tokens`` from a bot's ``config.yaml`` (other sections are ignored).
 
     Logins are the keys, matched case-insensitively: the entry is stored
     under the lowercase login with the key's spelling as ``display_name``.
     ``user_id`` may be a number or a string; an ``oauth:`` prefix is stripped
     from tokens; ``scopes`` (a list or a space-separated string) and
-    ``is_bot`` are optional, and a user whose id is ``twitch.bot_id`` is a bot.
+    ``is_bot`` are optional. Without ``is_bot``, the bot account is the login
+    ``bot`` if given, else the config's ``bot.name``, else the user whose id is
+    ``twitch.bot_id``; a ``bot`` that no entry has raises
+    :class:`~kissbot.errors.ImportSourceError`.
     Raises :class:`~kissbot.errors.ImportSourceError` if the file is missing,
     is not YAML or has no ``twitch.tokens``; entry problems (missing, empty or
     non-string fields, duplicate logins or user ids) are listed in the batch.
@@ -248,27 +254,38 @@ def read_yaml_tokens(path: str | os.PathLike[str]) -> TokenBatch:
         raise ImportSourceError(f"{path}: twitch.tokens must map each login to its tokens")
     if not tokens:
         raise ImportSourceError(f"{path}: twitch.tokens is empty: nothing to migrate")
+    spellings = Counter(key.strip().lower() for key in tokens if isinstance(key, str))
     bot_id = twitch.get("bot_id")
     bot_id = str(bot_id) if isinstance(bot_id, (int, str)) and not isinstance(bot_id, bool) else None
+    if bot is not None:
+        bot_login: str | None = bot.strip().lower()
+        if not spellings[bot_login]:
+            raise ImportSourceError(f"{path} has no twitch.tokens entry for the bot login {shown(bot)}")
+    else:
+        section = config.get("bot")
+        name = section.get("name") if isinstance(section, dict) else None
+        bot_login = name.strip().lower() if isinstance(name, str) else None
 
     problems: list[str] = []
     parsed: list[TokenEntry] = []
-    spellings = Counter(key.strip().lower() for key in tokens if isinstance(key, str))
+    ids: list[tuple[str, str, str]] = []  # (where, login as written, user_id) of every entry whose user_id reads
     for key, data in tokens.items():
         where = f"twitch.tokens.{shown(key)}"
         if not isinstance(key, str) or not key.strip():
             problems.append(f"{where}: the login must be a non-empty string")
             continue
+        entry_problems: list[str] = []
         # Which of two entries for one login is right cannot be known: every copy is refused.
         if spellings[key.strip().lower()] > 1:
             others = [k for k in tokens if isinstance(k, str) and k != key and k.strip().lower() == key.strip().lower()]
-            problems.append(f"{where}: duplicate login (also given as {', '.join(map(shown, others))})")
-            continue
+            entry_problems.append(f"{where}: duplicate login (also given as {', '.join(map(shown, others))})")
         if not isinstance(data, dict):
+            problems.extend(entry_problems)
             problems.append(f"{where}: expected user_id, access_token and refresh_token")
             continue
-        entry_problems: list[str] = []
         user_id = _user_id_field(data.get("user_id"), where, entry_problems)
+        if user_id is not None:
+            ids.append((where, key.strip(), user_id))
         access = _token_field(data, "access_token", where, entry_problems)
         refresh = _token_field(data, "refresh_token", where, entry_problems)
         scopes = _scopes_field(data.get("scopes"), where, entry_problems)
@@ -279,6 +296,8 @@ def read_yaml_tokens(path: str | os.PathLike[str]) -> TokenBatch:
             problems.extend(entry_problems)
             continue
         display = key.strip()
+        if is_bot is None:
+            is_bot = display.lower() == bot_login if bot_login is not None else user_id == bot_id
         parsed.append(
             TokenEntry(
                 where=where,
@@ -288,23 +307,17 @@ def read_yaml_tokens(path: str | os.PathLike[str]) -> TokenBatch:
                 refresh_token=refresh,
                 display_name=display,
                 scopes=scopes,
-                is_bot=is_bot if is_bot is not None else user_id == bot_id,
+                is_bot=is_bot,
             )
         )
-    entries = _drop_duplicate_ids(parsed, problems)
+    # Every entry's user_id counts, valid entry or not: a missing field does not hide a duplicate id.
+    given = Counter(user_id for _, _, user_id in ids)
+    for where, name, user_id in ids:
+        if given[user_id] > 1:
+            others = [other for w, other, i in ids if i == user_id and w != where]
+            problems.append(f"{where}: user_id {user_id} is also given for {', '.join(others)}")
+    entries = [e for e in parsed if given[e.twitch_user_id] == 1]
     return TokenBatch(path.name, entries, problems, create_users=True, audit_event="tokens_migrated")
-
-
-def _drop_duplicate_ids(entries: list[TokenEntry], problems: list[str]) -> list[TokenEntry]:
-    ids = Counter(e.twitch_user_id for e in entries)
-    kept = []
-    for e in entries:
-        if ids[e.twitch_user_id] > 1:
-            others = [o.display_name for o in entries if o.twitch_user_id == e.twitch_user_id and o is not e]
-            problems.append(f"{e.where}: user_id {e.twitch_user_id} is also given for {', '.join(others)}")
-        else:
-            kept.append(e)
-    return kept
 
 
 def read_token_file(path: str | os.PathLike[str], login: str | None = None) -> TokenBatch:
@@ -443,6 +456,10 @@ def apply_batch(
         tokens_stored=len(ready),
         errors=problems + skipped,
         dry_run=dry_run,
+        logins={
+            e.login or (user or {}).get("twitch_login") or e.where: "create" if user is None else "update"
+            for e, user in zip(ready, users)
+        },
     )
     if not (dry_run or db is None):
         _write(db, batch, ready, users, expires_in)
@@ -469,6 +486,7 @@ def _write(
             if user is not None and e.display_name and user["display_name"] != e.display_name
         }
     )
+    user_repo.mark_bots(user["id"] for e, user in zip(ready, users) if user is not None and e.is_bot and not user["is_bot"])
     user_ids = [new_ids[e.twitch_user_id] if user is None else user["id"] for e, user in zip(ready, users)]
     logins = [e.login or user["twitch_login"] for e, user in zip(ready, users)]
     TokenRepository(db).store_many_tokens(

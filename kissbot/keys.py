@@ -320,7 +320,13 @@ def read_key_source(source: KeySource) -> TokenCipher | None:
 
 
 def load_cipher(
-    engine: Engine, source: KeySource, db: str, cipher: TokenCipher | None = None, *, create: bool = True
+    engine: Engine,
+    source: KeySource,
+    db: str,
+    cipher: TokenCipher | None = None,
+    *,
+    create: bool = True,
+    need_key: bool = True,
 ) -> TokenCipher | None:
     """The cipher of the store at ``engine``, from ``source``, verified against the store.
 
@@ -329,7 +335,9 @@ def load_cipher(
     the store holds no tokens; otherwise it is an error naming the file and
     the number of users whose tokens it would orphan. With ``create=False``
     nothing is written: a missing key file gives None (on a store without
-    tokens) and fingerprints are checked but not recorded.
+    tokens) and fingerprints are checked but not recorded. With
+    ``need_key=False`` a missing key file gives None even on a store with
+    tokens (they then do not decrypt).
     """
     if cipher is None:
         cipher = read_key_source(source)
@@ -339,12 +347,12 @@ def load_cipher(
         with engine.connect() as conn:
             known = _store_keys(conn)
             holders = TokenRepository(conn).count_users_with_tokens() if known.in_use else 0
-        if holders:
+        if holders and need_key:
             raise KeyFileError(
                 f"key file {path} not found but {db} holds tokens for {holders} users; "
                 f"restore the key from your backup, or point to it with {POINT_ELSEWHERE}"
             )
-        if not create:
+        if holders or not create:
             return None
         create_key_file(path, version=known.highest + 1 if known.recorded else 1)
         cipher = KeyFileCipher(path)

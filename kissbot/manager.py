@@ -8,6 +8,7 @@ so a one-statement read is one round trip.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -18,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import text
 from sqlalchemy.engine import URL, Engine
 
-from kissbot import settings
 from kissbot.crypto import KeyRing
 from kissbot.engine import DEFAULT_BUSY_TIMEOUT_MS, DEFAULT_DB_PATH, create_engine, read_connection, write_transaction, writer
 from kissbot.errors import NoDatabase, UserNotFound
@@ -32,6 +32,8 @@ from kissbot.validation import check_id
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
+log = logging.getLogger(__name__)
+
 CLEANUP_BATCH_SIZE = 5000
 CLEANUP_PAUSE_RATIO = 0.5
 """On SQLite, ``cleanup_old_logs`` rests this fraction of a batch's time before the next one."""
@@ -40,9 +42,11 @@ CLEANUP_PAUSE_RATIO = 0.5
 class DatabaseManager:
     """The store, as the specification's ``DatabaseManager``.
 
-    ``DatabaseManager(db_path="kissbot.db")`` opens (and
-    creates or migrates) the database, then loads the key and checks it against
-    the fingerprints the store recorded, before any token is decrypted. ``url``
+    ``DatabaseManager(db_path="kissbot.db")`` opens (and creates or
+    migrates) the database, then loads the key and checks it against the
+    fingerprints the store recorded, before any token is decrypted. Creating
+    a SQLite file logs a warning naming it (a mistyped path shows at once;
+    ``create=False`` refuses a missing database instead). ``url``
     selects another database (``postgresql+psycopg://…``). ``synchronous``
     and ``busy_timeout_ms`` tune SQLite (see :func:`kissbot.engine.create_engine`).
 
@@ -61,6 +65,9 @@ class DatabaseManager:
     older migration raises :class:`~kissbot.errors.OutdatedSchema`, and a
     missing key file is not made (a store without tokens then opens without a
     key: reading or writing tokens raises :class:`~kissbot.errors.KeyFileError`).
+    With ``need_key=False`` a missing key file is not an error even when
+    tokens are stored: the store opens without a key, for what decrypts
+    nothing (users, instances, audit, config).
 
     A manager may be created before ``os.fork()`` and used in the children.
     """
@@ -76,12 +83,14 @@ class DatabaseManager:
         synchronous: str | None = None,
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
         create: bool = True,
+        need_key: bool = True,
     ) -> None:
         self.url = to_url(url if url is not None else db_path)
         self.key_source = resolve_key_source(key, key_file, db=self.url)
         self.key_file: Path | None = self.key_source.path
         path = sqlite_path(self.url)
-        if not create and path is not None and not path.exists():
+        new = path is not None and not path.exists()
+        if new and not create:
             raise NoDatabase(f"database {path} does not exist; create it with kissbot init-db")
         cipher = read_key_source(self.key_source)
         self.engine: Engine = create_engine(
@@ -89,8 +98,10 @@ class DatabaseManager:
         )
         try:
             ensure_schema(self.engine, create=create)
+            if new:
+                log.warning("database %s did not exist: created a new, empty store", os.path.abspath(path))
             db = self.url.database or "the store"
-            cipher = load_cipher(self.engine, self.key_source, db, cipher, create=create)
+            cipher = load_cipher(self.engine, self.key_source, db, cipher, create=create, need_key=need_key)
             if cipher is not None:
                 attach_cipher(self.engine, cipher)
         except BaseException:
@@ -305,16 +316,15 @@ class DatabaseManager:
         between them on SQLite, so concurrent writers wait at most about one
         batch. Returns the number deleted.
         """
-        if days is None:
-            with read_connection(self.engine) as conn:
-                days = settings.value(conn, "log_retention_days")
-        deleted = 0
+        with read_connection(self.engine) as conn:
+            cutoff = AuditRepository(conn).retention_cutoff(days)
+        deleted, after = 0, None
         while True:
             started = time.monotonic()
             with write_transaction(self.engine) as conn:
-                batch = AuditRepository(conn).cleanup_old_logs(days, batch_size=CLEANUP_BATCH_SIZE)
+                batch, after = AuditRepository(conn).delete_logs_before(cutoff, CLEANUP_BATCH_SIZE, after)
             deleted += batch
-            if batch < CLEANUP_BATCH_SIZE:
+            if after is None:
                 return deleted
             if self.engine.dialect.name == "sqlite":
                 # SQLite's busy handler polls: without a gap, the next batch

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Result, bindparam, false, func, insert, select, update
+from sqlalchemy import ColumnElement, Result, Select, bindparam, false, func, insert, select, update
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import IntegrityError
 
@@ -30,7 +30,7 @@ from kissbot.errors import DecryptionError, DuplicateUser, StaleTokens, UserNotF
 from kissbot.instances import STALE_HEARTBEATS, InstanceRepository
 from kissbot.models import oauth_tokens, users
 from kissbot.settings import ConfigRepository, Executor
-from kissbot.types import cipher_of, utcnow
+from kissbot.types import Secret, cipher_of, ciphertext, utcnow
 
 __all__ = [
     "SEVERITIES", "STALE_HEARTBEATS", "TOKEN_TYPES", "AuditRepository", "ConfigRepository", "Executor",
@@ -48,6 +48,15 @@ def _one(result: Result[Any]) -> dict[str, Any] | None:
 
 def _all(result: Result[Any]) -> list[dict[str, Any]]:
     return [dict(row) for row in result.mappings()]
+
+
+_YIELD_PER = 1000
+"""Rows fetched at a time by the ``iter_*`` methods (a server-side cursor on PostgreSQL)."""
+
+
+def _stream(db: Executor, stmt: Select[Any]) -> Iterator[dict[str, Any]]:
+    """The rows of ``stmt``, one query fetched ``_YIELD_PER`` rows at a time: memory stays constant."""
+    return (dict(row) for row in db.execute(stmt.execution_options(yield_per=_YIELD_PER)).mappings())
 
 
 def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
@@ -202,9 +211,18 @@ class UserRepository:
             )
             self.db.execute(stmt, [{"b_id": i, "b_display": n} for i, n in names.items()])
 
+    def mark_bots(self, ids: Iterable[int]) -> None:
+        """Set ``is_bot`` on many users at once, by kissbot id (``users.id``)."""
+        for chunk in _chunks(list(ids)):
+            self.db.execute(update(users).where(users.c.id.in_(chunk)).values(is_bot=True, updated_at=utcnow()))
+
     def list_users(self) -> list[dict[str, Any]]:
         """Every user, ordered by login."""
-        return _all(self.db.execute(_USERS.order_by(users.c.twitch_login)))
+        return list(self.iter_users())
+
+    def iter_users(self, limit: int | None = None) -> Iterator[dict[str, Any]]:
+        """The first ``limit`` users (all: None) by login, streamed from one query."""
+        return _stream(self.db, _USERS.order_by(users.c.twitch_login).limit(limit))
 
     def count(self) -> int:
         """Number of users."""
@@ -349,6 +367,15 @@ _INSERT = insert(oauth_tokens).values(
     **_WRITTEN, scopes=bindparam("b_scopes"), user_id=bindparam("b_user_id"), token_type=bindparam("b_token_type"),
     version=1, created_at=bindparam("b_now"),
 )
+
+
+_RELEASE = (
+    update(oauth_tokens)
+    .where(_t.user_id == bindparam("b_user_id"), _t.token_type == bindparam("b_token_type"),
+           _t.refresh_lease_owner == bindparam("b_owner"))
+    .values(refresh_lease_owner=None, refresh_lease_expires_at=None)
+)
+_RELEASE_VALIDATED = _RELEASE.values(last_validated=bindparam("b_now"))
 
 
 class TokenRepository:
@@ -570,14 +597,17 @@ class TokenRepository:
         self._take_lease(_t.id.in_(ids), owner, ttl, now)
         return _all(self.db.execute(_CLAIMED.where(_t.id.in_(ids))))
 
-    def release_refresh(self, user_id: int, owner: str, *, token_type: str = "bot") -> bool:
-        """Give back ``owner``'s refresh lease; False if it did not hold it (any more)."""
-        stmt = (
-            update(oauth_tokens)
-            .where(_row(user_id, token_type), _t.refresh_lease_owner == owner)
-            .values(refresh_lease_owner=None, refresh_lease_expires_at=None)
-        )
-        return self.db.execute(stmt).rowcount == 1
+    def release_refresh(self, user_id: int, owner: str, *, token_type: str = "bot", validated: bool = False) -> bool:
+        """Give back ``owner``'s refresh lease; False if it did not hold it (any more).
+
+        With ``validated``, the same statement records that Twitch accepted the
+        access token just now (``last_validated``), as a worker does after a
+        refresh or a validation.
+        """
+        params = {"b_user_id": user_id, "b_token_type": token_type, "b_owner": owner}
+        if validated:
+            return self.db.execute(_RELEASE_VALIDATED, {**params, "b_now": utcnow()}).rowcount == 1
+        return self.db.execute(_RELEASE, params).rowcount == 1
 
     def list_tokens(self, decrypt: bool = False) -> list[dict[str, Any]]:
         """Every token row (each user, each token type) with its login; nothing decrypted unless ``decrypt``.
@@ -587,18 +617,25 @@ class TokenRepository:
         both and ``decrypt_error`` True instead of failing the whole list.
         ``expired`` is True for a token past its ``expires_at``.
         """
-        now = utcnow()
-        rows = [_listed(r, now) for r in self.db.execute(_TOKEN_LIST).mappings()]
+        return list(self.iter_tokens(decrypt))
+
+    def iter_tokens(self, decrypt: bool = False, limit: int | None = None) -> Iterator[dict[str, Any]]:
+        """The first ``limit`` rows of :meth:`list_tokens` (all: None), streamed from one query."""
+        stmt = _TOKEN_LIST.limit(limit)
         if decrypt:
-            for row in rows:
-                try:
-                    tokens = self.get_tokens(row["user_id"], token_type=row["token_type"]) or {}
+            stmt = stmt.add_columns(ciphertext(_t.access_token_encrypted), ciphertext(_t.refresh_token_encrypted))
+        now = utcnow()
+        for row in _stream(self.db, stmt):
+            stored = (row.pop("access_token_encrypted", None), row.pop("refresh_token_encrypted", None))
+            listed = _listed(row, now)
+            if decrypt:
+                try:  # a store without tokens needs no key
+                    access, refresh = (Secret(cipher_of(_dialect(self.db)).decrypt(value)) for value in stored)
                 except DecryptionError:
-                    row.update(access_token=None, refresh_token=None, decrypt_error=True)
+                    listed.update(access_token=None, refresh_token=None, decrypt_error=True)
                 else:
-                    row.update(access_token=tokens.get("access_token"), refresh_token=tokens.get("refresh_token"))
-                    row["decrypt_error"] = False
-        return rows
+                    listed.update(access_token=access, refresh_token=refresh, decrypt_error=False)
+            yield listed
 
     def get_tokens_needing_validation(self, max_age_seconds: float) -> list[dict[str, Any]]:
         """Usable tokens not validated within ``max_age_seconds`` (or never); nothing decrypted."""

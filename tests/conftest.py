@@ -95,9 +95,10 @@ def store_url(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(autouse=True)
 def _no_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The operator's KISSBOT_KEY / KISSBOT_KEY_FILE must not leak into tests."""
+    """The operator's KISSBOT_KEY / KISSBOT_KEY_FILE / KISSBOT_DB must not leak into tests."""
     monkeypatch.delenv("KISSBOT_KEY", raising=False)
     monkeypatch.delenv("KISSBOT_KEY_FILE", raising=False)
+    monkeypatch.delenv("KISSBOT_DB", raising=False)
 
 
 @pytest.fixture

@@ -217,12 +217,13 @@ def test_json_report(runner, deploy):
     assert first.exit_code == 0, first.output
     assert json.loads(first.stdout) == {
         "users_created": 4, "users_updated": 0, "tokens_stored": 4, "errors": [],
-        "dry_run": False, "backup": None, "notes": [],
+        "dry_run": False, "backup": None, "notes": [], "logins": {login: "create" for login in PLAINTEXT},
     }
     second = json.loads(migrate(runner, deploy, "--json").stdout)
     assert BACKUP_NAME.search(second.pop("backup"))
     assert second == {
         "users_created": 0, "users_updated": 4, "tokens_stored": 4, "errors": [], "dry_run": False, "notes": [],
+        "logins": {login: "update" for login in PLAINTEXT},
     }
 
 
@@ -247,7 +248,7 @@ def test_dry_run_writes_nothing_at_all(runner, deploy):
     before = snapshot(deploy)
     result = migrate(runner, deploy, "--dry-run")
     assert result.exit_code == 0, result.output
-    assert result.stdout == "Dry run: nothing was written.\n" + FIRST_RUN
+    assert result.stdout == "Dry run: nothing was written.\n" + "".join(f"would create {u}\n" for u in PLAINTEXT) + FIRST_RUN
     assert snapshot(deploy) == before
 
     assert migrate(runner, deploy).exit_code == 0
@@ -256,7 +257,7 @@ def test_dry_run_writes_nothing_at_all(runner, deploy):
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout) == {
         "users_created": 0, "users_updated": 4, "tokens_stored": 4, "errors": [],
-        "dry_run": True, "backup": None, "notes": [],
+        "dry_run": True, "backup": None, "notes": [], "logins": {login: "update" for login in PLAINTEXT},
     }
     assert snapshot(deploy) == before
 
@@ -339,7 +340,7 @@ def test_invalid_entries_abort_with_one_line_each_unless_skip_invalid(runner, de
         f"  - {p.removeprefix('Error: ')}\n" for p in problems
     )
     assert skipped.stdout == figures
-    assert dry.stdout == "Dry run: nothing was written.\n" + figures
+    assert dry.stdout == "Dry run: nothing was written.\nwould create newbot\n" + figures
     with DatabaseManager(deploy / "kissbot.db", deploy / ".kissbot.key") as mgr:
         assert sorted(u["twitch_login"] for u in mgr.list_users()) == sorted([*PLAINTEXT, "newbot"])
     assert not list(deploy.glob("kissbot.db.backup_*"))
@@ -372,6 +373,7 @@ def test_verbose_logs_to_stderr_without_secrets(runner, deploy):
     quiet = migrate(runner, deploy)
     fp = fingerprint(read_key_ring(deploy / ".kissbot.key").key(1))
     assert quiet.stderr == (
+        f"Warning: database {deploy}/kissbot.db did not exist: created a new, empty store\n"
         f"Warning: new key: back up {deploy}/.kissbot.key now: fingerprint {fp[:8]}… (key version 1); "
         "without it the tokens cannot be decrypted\n"
     )
@@ -646,7 +648,10 @@ def test_store_url_is_untouched_by_a_dry_run(runner, deploy, store_url):
         mgr.create_user("44456636", "el_serda")
     result = runner.invoke(cli, ["migrate-yaml", str(deploy / "config.yaml"), "--url", store_url, "--key-file", str(key), "--dry-run"])
     assert result.exit_code == 0, result.output
-    assert result.stdout == "Dry run: nothing was written.\nusers_created: 3\nusers_updated: 1\ntokens_stored: 4\nerrors: 0\n"
+    assert result.stdout == (
+        "Dry run: nothing was written.\nwould create serda_bot\nwould update el_serda\nwould create morthy_\n"
+        "would create çaféïne\nusers_created: 3\nusers_updated: 1\ntokens_stored: 4\nerrors: 0\n"
+    )
     engine = sqlalchemy.create_engine(store_url)
     try:
         with engine.connect() as conn:
@@ -705,3 +710,121 @@ def test_import_tio_into_an_old_database_migrates_it_after_a_backup(runner, depl
     assert len(list(deploy.glob("kissbot.db.backup_*"))) == 1
     with DatabaseManager(deploy / "kissbot.db", deploy / ".kissbot.key") as mgr:
         assert mgr.get_tokens(mgr.get_user("44456636")["id"])["access_token"] == "livechanaccess0000000000000000"
+
+
+# --- issue 18 item 7: the bot account, the dry run's plan, every problem at once, nothing imported ---------
+
+
+def _config_without_bot_id(deploy: Path, bot_section: str = "") -> str:
+    text = DEPLOYMENT_CONFIG.replace("  bot_id: '1209350837'\n", "")
+    if not bot_section:
+        text = text.replace("  name: serda_bot\n", "")
+    (deploy / "config.yaml").write_text(text, encoding="utf-8")
+    return text
+
+
+def _bots(deploy: Path) -> set[str]:
+    with DatabaseManager(deploy / "kissbot.db", deploy / ".kissbot.key") as mgr:
+        return {u["twitch_login"] for u in mgr.list_users() if u["is_bot"]}
+
+
+def test_the_bot_account_comes_from_bot_name(runner, deploy):
+    # KissBot's config names its account in bot.name (here without twitch.bot_id).
+    _config_without_bot_id(deploy, bot_section="keep")
+    result = migrate(runner, deploy)
+    assert result.exit_code == 0, result.output
+    assert _bots(deploy) == {"serda_bot"}
+
+
+def test_the_bot_account_comes_from_the_bot_option(runner, deploy):
+    _config_without_bot_id(deploy)
+    before = snapshot(deploy)
+    refused = migrate(runner, deploy, "--bot", "nobody")
+    assert (refused.exit_code, refused.stdout) == (1, "")
+    assert refused.stderr == f"Error: {deploy / 'config.yaml'} has no twitch.tokens entry for the bot login nobody\n"
+    assert snapshot(deploy) == before
+    result = migrate(runner, deploy, "--bot", "SERDA_BOT")
+    assert result.exit_code == 0, result.output
+    assert _bots(deploy) == {"serda_bot"}
+
+
+def test_without_a_bot_named_no_user_is_a_bot(runner, deploy):
+    _config_without_bot_id(deploy)
+    assert migrate(runner, deploy).exit_code == 0
+    assert _bots(deploy) == set()
+
+
+def test_dry_run_lists_each_login_with_create_or_update(runner, deploy):
+    plan = "".join(f"would create {login}\n" for login in PLAINTEXT)
+    result = migrate(runner, deploy, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "Dry run: nothing was written.\n" + plan + FIRST_RUN
+    assert migrate(runner, deploy, "--no-backup").exit_code == 0
+    (deploy / "config.yaml").write_text(
+        DEPLOYMENT_CONFIG + "    NewOne:\n      user_id: 5\n      access_token: a5\n      refresh_token: r5\n", encoding="utf-8"
+    )
+    again = migrate(runner, deploy, "--dry-run", "--json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["logins"] == {**{login: "update" for login in PLAINTEXT}, "newone": "create"}
+
+
+def test_every_problem_is_reported_in_one_run(runner, deploy):
+    (deploy / "config.yaml").write_text(
+        "twitch:\n"
+        "  tokens:\n"
+        "    first:\n"
+        "      user_id: 50\n"
+        "      refresh_token: b\n"           # access_token missing
+        "    second:\n"
+        "      user_id: 50\n"                # the same Twitch id as first
+        "      access_token: a\n"
+        "      refresh_token: b\n"
+        "    Twin:\n"
+        "      user_id: 60\n"
+        "      access_token: ''\n"           # empty, and a duplicate login
+        "      refresh_token: b\n"
+        "    twin:\n"
+        "      user_id: 61\n"
+        "      access_token: a\n"
+        "      refresh_token: b\n",
+        encoding="utf-8",
+    )
+    before = snapshot(deploy)
+    result = migrate(runner, deploy)
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert sorted(result.stderr.splitlines()) == sorted([
+        "Error: twitch.tokens.first: access_token is missing",
+        "Error: twitch.tokens.first: user_id 50 is also given for second",
+        "Error: twitch.tokens.second: user_id 50 is also given for first",
+        "Error: twitch.tokens.Twin: duplicate login (also given as twin)",
+        "Error: twitch.tokens.Twin: access_token is empty",
+        "Error: twitch.tokens.twin: duplicate login (also given as Twin)",
+    ])
+    assert snapshot(deploy) == before
+
+
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["run", "dry-run"])
+def test_skip_invalid_with_every_entry_invalid_exits_1(runner, deploy, dry_run):
+    (deploy / "config.yaml").write_text(
+        "twitch:\n  tokens:\n    a:\n      user_id: 1\n    b:\n      user_id: x\n      access_token: a\n      refresh_token: b\n",
+        encoding="utf-8",
+    )
+    before = snapshot(deploy)
+    result = migrate(runner, deploy, "--skip-invalid", *dry_run)
+    assert result.exit_code == 1
+    assert result.stderr == "Error: nothing to migrate from config.yaml: every entry is invalid (see above)\n"
+    assert "errors: 3" in result.stdout
+    assert snapshot(deploy) == before
+
+
+def test_a_second_run_marks_the_bot_account_of_an_earlier_migration(runner, deploy):
+    # Stores migrated before the bot account was read have every user with is_bot = no.
+    _config_without_bot_id(deploy)
+    assert migrate(runner, deploy, "--no-backup").exit_code == 0
+    assert _bots(deploy) == set()
+    result = migrate(runner, deploy, "--no-backup", "--bot", "serda_bot")
+    assert result.exit_code == 0, result.output
+    assert _bots(deploy) == {"serda_bot"}
+    # A run that names no bot leaves the flag as it is.
+    assert migrate(runner, deploy, "--no-backup").exit_code == 0
+    assert _bots(deploy) == {"serda_bot"}

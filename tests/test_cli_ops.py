@@ -619,3 +619,59 @@ def test_restore_accepts_a_backup_at_an_older_known_migration(runner, store, tmp
     with DatabaseManager(db, key) as mgr:  # a bot opening it migrates it to head
         assert mgr.list_users() == []
     assert read_rows(db, "SELECT version_num FROM alembic_version") == [(HEAD,)]
+
+
+def test_backup_keep_prunes_only_the_backups_kissbot_made_of_that_store(runner, store, tmp_path):
+    db, key = store
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    old = [folder / f"kissbot.db.backup_2020010{day}_000000" for day in (1, 2, 3)]
+    for path in old:
+        backup_sqlite(db, path)
+    backup_sqlite(db, folder / "kissbot.db.backup_20200102_000000_2")   # a second one in that second
+    backup_sqlite(db, folder / "other.db.backup_20190101_000000")      # another store's backup
+    strangers = {
+        "kissbot.db.backup_20190101_000000": b"not sqlite",                   # named like one, not one
+        "kissbot.db.backup_20190102_000000.key": b"a key copy",
+        "kissbot.db.backup_old": b"x",
+        "notes.txt": b"mine",
+    }
+    for name, content in strangers.items():
+        (folder / name).write_bytes(content)
+        (folder / name).chmod(0o600)
+    shutil.copy(old[0], folder / "kissbot.db.backup_20190103_000000")         # a copy with mode 0644
+    (folder / "kissbot.db.backup_20190103_000000").chmod(0o644)
+    (folder / "kissbot.db.backup_20190104_000000").symlink_to(old[0])       # a link to one
+
+    result = runner.invoke(cli, ["backup", "--db", str(db), "--key-file", str(key), str(folder), "--keep", "2"])
+    assert result.exit_code == 0, result.output
+    made = Path(result.stdout.splitlines()[0].split(" to ")[1].split(" (")[0])
+    assert result.stdout.splitlines()[1:] == [
+        f"Pruned {folder / 'kissbot.db.backup_20200101_000000'}",
+        f"Pruned {folder / 'kissbot.db.backup_20200102_000000'}",
+        f"Pruned {folder / 'kissbot.db.backup_20200102_000000_2'}",
+    ]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([
+        made.name, "kissbot.db.backup_20200103_000000", "other.db.backup_20190101_000000",
+        *strangers, "kissbot.db.backup_20190103_000000", "kissbot.db.backup_20190104_000000",
+    ])
+    for name, content in strangers.items():
+        assert (folder / name).read_bytes() == content
+
+
+def test_backup_keep_beside_the_database_and_bad_values(runner, store):
+    db, key = store
+    args = ["backup", "--db", str(db), "--key-file", str(key)]
+    for _ in range(3):
+        assert runner.invoke(cli, args).exit_code == 0
+    assert len(list(db.parent.glob("kissbot.db.backup_*"))) == 3
+    result = runner.invoke(cli, [*args, "--keep", "1"])
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in db.parent.glob("kissbot.db.backup_*")] == [Path(result.stdout.split(" to ")[1].split(" (")[0]).name]
+    assert result.stdout.count("Pruned ") == 3
+    before = snapshot(db.parent)
+    for bad in (["--keep", "0"], ["--keep", "x"], ["--keep-daily", "2"]):
+        result = runner.invoke(cli, [*args, *bad])
+        assert result.exit_code == 1, (bad, result.output)
+        assert result.stderr.startswith("Error: ") and len(result.stderr.splitlines()) == 1, result.output
+    assert snapshot(db.parent) == before

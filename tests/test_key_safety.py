@@ -172,6 +172,7 @@ def test_creating_and_rotating_a_key_says_to_back_it_up(tmp_path, runner, caplog
         with_tokens(db).close()
     first = fingerprint(read_key_ring(key_file).key(1))
     assert [r.getMessage() for r in caplog.records] == [
+        f"database {db} did not exist: created a new, empty store",
         f"new key: back up {key_file} now: fingerprint {first[:8]}… (key version 1); "
         "without it the tokens cannot be decrypted"
     ]

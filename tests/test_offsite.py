@@ -482,7 +482,7 @@ def test_option_combinations_are_one_line_errors(runner, tmp_path):
     def usage(args):
         return one_line_error(runner.invoke(cli, args))
 
-    assert usage(["backup", "--every", "1h"]) == "Error: --every and --keep-* need --to URL"
+    assert usage(["backup", "--every", "1h"]) == "Error: --every, --keep-daily and --keep-weekly need --to URL"
     assert usage(["backup", "dest", "--to", str(tmp_path)]) == "Error: give DEST or --to URL, not both"
     assert "the key is never uploaded" in usage(["backup", "--with-key", "--to", str(tmp_path)])
     assert "'0h' is not an interval" in usage(["backup", "--to", str(tmp_path), "--every", "0h"])

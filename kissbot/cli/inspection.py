@@ -6,20 +6,26 @@ exist, they say so instead of creating an empty store and a key.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Any
 
 import click
 from click.core import ParameterSource
 
-from kissbot.cli.main import StoreTarget, cli, echo_json, store_options
+from kissbot.cli.main import StoreTarget, cli, echo_json, echo_json_rows, store_options
 from kissbot.crypto import mask_secret
 from kissbot.errors import UserNotFound
+from kissbot.repo import AuditRepository, TokenRepository, UserRepository
 from kissbot.validation import MAX_EXPIRES_IN, MAX_ID
 
 _JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+_LIMIT = click.option("--limit", type=click.IntRange(1, MAX_ID), help="Show at most N rows  [default: all].")
+_WIDTH_ROWS = 1000
+"""Rows a table's column widths are taken from: the rest stream under them (a longer cell widens its line only)."""
 _STORE_PARAMS = ("db_path", "url", "key_file", "synchronous", "verbose")
 
 
@@ -33,14 +39,15 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def _table(headers: list[str], rows: list[list[Any]]) -> None:
-    """Print rows under headers in aligned columns, or "(none)"."""
-    if not rows:
+def _table(headers: list[str], rows: Iterable[list[Any]]) -> None:
+    """Print rows under headers in aligned columns, or "(none)"; rows stream, in constant memory."""
+    rows = iter(rows)
+    first = [[_cell(v) for v in row] for row in itertools.islice(rows, _WIDTH_ROWS)]
+    if not first:
         click.echo("(none)")
         return
-    cells = [headers, *[[_cell(v) for v in row] for row in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    for row in cells:
+    widths = [max(len(row[i]) for row in [headers, *first]) for i in range(len(headers))]
+    for row in itertools.chain([headers], first, ([_cell(v) for v in row] for row in rows)):
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
 
 
@@ -56,24 +63,26 @@ def _refuse_group_store_options(ctx: click.Context) -> None:
 
 
 @cli.command()
+@_LIMIT
 @_JSON
 @store_options
-def users(store: StoreTarget, as_json: bool) -> None:
+def users(store: StoreTarget, limit: int | None, as_json: bool) -> None:
     """List the users (bots and channels), by login.
 
     \b
     Example:
         kissbot users --db kissbot.db --json
+        kissbot users --limit 20
     """
-    with store.open(create=False) as mgr:
-        rows = mgr.list_users()
-    if as_json:
-        echo_json(rows)
-        return
-    _table(
-        ["id", "login", "display_name", "twitch_user_id", "bot", "created_at"],
-        [[u["id"], u["twitch_login"], u["display_name"], u["twitch_user_id"], bool(u["is_bot"]), u["created_at"]] for u in rows],
-    )
+    with store.open(create=False, need_key=False) as mgr, mgr.engine.connect() as conn:
+        rows = UserRepository(conn).iter_users(limit)
+        if as_json:
+            echo_json_rows(rows)
+            return
+        _table(
+            ["id", "login", "display_name", "twitch_user_id", "bot", "created_at"],
+            ([u["id"], u["twitch_login"], u["display_name"], u["twitch_user_id"], bool(u["is_bot"]), u["created_at"]] for u in rows),
+        )
 
 
 # --- tokens ------------------------------------------------------------------------------------
@@ -81,10 +90,11 @@ def users(store: StoreTarget, as_json: bool) -> None:
 
 @cli.group(invoke_without_command=True)
 @click.option("--reveal", is_flag=True, help="Print the full token values (a warning goes to stderr).")
+@_LIMIT
 @_JSON
 @store_options
 @click.pass_context
-def tokens(ctx: click.Context, store: StoreTarget, reveal: bool, as_json: bool) -> None:
+def tokens(ctx: click.Context, store: StoreTarget, reveal: bool, limit: int | None, as_json: bool) -> None:
     """List each user's tokens: expiry, needs_reauth, refresh failures (alone), or store tokens (`set`).
 
     Token values are masked to their first 4 characters unless --reveal.
@@ -92,38 +102,43 @@ def tokens(ctx: click.Context, store: StoreTarget, reveal: bool, as_json: bool) 
     \b
     Example:
         kissbot tokens --db kissbot.db
-        kissbot tokens --json
+        kissbot tokens --json --limit 100
         kissbot tokens set serda_bot --expires-in 14400 --db kissbot.db
     """
     _refuse_group_store_options(ctx)
     if ctx.invoked_subcommand:
         return
-    with store.open(create=False) as mgr:
-        rows = mgr.list_tokens(decrypt=True)
-    if reveal:
-        click.echo("Warning: printing full OAuth tokens; anyone who sees them can act as these users.", err=True)
+    with store.open(create=False) as mgr, mgr.engine.connect() as conn:
+        if reveal:
+            click.echo("Warning: printing full OAuth tokens; anyone who sees them can act as these users.", err=True)
+        rows = _shown_tokens(TokenRepository(conn).iter_tokens(decrypt=True, limit=limit), reveal)
+        if as_json:
+            echo_json_rows(rows)
+            return
+        _table(
+            ["login", "type", "expires_at", "needs_reauth", "failures", "access_token", "refresh_token"],
+            (
+                [
+                    r["twitch_login"],
+                    r["token_type"],
+                    f"{_cell(r['expires_at'])} (expired)" if r["expired"] else r["expires_at"],
+                    r["needs_reauth"],
+                    r["refresh_failures"],
+                    "(does not decrypt)" if r["decrypt_error"] else r["access_token"],
+                    "(does not decrypt)" if r["decrypt_error"] else r["refresh_token"],
+                ]
+                for r in rows
+            ),
+        )
+
+
+def _shown_tokens(rows: Iterable[dict[str, Any]], reveal: bool) -> Iterator[dict[str, Any]]:
     for row in rows:
-        for key in ("access_token", "refresh_token"):
-            if row[key] is not None and not reveal:
-                row[key] = mask_secret(row[key])
-    if as_json:
-        echo_json(rows)
-        return
-    _table(
-        ["login", "type", "expires_at", "needs_reauth", "failures", "access_token", "refresh_token"],
-        [
-            [
-                r["twitch_login"],
-                r["token_type"],
-                f"{_cell(r['expires_at'])} (expired)" if r["expired"] else r["expires_at"],
-                r["needs_reauth"],
-                r["refresh_failures"],
-                "(does not decrypt)" if r["decrypt_error"] else r["access_token"],
-                "(does not decrypt)" if r["decrypt_error"] else r["refresh_token"],
-            ]
-            for r in rows
-        ],
-    )
+        if not reveal:
+            for key in ("access_token", "refresh_token"):
+                if row[key] is not None:
+                    row[key] = mask_secret(row[key])
+        yield row
 
 
 def _read_tokens() -> tuple[str, str]:
@@ -197,7 +212,7 @@ def instances(ctx: click.Context, store: StoreTarget, as_json: bool) -> None:
     _refuse_group_store_options(ctx)
     if ctx.invoked_subcommand:
         return
-    with store.open(create=False) as mgr:
+    with store.open(create=False, need_key=False) as mgr:
         rows = mgr.list_instances()
     if as_json:
         echo_json(rows)
@@ -218,7 +233,7 @@ def instances_reset(store: StoreTarget, instance_id: int) -> None:
     Example:
         kissbot instances reset 3 --db kissbot.db
     """
-    with store.open(create=False) as mgr:
+    with store.open(create=False, need_key=False) as mgr:
         mgr.reset_instance(instance_id)
     click.echo(f"Instance {instance_id} reset: status stopped, crash count 0")
 
@@ -235,7 +250,7 @@ def instances_reap(store: StoreTarget) -> None:
     Example:
         kissbot instances reap --db kissbot.db
     """
-    with store.open(create=False) as mgr:
+    with store.open(create=False, need_key=False) as mgr:
         reaped = mgr.reap_stale_instances()
     for inst in reaped:
         heartbeat = inst["last_heartbeat"]
@@ -264,27 +279,26 @@ def audit(store: StoreTarget, limit: int, event_type: str | None, login: str | N
         kissbot audit --limit 20 --event-type tokens_migrated
         kissbot audit --user serda_bot --json
     """
-    with store.open(create=False) as mgr:
-        logins = {u["id"]: u["twitch_login"] for u in mgr.list_users()}
+    with store.open(create=False, need_key=False) as mgr, mgr.engine.connect() as conn:
         user_id = None
         if login is not None:
-            user_id = next((uid for uid, name in logins.items() if name == login.lower()), None)
-            if user_id is None:
+            user = UserRepository(conn).get_user_by_login(login)
+            if user is None:
                 raise UserNotFound(f"no user with login {login!r}")
-        events = mgr.get_audit_log(limit=limit, event_type=event_type, user_id=user_id)
-    for event in events:
-        event["user_login"] = logins.get(event["user_id"])
-        event["channel_login"] = logins.get(event["channel_id"])
-    if as_json:
-        echo_json(events)
-        return
-    if not events:
+            user_id = user["id"]
+        events = AuditRepository(conn).iter_audit_log(limit, event_type, user_id, logins=True)
+        if as_json:
+            echo_json_rows(events)
+            return
+        shown = False
+        for e in events:
+            shown = True
+            who = f" user={e['user_login']}" if e["user_login"] else ""
+            where = f" channel={e['channel_login']}" if e["channel_login"] else ""
+            details = f" {json.dumps(e['details'], ensure_ascii=False)}" if e["details"] is not None else ""
+            click.echo(f"{_cell(e['timestamp'])} {e['severity']:<7} {e['event_type']}{who}{where}{details}")
+    if not shown:
         click.echo("(none)")
-    for e in events:
-        who = f" user={e['user_login']}" if e["user_login"] else ""
-        where = f" channel={e['channel_login']}" if e["channel_login"] else ""
-        details = f" {json.dumps(e['details'], ensure_ascii=False)}" if e["details"] is not None else ""
-        click.echo(f"{_cell(e['timestamp'])} {e['severity']:<7} {e['event_type']}{who}{where}{details}")
 
 
 # --- config ------------------------------------------------------------------------------------
@@ -317,7 +331,7 @@ def config_get(store: StoreTarget, key: str, as_json: bool) -> None:
         kissbot config get max_crash_count --db kissbot.db
     """
     missing = object()
-    with store.open(create=False) as mgr:
+    with store.open(create=False, need_key=False) as mgr:
         value = mgr.get_config(key, default=missing)
     if value is missing:
         raise click.ClickException(f"no config key {key!r}; see kissbot config list")
@@ -339,7 +353,7 @@ def config_set(store: StoreTarget, key: str, value: str, description: str | None
     Example:
         kissbot config set log_retention_days 60 --db kissbot.db
     """
-    with store.open(create=False) as mgr:
+    with store.open(create=False, need_key=False) as mgr:
         mgr.set_config(key, value, description)
     click.echo(f"{key} = {value}")
 
@@ -354,7 +368,7 @@ def config_list(store: StoreTarget, as_json: bool) -> None:
     Example:
         kissbot config list --json
     """
-    with store.open(create=False) as mgr:
+    with store.open(create=False, need_key=False) as mgr:
         rows = mgr.list_config()
     if as_json:
         echo_json(rows)

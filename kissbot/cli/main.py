@@ -14,11 +14,12 @@ import logging
 import math
 import os
 import sys
+import textwrap
 import traceback
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import click
 
@@ -51,19 +52,21 @@ class StoreTarget:
 
         return parse_url(self.url).render_as_string(hide_password=False)
 
-    def open(self, create: bool = True):  # -> kissbot.DatabaseManager
+    def open(self, create: bool = True, need_key: bool = True):  # -> kissbot.DatabaseManager
         """Open the store (migrating it, loading the key).
 
         With ``create`` (the default) a missing database and key file are
         created and an old schema is migrated; read-only commands pass
         ``create=False`` so that a wrong path gives ``Error: database … does
         not exist; create it with kissbot init-db`` instead of a new empty
-        store, and an old database is left as it is.
+        store, and an old database is left as it is. Commands that decrypt
+        nothing pass ``need_key=False``: they work without the key file.
         """
         from kissbot.manager import DatabaseManager
 
         return DatabaseManager(
-            self.db_path, self.key_file, url=self.target if self.url else None, synchronous=self.synchronous, create=create
+            self.db_path, self.key_file, url=self.target if self.url else None, synchronous=self.synchronous,
+            create=create, need_key=need_key,
         )
 
 
@@ -204,6 +207,15 @@ def echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=_json_default))
 
 
+def echo_json_rows(rows: Iterable[Any]) -> None:
+    """Print ``rows`` exactly as :func:`echo_json` prints a list of them, one row at a time (constant memory)."""
+    opening = "[\n"
+    for row in rows:
+        click.echo(opening + textwrap.indent(json.dumps(row, indent=2, ensure_ascii=False, default=_json_default), "  "), nl=False)
+        opening = ",\n"
+    click.echo("[]" if opening == "[\n" else "\n]")
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
@@ -212,27 +224,28 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Add ``--db``, ``--url``, ``--key-file``, ``--synchronous`` and ``-v`` to a command; pass a :class:`StoreTarget`."""
+_STORE_PARAMS = ("db_path", "url", "key_file", "synchronous")
 
-    @functools.wraps(fn)
-    def wrapper(
-        *args: Any, db_path: Path, url: str | None, key_file: Path | None, synchronous: str | None, **kwargs: Any
-    ) -> Any:
-        return fn(*args, store=StoreTarget(db_path, url, key_file, synchronous), **kwargs)
 
-    options = [
+def _store_option_list(*, command: bool) -> list[Callable[[Any], Any]]:
+    """``--db``, ``--url``, ``--key-file``, ``--synchronous``: a command's (defaults, environment) or the group's."""
+
+    def env(name: str) -> dict[str, Any]:
+        # The environment is read by the command's options only, so that an option given before the command wins.
+        return {"envvar": name, "show_envvar": True} if command else {}
+
+    return [
         click.option(
-            "--db", "db_path", type=click.Path(dir_okay=False, path_type=Path), default=Path("kissbot.db"),
-            show_default=True, help="SQLite database file.",
+            "--db", "db_path", type=click.Path(dir_okay=False, path_type=Path),
+            default=Path("kissbot.db") if command else None, show_default=command, **env("KISSBOT_DB"),
+            help="SQLite database file.",
         ),
         click.option(
-            "--url", envvar="KISSBOT_DB_URL", show_envvar=True,
+            "--url", **env("KISSBOT_DB_URL"),
             help="Database URL instead of --db, e.g. postgresql+psycopg://kissbot@db/kissbot.",
         ),
         click.option(
-            "--key-file", type=click.Path(dir_okay=False, path_type=Path),
-            envvar="KISSBOT_KEY_FILE", show_envvar=True,
+            "--key-file", type=click.Path(dir_okay=False, path_type=Path), **env("KISSBOT_KEY_FILE"),
             help="Fernet key file [default: .kissbot.key beside the --db file, or in the current directory for --url].",
         ),
         click.option(
@@ -240,6 +253,39 @@ def store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="SQLite durability (default: env KISSBOT_SQLITE_SYNCHRONOUS, else NORMAL, which may lose the "
             "last commits on power loss; FULL does not).",
         ),
+    ]
+
+
+def _given_before(ctx: click.Context, name: str) -> tuple[bool, Any]:
+    """The value of a store option given on the command line before the command (``kissbot --db X users``)."""
+    parent = ctx.parent
+    while parent is not None:
+        if parent.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE:
+            return True, parent.params[name]
+        parent = parent.parent
+    return False, None
+
+
+def store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--db``, ``--url``, ``--key-file``, ``--synchronous`` and ``-v`` to a command; pass a :class:`StoreTarget`.
+
+    The command's own options win, then the same options given before the
+    command, then the environment, then the defaults.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        values = {name: kwargs.pop(name) for name in _STORE_PARAMS}
+        for name in _STORE_PARAMS:
+            if ctx.get_parameter_source(name) is not click.core.ParameterSource.COMMANDLINE:
+                given, value = _given_before(ctx, name)
+                if given:
+                    values[name] = value
+        return fn(*args, store=StoreTarget(**values), **kwargs)
+
+    options = [
+        *_store_option_list(command=True),
         click.option(
             "-v", "--verbose", count=True, expose_value=False, callback=_set_verbosity,
             help="Log what happens (-vv for debug).",
@@ -250,13 +296,23 @@ def store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _group_store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(_store_option_list(command=False)):
+        fn = option(fn)
+    return fn
+
+
 @click.group(cls=KissbotGroup)
 @click.version_option(__version__, prog_name="kissbot")
-def cli() -> None:
+@_group_store_options
+def cli(**_store: Any) -> None:
     """kissbot: the encrypted OAuth token store shared by Twitch bots.
+
+    The store options may also come before the command (kissbot --db
+    kissbot.db users); the command's own win.
 
     \b
     Example:
         kissbot init-db --db kissbot.db
-        kissbot stats --json
+        kissbot --db kissbot.db stats --json
     """

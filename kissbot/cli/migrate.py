@@ -41,6 +41,8 @@ def _print_report(report: ImportReport, as_json: bool) -> None:
         return
     if report.dry_run:
         click.echo("Dry run: nothing was written.")
+        for login, action in report.logins.items():
+            click.echo(f"would {action} {login}")
     if report.backup:
         click.echo(f"Backup: {report.backup}")
     for note in report.notes:
@@ -59,33 +61,49 @@ def _print_report(report: ImportReport, as_json: bool) -> None:
 @click.option("--no-backup", is_flag=True, help="Do not back up an existing SQLite database first.")
 @click.option("--skip-invalid", is_flag=True, help="Migrate the valid entries and report the invalid ones.")
 @click.option(
+    "--bot", metavar="LOGIN",
+    help="The bot account's login [default: the config's bot.name, else the user whose id is twitch.bot_id].",
+)
+@click.option(
     "--expires-in", type=click.IntRange(0, MAX_EXPIRES_IN), default=YAML_EXPIRES_IN, show_default=True, metavar="SECONDS",
     help="Lifetime to record for the tokens (0: due for refresh now, as their age is unknown).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @store_options
 def migrate_yaml(
-    store: StoreTarget, config: Path, dry_run: bool, no_backup: bool, skip_invalid: bool, expires_in: int, as_json: bool
+    store: StoreTarget,
+    config: Path,
+    dry_run: bool,
+    no_backup: bool,
+    skip_invalid: bool,
+    bot: str | None,
+    expires_in: int,
+    as_json: bool,
 ) -> None:
     """Move the tokens of a bot's config.yaml (twitch.tokens) into the store.
 
     Each twitch.tokens.<login> needs user_id, access_token and refresh_token
-    (scopes optional). Every entry is checked first: any invalid entry aborts
-    the run with one line per problem and nothing written, unless
-    --skip-invalid. The run is one transaction, after a backup
-    <db>.backup_YYYYMMDD_HHMMSS of an existing SQLite database. Running it
-    again reports the users as updated.
+    (scopes optional). The user named by --bot (else bot.name, else
+    twitch.bot_id) is stored as a bot account. Every entry is checked first:
+    any invalid entry aborts the run with one line per problem and nothing
+    written, unless --skip-invalid; a run that imports nothing exits 1. The
+    run is one transaction, after a backup <db>.backup_YYYYMMDD_HHMMSS of an
+    existing SQLite database. The dry run lists each login it would create or
+    update; running it again reports the users as updated.
 
     \b
     Example:
         kissbot migrate-yaml config/config.yaml --dry-run
-        kissbot migrate-yaml config/config.yaml --db kissbot.db
+        kissbot migrate-yaml config/config.yaml --db kissbot.db --bot serda_bot
     """
-    batch = read_yaml_tokens(config)
-    _run(
+    batch = read_yaml_tokens(config, bot=bot)
+    report = _run(
         store, batch, as_json,
         expires_in=expires_in, skip_invalid=skip_invalid, dry_run=dry_run, backup=not no_backup,
     )
+    if report.tokens_stored == 0:
+        click.echo(f"Error: nothing to migrate from {batch.source}: every entry is invalid (see above)", err=True)
+        raise click.exceptions.Exit(1)
 
 
 @cli.command("import-tio")

@@ -57,7 +57,10 @@ def offsite_backup_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--to", "to", metavar="URL", help="Upload to a folder, file://… or s3://bucket/prefix instead."),
         click.option("--every", type=IntervalType(), help="With --to: back up every INTERVAL (30s, 15m, 1h, 1d) until SIGTERM."),
-        click.option("--keep-last", type=click.IntRange(1, MAX_KEEP), help="With --to: keep the newest N backups."),
+        click.option(
+            "--keep-last", "--keep", "keep_last", type=click.IntRange(1, MAX_KEEP),
+            help="Keep the newest N backups (without --to: kissbot's own <db>.backup_* files beside the new one).",
+        ),
         click.option(
             "--keep-daily", type=click.IntRange(1, MAX_DAYS), help="With --to: keep the newest backup of each of the last D days."
         ),
@@ -83,8 +86,8 @@ def offsite_backup(
 ) -> bool:
     """Run ``backup --to`` if asked; False for a local backup. Usage errors for options that do not go together."""
     if to is None:
-        if every is not None or keep_last or keep_daily or keep_weekly:
-            raise click.UsageError("--every and --keep-* need --to URL")
+        if every is not None or keep_daily or keep_weekly:
+            raise click.UsageError("--every, --keep-daily and --keep-weekly need --to URL")
         return False
     if dest is not None:
         raise click.UsageError("give DEST or --to URL, not both")

@@ -35,7 +35,7 @@ def cleanup_logs(store: StoreTarget, days: int | None) -> None:
     Example:
         kissbot cleanup-logs --db kissbot.db --days 30
     """
-    with store.open(create=False) as mgr:
+    with store.open(create=False, need_key=False) as mgr:
         if days is None:
             days = int(mgr.get_config("log_retention_days", default=30))
         deleted = mgr.cleanup_old_logs(days)
@@ -52,7 +52,10 @@ def backup(store: StoreTarget, dest: Path | None, with_key: bool, **offsite: Any
 
     DEST defaults to <db>.backup_YYYYMMDD_HHMMSS (UTC) beside the database; a
     folder gets that name inside it. The copy is checked with integrity_check
-    and has mode 0600. The key is not copied unless --with-key.
+    and has mode 0600. The key is not copied unless --with-key. --keep N then
+    deletes all but the N newest backups of this database that kissbot made
+    in that folder (named <db>.backup_YYYYMMDD_HHMMSS, mode 0600; nothing
+    else, not the key copies).
 
     With --to URL (a folder, file:// or s3://bucket/prefix; SQLite or
     PostgreSQL) the snapshot is compressed and uploaded instead, never the key;
@@ -62,12 +65,12 @@ def backup(store: StoreTarget, dest: Path | None, with_key: bool, **offsite: Any
     \b
     Example:
         kissbot backup --db kissbot.db
-        kissbot backup --db kissbot.db /mnt/backups/
+        kissbot backup --db kissbot.db /mnt/backups/ --keep 7
         kissbot backup --db kissbot.db --to s3://my-bucket/kissbot --every 1h --keep-last 24 --keep-daily 7
     """
     if offsite_backup(store, dest, with_key, **offsite):
         return
-    from kissbot.backup import backup_key, backup_sqlite, default_backup_path
+    from kissbot.backup import backup_key, backup_sqlite, default_backup_path, prune_backups
     from kissbot.crypto import read_key_ring
 
     db = _sqlite_file(store, "backup", "pg_dump, e.g. `pg_dump -Fc -f kissbot.dump DBNAME`")
@@ -86,6 +89,9 @@ def backup(store: StoreTarget, dest: Path | None, with_key: bool, **offsite: Any
             f"Warning: {key_copy} decrypts every token in {dest}; store the two apart, or both somewhere only you can read",
             err=True,
         )
+    if offsite["keep_last"] is not None:
+        for gone in prune_backups(db, dest.parent, offsite["keep_last"]):
+            click.echo(f"Pruned {gone}")
 
 
 @cli.command()

@@ -9,9 +9,6 @@ from contextlib import nullcontext
 import click
 
 from kissbot.cli.main import Seconds, StoreTarget, cli, store_options
-DAY = 24 * 3600
-MAX_INTERVAL = 10**10
-"""Longest validation interval, in seconds (~300 years, "never"): dates computed from it stay representable."""
 from kissbot.twitch import (
     CLIENT_ID_ENV,
     CLIENT_SECRET_ENV,
@@ -20,6 +17,27 @@ from kissbot.twitch import (
     TOKEN_URL_ENV,
     VALIDATE_URL_ENV,
 )
+
+DAY = 24 * 3600
+MAX_INTERVAL = 10**10
+"""Longest validation interval, in seconds (~300 years, "never"): dates computed from it stay representable."""
+DEFAULT_CONCURRENCY = 32  # kissbot.refresh.DEFAULT_CONCURRENCY (not imported: it pulls httpx in)
+MAX_CONCURRENCY = 256  # kissbot.refresh.MAX_CONCURRENCY
+
+
+class Concurrency(click.ParamType):
+    """A whole number of tokens at once, 1 to MAX_CONCURRENCY; anything else is one line and exit status 1."""
+
+    name = "N"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        try:
+            number = int(str(value).strip(), 10)
+        except ValueError:
+            number = 0
+        if not 1 <= number <= MAX_CONCURRENCY or str(number) != str(value).strip():
+            raise click.ClickException(f"--concurrency must be a whole number from 1 to {MAX_CONCURRENCY}, not {value!r}")
+        return number
 
 
 @cli.command("refresh-worker")
@@ -53,6 +71,10 @@ from kissbot.twitch import (
     help="HTTP timeout in seconds.",
 )
 @click.option(
+    "--concurrency", type=Concurrency(), default=DEFAULT_CONCURRENCY, show_default=True,
+    help=f"Tokens refreshed or validated at once (1-{MAX_CONCURRENCY}).",
+)
+@click.option(
     "--metrics-port", type=click.IntRange(0, 65535),
     help="Serve the worker's Prometheus metrics on this port (0: any free port; needs kissbot[metrics]).",
 )
@@ -69,13 +91,16 @@ def refresh_worker(
     validate_interval: float | None,
     backoff_base: float,
     timeout: float,
+    concurrency: int,
     metrics_port: int | None,
     metrics_host: str,
 ) -> None:
     """Refresh tokens before they expire and validate them hourly.
 
-    Tokens expiring within config token_refresh_interval seconds are refreshed
-    (one process per token at a time, so several workers may run); after
+    Tokens expiring within config token_refresh_interval seconds are refreshed,
+    --concurrency of them at once; several workers may run: they split the due
+    tokens, each refreshed by one process at a time. A 429 from Twitch pauses
+    every request until its rate limit resets. After
     config max_refresh_failures transient failures, or when Twitch rejects the
     refresh token, a token is marked for reauthorisation. SIGTERM or SIGINT
     stop the worker between two tokens; it then prints its counters. The
@@ -84,7 +109,7 @@ def refresh_worker(
     \b
     Example:
         export TWITCH_CLIENT_ID=… TWITCH_CLIENT_SECRET=…
-        kissbot refresh-worker --db kissbot.db -v
+        kissbot refresh-worker --db kissbot.db -v --concurrency 64
         kissbot refresh-worker --url postgresql+psycopg://kissbot@db/kissbot --once
         kissbot refresh-worker --db kissbot.db --metrics-port 9465   # Prometheus metrics
     """
@@ -109,6 +134,7 @@ def refresh_worker(
         timeout=timeout,
         backoff_base=backoff_base,
         validate_interval=validate_interval,
+        concurrency=concurrency,
         observer=observer,
     ) as refresher:
         if once:

@@ -58,7 +58,7 @@ def stats(store: StoreTarget, as_json: bool) -> None:
     Example:
         kissbot stats --db kissbot.db --json
     """
-    with store.open(create=False) as mgr:
+    with store.open(create=False, need_key=False) as mgr:
         figures = mgr.get_stats()
     if as_json:
         echo_json(figures)

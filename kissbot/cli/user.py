@@ -44,6 +44,6 @@ def user_add(store: StoreTarget, login: str, twitch_id: str, display_name: str |
     check_login(login)
     if not (twitch_id.isascii() and twitch_id.isdigit() and len(twitch_id) <= 20):
         raise click.ClickException(f"--twitch-id {twitch_id[:40]!r} is not a numeric Twitch id")
-    with store.open(create=False) as mgr:
+    with store.open(create=False, need_key=False) as mgr:
         user_id = mgr.create_user(twitch_id, login, display_name or login, is_bot)
     click.echo(f"User {login.lower()} created (id {user_id}, Twitch id {twitch_id}{', bot' if is_bot else ''})")
