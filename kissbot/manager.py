@@ -165,7 +165,7 @@ class DatabaseManager:
 
     def list_users(self) -> list[dict[str, Any]]:
         """Every user, ordered by login."""
-        with read_connection(self.engine) as conn:
+        with self.engine.connect() as conn:  # a transaction: PostgreSQL streams the rows through a server-side cursor
             return UserRepository(conn).list_users()
 
     # --- tokens --------------------------------------------------------------------------------
@@ -233,7 +233,7 @@ class DatabaseManager:
 
     def list_tokens(self, decrypt: bool = False) -> list[dict[str, Any]]:
         """Every token row with its login; tokens decrypted only if ``decrypt`` (see the repository)."""
-        with read_connection(self.engine) as conn:
+        with self.engine.connect() as conn:  # a transaction: PostgreSQL streams the rows through a server-side cursor
             return TokenRepository(conn).list_tokens(decrypt)
 
     def mark_tokens_expired(self, user_id: int, *, token_type: str = "bot") -> None:
@@ -305,7 +305,7 @@ class DatabaseManager:
         self, limit: int = 100, event_type: str | None = None, user_id: int | None = None
     ) -> list[dict[str, Any]]:
         """Newest audit events first, ``details`` decoded from JSON."""
-        with read_connection(self.engine) as conn:
+        with self.engine.connect() as conn:  # a transaction: PostgreSQL streams the rows through a server-side cursor
             return AuditRepository(conn).get_audit_log(limit, event_type, user_id)
 
     def cleanup_old_logs(self, days: int | None = None) -> int:
