@@ -8,6 +8,7 @@ and each figure is the median over the repeats.
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
 import random
@@ -53,19 +54,22 @@ class Sizes:
     list_rows: int = 100_000
     fleet_bots: int = 8
     pg_cleanup_rows: int = 20_000
+    writer_procs: int = 16
+    writer_ops: int = 200
 
     @classmethod
     def quick(cls) -> Sizes:
         return cls(users=300, calls=500, repeats=5, scan_calls=50, proc_ops=400, audit_rows=200_000,
                    migrate_users=2000, rotation_rows=20_000, cold_runs=5, offsite_rows=20_000,
-                   refresh_tokens=300, refresh_fleet=2000, list_rows=20_000, fleet_bots=4, pg_cleanup_rows=5000)
+                   refresh_tokens=300, refresh_fleet=2000, list_rows=20_000, fleet_bots=4, pg_cleanup_rows=5000,
+                   writer_ops=100)
 
     @classmethod
     def smoke(cls) -> Sizes:
         return cls(users=20, calls=10, repeats=2, scan_rows=500, scan_due=10, scan_calls=3, procs=2, proc_ops=10,
                    audit_rows=2000, migrate_users=20, rotation_rows=200, cold_runs=1, offsite_rows=200,
                    refresh_tokens=20, refresh_fleet=40, refresh_latency=0.01, list_rows=200, fleet_bots=2,
-                   pg_cleanup_rows=200)
+                   pg_cleanup_rows=200, writer_procs=2, writer_ops=5)
 
 
 @dataclass
@@ -296,25 +300,26 @@ def mixed_worker(path: str, key_file: str, ids: list[int], ops: int, seed: int, 
     results.put((ops, errors, t0, t1, first_error))
 
 
-def run_processes(path: Path, key_file: Path, ids: list[int], procs: int, ops: int) -> tuple[float, int, str]:
-    """Run ``procs`` mixed workers at once; return (ops per second overall, errors, first error)."""
+def run_workers(target: Callable[..., None], args: list[tuple[Any, ...]]) -> list[Any]:
+    """Spawn one process per ``args`` running ``target(*args, barrier, results)``, start them together, return their reports."""
     mp = multiprocessing.get_context("spawn")
-    barrier = mp.Barrier(procs + 1)
-    results = mp.Queue()
-    workers = [
-        mp.Process(target=mixed_worker, args=(str(path), str(key_file), ids, ops, n, barrier, results))
-        for n in range(procs)
-    ]
+    barrier, results = mp.Barrier(len(args) + 1), mp.Queue()
+    workers = [mp.Process(target=target, args=(*a, barrier, results)) for a in args]
     for w in workers:
         w.start()
     try:
-        barrier.wait(timeout=120)
-        reports = [results.get(timeout=600) for _ in workers]
+        barrier.wait(timeout=180)
+        return [results.get(timeout=600) for _ in workers]
     finally:
         for w in workers:
             w.join(timeout=60)
             if w.is_alive():
                 w.kill()
+
+
+def run_processes(path: Path, key_file: Path, ids: list[int], procs: int, ops: int) -> tuple[float, int, str]:
+    """Run ``procs`` mixed workers at once; return (ops per second overall, errors, first error)."""
+    reports = run_workers(mixed_worker, [(str(path), str(key_file), ids, ops, n) for n in range(procs)])
     total = sum(r[0] for r in reports)
     elapsed = (max(r[3] for r in reports) - min(r[2] for r in reports)) / 1e9
     errors = sum(r[1] for r in reports)
@@ -609,13 +614,11 @@ def bench_refresh(ctx: Context) -> list[Row]:
     return bench_refresh_worker(ctx)
 
 
-def bench_fleet_cases(name: str) -> Callable[[Context], list[Row]]:
-    """A case of benchmarks/fleet.py (``listing``, ``fleet``, ``plans``), imported when it runs."""
+def case_of(module: str, name: str) -> Callable[[Context], list[Row]]:
+    """The case ``bench_<name>`` of ``benchmarks/<module>.py``, imported when it runs (those modules import this one)."""
 
     def run(ctx: Context) -> list[Row]:
-        from benchmarks import fleet
-
-        return getattr(fleet, f"bench_{name}")(ctx)
+        return getattr(importlib.import_module(f"benchmarks.{module}"), f"bench_{name}")(ctx)
 
     return run
 
@@ -632,7 +635,10 @@ CASES: dict[str, Callable[[Context], list[Row]]] = {
     "metrics": bench_metrics,
     "offsite": bench_offsite,
     "refresh": bench_refresh,
-    "listing": bench_fleet_cases("listing"),
-    "fleet": bench_fleet_cases("fleet"),
-    "plans": bench_fleet_cases("plans"),
+    "listing": case_of("fleet", "listing"),
+    "fleet": case_of("fleet", "fleet"),
+    "plans": case_of("fleet", "plans"),
+    "open": case_of("store_scale", "open"),
+    "writers": case_of("store_scale", "writers"),
+    "pg": case_of("store_scale", "pg_get"),
 }

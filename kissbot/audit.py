@@ -106,7 +106,7 @@ class AuditRepository:
     def iter_audit_log(
         self, limit: int = 100, event_type: str | None = None, user_id: int | None = None, *, logins: bool = False
     ) -> Iterator[dict[str, Any]]:
-        """:meth:`get_audit_log` streamed from one query (1,000 rows fetched at a time); with ``logins``,
+        """:meth:`get_audit_log` streamed from one query; with ``logins``,
         each event also has ``user_login`` and ``channel_login`` (None without a user or channel)."""
         check.check_count(limit, "limit", minimum=1)
         check.check_optional_id(user_id, "user_id")
@@ -124,8 +124,7 @@ class AuditRepository:
             stmt = stmt.where(audit_log.c.event_type == event_type)
         if user_id is not None:
             stmt = stmt.where(audit_log.c.user_id == user_id)
-        for row in self.db.execute(stmt.execution_options(yield_per=1000)).mappings():
-            entry = dict(row)
+        for entry in settings.stream(self.db, stmt):
             if entry["details"] is not None:
                 try:
                     entry["details"] = json.loads(entry["details"])

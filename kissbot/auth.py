@@ -23,7 +23,6 @@ an authorization code or the client secret; only the user code is shown.
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import threading
 import time
@@ -55,6 +54,7 @@ from kissbot.twitch import (
     DEVICE_URL_ENV,
     TOKEN_URL_ENV,
     VALIDATE_URL_ENV,
+    twitch_message,
 )
 
 if TYPE_CHECKING:
@@ -63,7 +63,6 @@ if TYPE_CHECKING:
 DEVICE_GRANT_TYPE = "urn:ietf:params:oauth:grant-type:device_code"
 SLOW_DOWN_STEP = 5
 """Seconds added to the polling interval at each ``slow_down`` (RFC 8628 §3.5)."""
-_SAFE_MESSAGE = re.compile(r"[A-Za-z][A-Za-z _.,'-]{0,79}")
 
 
 @dataclass(frozen=True)
@@ -210,7 +209,7 @@ class TwitchAuth:
             response = self._post(self.token_url, form)
             if response.status_code == 200:
                 return _tokens(self._json(response))
-            message = _message(response, secrets=(device.device_code, self._client_secret))
+            message = twitch_message(response, (device.device_code, self._client_secret))
             if message == "authorization_pending":
                 continue
             if message == "slow_down":
@@ -246,7 +245,7 @@ class TwitchAuth:
         }
         response = self._post(self.token_url, form)
         if response.status_code != 200:
-            message = _message(response, secrets=(code, self._client_secret))
+            message = twitch_message(response, (code, self._client_secret))
             raise AuthorizationError(f"Twitch refused the authorization code ({response.status_code} {message})")
         return _tokens(self._json(response))
 
@@ -316,7 +315,7 @@ class TwitchAuth:
     @staticmethod
     def _json(response: httpx.Response) -> dict[str, Any]:
         if response.status_code != 200:
-            raise AuthorizationError(f"Twitch answered {response.status_code} {_message(response, ())}".strip())
+            raise AuthorizationError(f"Twitch answered {response.status_code} {twitch_message(response, ())}".strip())
         try:
             answer = response.json()
         except ValueError:
@@ -361,20 +360,6 @@ def _tokens(answer: dict[str, Any]) -> TwitchTokens:
         )
     except ValueError as exc:
         raise AuthorizationError(f"Twitch's token answer is malformed: {exc}") from None
-
-
-def _message(response: httpx.Response, secrets: Iterable[str | None]) -> str:
-    """Twitch's error ``message`` if it is plain words that echo none of ``secrets``, else ''."""
-    try:
-        answer = response.json()
-    except ValueError:
-        return ""
-    message = answer.get("message") if isinstance(answer, dict) else None
-    if not isinstance(message, str) or not _SAFE_MESSAGE.fullmatch(message):
-        return ""
-    if any(secret and secret in message for secret in secrets):
-        return ""
-    return message
 
 
 class _RedirectServer(HTTPServer):

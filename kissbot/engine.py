@@ -6,7 +6,9 @@ documented recipe for pysqlite) then starts each transaction with ``BEGIN``
 (reads, which never take the write lock) or, on the :func:`writer` engine and
 in :func:`write_transaction`, ``BEGIN IMMEDIATE``, so concurrent writers wait
 up to ``busy_timeout`` instead of failing with SQLITE_BUSY when they upgrade a
-read lock. On PostgreSQL every session gets the same wait as ``lock_timeout``.
+read lock. On a :func:`read_connection` no transaction is opened at all: each
+statement is its own (one round trip). On PostgreSQL every session gets the
+same wait as ``lock_timeout``.
 Driver errors are mapped by :mod:`kissbot.dberrors`; paths and URLs are read
 by :mod:`kissbot.urls`.
 
@@ -50,6 +52,8 @@ MAX_BUSY_TIMEOUT_MS = 2**31 - 1
 """Longest lock wait: SQLite's busy_timeout and PostgreSQL's lock_timeout are 32-bit milliseconds."""
 _WRITE = {"kissbot_write": True}
 """The execution option that makes a SQLite transaction begin with ``BEGIN IMMEDIATE``."""
+_AUTOCOMMIT = "kissbot_autocommit"
+"""The execution option that makes the SQLite ``begin`` listener send nothing (see :func:`read_connection`)."""
 SQL_LOG = logging.getLogger("kissbot.sql")
 
 
@@ -164,10 +168,34 @@ def writer(engine: Engine) -> Engine:
 
 
 @contextmanager
+def read_connection(engine: Engine) -> Iterator[Connection]:
+    """A connection of ``engine`` that reads outside any transaction: each statement commits on its own.
+
+    A one-statement read is then one round trip, without ``BEGIN`` and
+    ``ROLLBACK`` around it: on PostgreSQL the connection is in autocommit
+    (``isolation_level="AUTOCOMMIT"``, with the session's ``lock_timeout``),
+    and on SQLite, whose driver-level transaction handling is off, no
+    ``BEGIN`` is sent. Each statement of a longer read sees the commits made
+    before it.
+    """
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            yield conn.execution_options(**{_AUTOCOMMIT: True})
+        else:
+            yield conn.execution_options(isolation_level="AUTOCOMMIT")
+
+
+@contextmanager
 def write_transaction(engine: Engine) -> Iterator[Connection]:
-    """A connection of ``engine`` in a write transaction (``BEGIN IMMEDIATE`` on SQLite), committed on success."""
-    with engine.connect() as conn, conn.execution_options(**_WRITE).begin():
-        yield conn
+    """A connection of ``engine`` in a write transaction (``BEGIN IMMEDIATE`` on SQLite), committed on success.
+
+    The transaction begins with the first statement, once its parameters are
+    bound (tokens encrypted): the checks and encryption before it do not hold
+    SQLite's write lock.
+    """
+    with engine.connect() as conn:
+        yield conn.execution_options(**_WRITE)
+        conn.commit()
 
 
 def _ensure_wal(cursor: sqlite3.Cursor, busy_timeout_ms: int) -> None:
@@ -227,7 +255,18 @@ def _sqlite_sessions(engine: Engine, synchronous: str, busy_timeout_ms: int) -> 
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("kissbot_write") else "BEGIN")
+        options = conn.get_execution_options()
+        if options.get(_AUTOCOMMIT):
+            return
+        # Straight to the driver: BEGIN returns nothing, and a SQLAlchemy execution around it cost
+        # as much per transaction as the statement that follows. Errors are mapped as handle_error does.
+        try:
+            conn.connection.driver_connection.execute("BEGIN IMMEDIATE" if options.get("kissbot_write") else "BEGIN")
+        except sqlite3.Error as exc:
+            mapped = dberrors.sqlite_error(exc, path, busy_timeout_ms)
+            if mapped is None:
+                raise
+            raise mapped from exc
 
 
 def _postgresql_sessions(engine: Engine, lock_timeout_ms: int) -> None:

@@ -1,8 +1,9 @@
 """DatabaseManager: the specification's API as a thin facade over the repositories.
 
-Each method runs in its own short transaction: reads on a plain connection
-(a deferred ``BEGIN`` that never takes SQLite's write lock), writes in
-:func:`~kissbot.engine.write_transaction` (``BEGIN IMMEDIATE``).
+Each write runs in its own short transaction,
+:func:`~kissbot.engine.write_transaction` (``BEGIN IMMEDIATE`` on SQLite);
+reads run outside any transaction, on a :func:`~kissbot.engine.read_connection`,
+so a one-statement read is one round trip.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL, Engine
 
 from kissbot.crypto import KeyRing
-from kissbot.engine import DEFAULT_BUSY_TIMEOUT_MS, DEFAULT_DB_PATH, create_engine, write_transaction, writer
+from kissbot.engine import DEFAULT_BUSY_TIMEOUT_MS, DEFAULT_DB_PATH, create_engine, read_connection, write_transaction, writer
 from kissbot.errors import NoDatabase, UserNotFound
 from kissbot.keys import load_cipher, read_key_source, resolve_key_source
 from kissbot.migrations import ensure_schema
@@ -142,12 +143,12 @@ class DatabaseManager:
 
     def get_user(self, twitch_user_id: str | int) -> dict[str, Any] | None:
         """The user with this Twitch user id, or None."""
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             return UserRepository(conn).get_user(twitch_user_id)
 
     def get_user_by_login(self, login: str) -> dict[str, Any] | None:
         """The user with this login (case-insensitive), or None."""
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             return UserRepository(conn).get_user_by_login(login)
 
     def create_user(
@@ -164,7 +165,7 @@ class DatabaseManager:
 
     def list_users(self) -> list[dict[str, Any]]:
         """Every user, ordered by login."""
-        with self.engine.connect() as conn:
+        with self.engine.connect() as conn:  # a transaction: PostgreSQL streams the rows through a server-side cursor
             return UserRepository(conn).list_users()
 
     # --- tokens --------------------------------------------------------------------------------
@@ -222,17 +223,17 @@ class DatabaseManager:
     def get_tokens(self, user_id: int, *, token_type: str = "bot") -> dict[str, Any] | None:
         """The decrypted tokens of ``user_id`` (of ``token_type``), or None."""
         check_id(user_id)
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             return TokenRepository(conn).get_tokens(user_id, token_type=token_type)
 
     def get_tokens_needing_refresh(self, buffer_minutes: float = 10) -> list[dict[str, Any]]:
         """Tokens expiring within ``buffer_minutes``, soonest first (not decrypted)."""
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             return TokenRepository(conn).get_tokens_needing_refresh(buffer_minutes)
 
     def list_tokens(self, decrypt: bool = False) -> list[dict[str, Any]]:
         """Every token row with its login; tokens decrypted only if ``decrypt`` (see the repository)."""
-        with self.engine.connect() as conn:
+        with self.engine.connect() as conn:  # a transaction: PostgreSQL streams the rows through a server-side cursor
             return TokenRepository(conn).list_tokens(decrypt)
 
     def mark_tokens_expired(self, user_id: int, *, token_type: str = "bot") -> None:
@@ -269,12 +270,12 @@ class DatabaseManager:
 
     def get_active_instances(self) -> list[dict[str, Any]]:
         """Running instances whose heartbeat is fresh (see :meth:`reap_stale_instances`)."""
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             return InstanceRepository(conn).get_active_instances()
 
     def list_instances(self) -> list[dict[str, Any]]:
         """Every instance, whatever its status, with the channel and bot logins."""
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             return InstanceRepository(conn).list_instances()
 
     def reap_stale_instances(self) -> list[dict[str, Any]]:
@@ -304,7 +305,7 @@ class DatabaseManager:
         self, limit: int = 100, event_type: str | None = None, user_id: int | None = None
     ) -> list[dict[str, Any]]:
         """Newest audit events first, ``details`` decoded from JSON."""
-        with self.engine.connect() as conn:
+        with self.engine.connect() as conn:  # a transaction: PostgreSQL streams the rows through a server-side cursor
             return AuditRepository(conn).get_audit_log(limit, event_type, user_id)
 
     def cleanup_old_logs(self, days: int | None = None) -> int:
@@ -315,7 +316,7 @@ class DatabaseManager:
         between them on SQLite, so concurrent writers wait at most about one
         batch. Returns the number deleted.
         """
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             cutoff = AuditRepository(conn).retention_cutoff(days)
         deleted, after = 0, None
         while True:
@@ -334,7 +335,7 @@ class DatabaseManager:
 
     def get_config(self, key: str, default: Any = None) -> Any:
         """A setting's value (typed: ``"60"`` reads as 60), or ``default``."""
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             return ConfigRepository(conn).get_config(key, default)
 
     def set_config(self, key: str, value: Any, description: str | None = None) -> None:
@@ -344,14 +345,14 @@ class DatabaseManager:
 
     def list_config(self) -> list[dict[str, Any]]:
         """Every setting (key, typed value, description, updated_at), by key."""
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             return ConfigRepository(conn).list_config()
 
     # --- stats ---------------------------------------------------------------------------------
 
     def get_stats(self) -> dict[str, int]:
         """Counts of users, tokens, running instances, audit events, and the database size."""
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             stats = {
                 "users_count": UserRepository(conn).count(),
                 "tokens_count": TokenRepository(conn).count(),
@@ -368,7 +369,7 @@ class DatabaseManager:
     def _sqlite_size(self) -> int:
         path = sqlite_path(self.url)
         if path is None:
-            with self.engine.connect() as conn:
+            with read_connection(self.engine) as conn:
                 pages = conn.execute(text("PRAGMA page_count")).scalar_one()
                 return pages * conn.execute(text("PRAGMA page_size")).scalar_one()
         return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())

@@ -82,6 +82,7 @@ class OAuthToken(Base):
         Index("idx_oauth_user", "user_id"),
         Index("idx_oauth_expires", "expires_at"),
         Index("idx_oauth_state", "token_type", "needs_reauth", "key_version", "refresh_failures"),
+        Index("idx_oauth_key_version", "key_version"),
         Index("uq_oauth_tokens_user_id_token_type", "user_id", "token_type", unique=True),
         {"sqlite_autoincrement": True},
     )

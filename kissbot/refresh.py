@@ -41,7 +41,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -49,7 +49,6 @@ from datetime import timedelta
 from email.utils import parsedate_to_datetime
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import quote, quote_plus
 
 import httpx
 from sqlalchemy.engine import Connection, Engine
@@ -72,9 +71,10 @@ from kissbot.twitch import (
     DEFAULT_VALIDATE_URL,
     TOKEN_URL_ENV,
     VALIDATE_URL_ENV,
+    twitch_message,
 )
 from kissbot.types import utcnow
-from kissbot.validation import check_count, clamp_expires_in, mask_secrets, shown
+from kissbot.validation import check_count, clamp_expires_in, mask_secrets
 
 if TYPE_CHECKING:
     from kissbot.manager import DatabaseManager
@@ -238,6 +238,8 @@ class TokenRefresher:
     """Refreshes and validates the tokens of a store against Twitch, ``concurrency`` tokens at a time.
 
     ``store`` is a :class:`~kissbot.manager.DatabaseManager` (or its engine).
+    ``client_secret`` is None for a public client: Twitch refreshes the tokens
+    of its Device Code flow without one (each refresh token works once).
     ``timeout`` bounds each phase of an HTTP request (connect, write, read) in
     seconds; ``lease_ttl`` is how long a token's refresh lease is held at most
     (it must outlast a request; a token waiting longer has it extended). The
@@ -271,12 +273,10 @@ class TokenRefresher:
     ) -> None:
         if not client_id:
             raise MissingClientCredentials(f"no Twitch client id: set {CLIENT_ID_ENV}")
-        if not client_secret:
-            raise MissingClientCredentials(f"no Twitch client secret: set {CLIENT_SECRET_ENV}")
         self.engine: Engine = store if isinstance(store, Engine) else store.engine
         self._writer = writer(self.engine)
         self.client_id = client_id
-        self._client_secret = client_secret
+        self._client_secret = client_secret or None
         self.token_url = token_url
         self.validate_url = validate_url
         self.lease_ttl = lease_ttl
@@ -584,12 +584,9 @@ class TokenRefresher:
 
     def _exchange(self, lease: _Lease, tokens: dict[str, Any], ctx: _Pass, after_401: bool) -> TokenResult:
         row = lease.row
-        form = {
-            "client_id": self.client_id,
-            "client_secret": self._client_secret,
-            "grant_type": "refresh_token",
-            "refresh_token": tokens["refresh_token"],
-        }
+        form = {"client_id": self.client_id, "grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]}
+        if self._client_secret:
+            form["client_secret"] = self._client_secret
         try:
             response = self._send(lease, ctx, lambda: self._http.post(self.token_url, data=form))
         except httpx.TimeoutException as exc:
@@ -618,7 +615,7 @@ class TokenRefresher:
             except StaleTokens:
                 return self._done(row, Outcome.STALE, "another writer stored newer tokens meanwhile; kept them")
             return self._done(row, Outcome.REFRESHED, f"expires in {expires_in}s")
-        message = _twitch_message(response, (tokens["refresh_token"], tokens["access_token"], self._client_secret))
+        message = twitch_message(response, (tokens["refresh_token"], tokens["access_token"], self._client_secret))
         if status == 403 or (status in (400, 401) and "client" in message.lower()):
             raise ClientCredentialsRejected(
                 f"Twitch refused the application's credentials ({status} {message}): "
@@ -749,20 +746,3 @@ def _parse_token_answer(response: httpx.Response) -> tuple[str, str | None, int,
         scopes = None
     return access, refresh, clamp_expires_in(expires_in), scopes
 
-
-def _twitch_message(response: httpx.Response, sent: Iterable[str | None]) -> str:
-    """Twitch's error ``message`` (e.g. ``Invalid refresh token``), safe to store; empty if none.
-
-    Twitch's text may echo what it was sent: each secret of the request (as
-    sent, or form-encoded) and anything token-like is masked to 4
-    characters, and the text is cut short.
-    """
-    try:
-        answer = response.json()
-    except ValueError:
-        return ""
-    message = answer.get("message") if isinstance(answer, dict) else None
-    if not message:
-        return ""
-    secrets = [variant for s in sent if s for variant in {s, quote(s, safe=""), quote_plus(s)}]
-    return shown(mask_secrets(str(message), sorted(secrets, key=len, reverse=True)), limit=100)

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Result, Select, bindparam, false, func, insert, select, update
+from sqlalchemy import ColumnElement, Result, bindparam, false, func, insert, select, update
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import IntegrityError
 
@@ -29,7 +29,7 @@ from kissbot.audit import SEVERITIES, AuditRepository
 from kissbot.errors import DecryptionError, DuplicateUser, StaleTokens, UserNotFound, ValidationError
 from kissbot.instances import STALE_HEARTBEATS, InstanceRepository
 from kissbot.models import oauth_tokens, users
-from kissbot.settings import ConfigRepository, Executor
+from kissbot.settings import ConfigRepository, Executor, stream
 from kissbot.types import Secret, cipher_of, ciphertext, utcnow
 
 __all__ = [
@@ -48,15 +48,6 @@ def _one(result: Result[Any]) -> dict[str, Any] | None:
 
 def _all(result: Result[Any]) -> list[dict[str, Any]]:
     return [dict(row) for row in result.mappings()]
-
-
-_YIELD_PER = 1000
-"""Rows fetched at a time by the ``iter_*`` methods (a server-side cursor on PostgreSQL)."""
-
-
-def _stream(db: Executor, stmt: Select[Any]) -> Iterator[dict[str, Any]]:
-    """The rows of ``stmt``, one query fetched ``_YIELD_PER`` rows at a time: memory stays constant."""
-    return (dict(row) for row in db.execute(stmt.execution_options(yield_per=_YIELD_PER)).mappings())
 
 
 def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
@@ -222,7 +213,7 @@ class UserRepository:
 
     def iter_users(self, limit: int | None = None) -> Iterator[dict[str, Any]]:
         """The first ``limit`` users (all: None) by login, streamed from one query."""
-        return _stream(self.db, _USERS.order_by(users.c.twitch_login).limit(limit))
+        return stream(self.db, _USERS.order_by(users.c.twitch_login).limit(limit))
 
     def count(self) -> int:
         """Number of users."""
@@ -632,7 +623,7 @@ class TokenRepository:
         if decrypt:
             stmt = stmt.add_columns(ciphertext(_t.access_token_encrypted), ciphertext(_t.refresh_token_encrypted))
         now = utcnow()
-        for row in _stream(self.db, stmt):
+        for row in stream(self.db, stmt):
             stored = (row.pop("access_token_encrypted", None), row.pop("refresh_token_encrypted", None))
             listed = _listed(row, now)
             if decrypt:

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import Select, bindparam, insert, select, update
 from sqlalchemy.engine import Connection
 
 from kissbot.crypto import MAX_KEY_VERSION
@@ -34,6 +34,19 @@ if TYPE_CHECKING:
 
 Executor = Union["Session", Connection]
 """What a repository runs its statements on (this module's :class:`ConfigRepository`, and :mod:`kissbot.repo`'s)."""
+
+YIELD_PER = 1000
+"""Rows the repositories' ``iter_*`` methods fetch at a time."""
+
+
+def stream(db: Executor, stmt: Select[Any]) -> Iterator[dict[str, Any]]:
+    """The rows of ``stmt`` from one query, fetched :data:`YIELD_PER` at a time (a server-side cursor on PostgreSQL).
+
+    A PostgreSQL cursor lives in a transaction: on an autocommit connection the rows are fetched at once.
+    """
+    if not (isinstance(db, Connection) and db.get_execution_options().get("isolation_level") == "AUTOCOMMIT"):
+        stmt = stmt.execution_options(yield_per=YIELD_PER)
+    return (dict(row) for row in db.execute(stmt).mappings())
 
 FINGERPRINT_PREFIX = "key_fingerprint_v"
 _INTEGER = re.compile(r"^[+-]?[0-9]{1,20}$")

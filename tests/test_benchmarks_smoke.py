@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -32,6 +33,9 @@ ROWS = (
     "the fleet,",
     "tokens, SQLite: whole process",
     "private memory (USS) per bot",
+    "open a store (DatabaseManager, then close) at",
+    "processes storing tokens of distinct users",
+    *(("PostgreSQL: get_tokens through DatabaseManager",) if os.environ.get("KISSBOT_TEST_POSTGRES_URL") else ()),
 )
 NUMBER = re.compile(r"\d")
 

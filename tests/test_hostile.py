@@ -54,12 +54,12 @@ HOSTILE = {
     "extra-table": ("CREATE TABLE stash (v TEXT);", f"table stash is not part of migration {HEAD}"),
     "0001-stamped-on-0002": (
         "UPDATE alembic_version SET version_num = '0001';",
-        "index idx_oauth_state on oauth_tokens is not part of migration 0001",
+        "index idx_oauth_key_version on oauth_tokens is not part of migration 0001",
     ),
     "dropped-key-version": (
-        # SQLite drops no indexed column: its index idx_oauth_state goes first, and is reported first.
-        "DROP INDEX idx_oauth_state; ALTER TABLE oauth_tokens DROP COLUMN key_version;",
-        f"index idx_oauth_state on oauth_tokens of migration {HEAD} is missing",
+        # SQLite drops no indexed column: its indexes go first, and are reported first.
+        "DROP INDEX idx_oauth_state; DROP INDEX idx_oauth_key_version; ALTER TABLE oauth_tokens DROP COLUMN key_version;",
+        f"index idx_oauth_key_version on oauth_tokens of migration {HEAD} is missing",
     ),
     "renamed-column": (
         "PRAGMA writable_schema = ON; "
@@ -196,8 +196,9 @@ PG_HOSTILE = {
         "trigger wipe on oauth_tokens is not part of migration {head}",
     ),
     "view": ("CREATE VIEW plain AS SELECT * FROM oauth_tokens", "view plain is not part of migration {head}"),
-    "dropped-key-version": (  # PostgreSQL drops the column's index idx_oauth_state with it, reported first
-        "ALTER TABLE oauth_tokens DROP COLUMN key_version", "index idx_oauth_state on oauth_tokens of migration {head} is missing"
+    "dropped-key-version": (  # PostgreSQL drops the column's indexes with it, reported first
+        "ALTER TABLE oauth_tokens DROP COLUMN key_version",
+        "index idx_oauth_key_version on oauth_tokens of migration {head} is missing",
     ),
     "retyped-column": (
         "ALTER TABLE oauth_tokens ALTER COLUMN key_version TYPE text",

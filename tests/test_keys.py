@@ -663,6 +663,39 @@ def test_batch_store_encrypts_with_the_key_file_primary_and_records_it(db_file, 
         assert not decrypts_with(old_key, access)
 
 
+def test_opening_a_store_reads_the_token_key_versions_through_their_index(store_url, key_file):
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    with DatabaseManager(url=store_url, key_file=key_file) as mgr:
+        for i in range(3):
+            mgr.store_tokens(mgr.create_user(str(i), f"user{i}"), "access", "refresh", 3600)
+    seen: list[tuple[str, object]] = []
+
+    def capture(_conn, _cursor, statement, parameters, _context, _many) -> None:
+        seen.append((statement, parameters))
+
+    event.listen(Engine, "before_cursor_execute", capture)
+    try:
+        DatabaseManager(url=store_url, key_file=key_file).close()
+    finally:
+        event.remove(Engine, "before_cursor_execute", capture)
+    on_tokens = [(s, p) for s, p in seen if "oauth_tokens" in s]
+    assert on_tokens and not [s for s, _ in on_tokens if "GROUP BY" in s or "count(" in s.lower()]
+    engine = sqlalchemy.create_engine(store_url)
+    try:
+        with engine.connect() as conn:
+            sqlite = engine.dialect.name == "sqlite"
+            if not sqlite:
+                conn.exec_driver_sql("SET enable_seqscan = off")  # a plan that can use an index then does
+            for statement, parameters in on_tokens:
+                plan = conn.exec_driver_sql(("EXPLAIN QUERY PLAN " if sqlite else "EXPLAIN ") + statement, parameters)
+                lines = [str(row[-1] if sqlite else row[0]) for row in plan]
+                assert not [line for line in lines if line.startswith("SCAN") or "Seq Scan" in line], lines
+    finally:
+        engine.dispose()
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"batch_size": 10**20}, {"batch_size": 0}, {"batch_size": "10"}, {"batch_size": 2.5}, {"batch_size": True},

@@ -146,3 +146,15 @@ def test_a_wide_row_after_the_first_thousand_widens_only_its_line(tmp_path):
     assert len(lines) == 1 + 1002
     assert len({line.index(" u") for line in lines[1:1001]}) == 1  # the first thousand rows are aligned
     assert lines[-1].split()[1] == "zz_a_much_longer_login_name"
+
+
+def test_iterating_on_an_autocommit_connection_works_too(store_url, tmp_path):
+    from kissbot.repo import AuditRepository, TokenRepository, UserRepository
+
+    key = tmp_path / "k.key"
+    fill(store_url, key, 3)
+    with DatabaseManager(url=store_url, key_file=key) as mgr, mgr.engine.connect() as conn:
+        autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
+        assert [u["twitch_login"] for u in UserRepository(autocommit).iter_users(2)] == ["user_000", "user_001"]
+        assert [t["access_token"] for t in TokenRepository(autocommit).iter_tokens(decrypt=True)][-1] == "access-2-0123456789"
+        assert len(list(AuditRepository(autocommit).iter_audit_log(logins=True))) == 6

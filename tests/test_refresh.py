@@ -320,9 +320,28 @@ def test_from_env_reads_the_credentials_and_endpoints(mgr, bot, twitch, monkeypa
     with TokenRefresher.from_env(mgr) as worker:
         assert outcomes(worker.refresh_due()) == [(bot, "bot", Outcome.REFRESHED)]
     assert twitch.token_forms[0]["client_secret"] == CLIENT_SECRET
-    monkeypatch.delenv("TWITCH_CLIENT_SECRET")
-    with pytest.raises(MissingClientCredentials, match="^no Twitch client secret: set TWITCH_CLIENT_SECRET$"):
+    monkeypatch.delenv("TWITCH_CLIENT_ID")
+    with pytest.raises(MissingClientCredentials, match="^no Twitch client id: set TWITCH_CLIENT_ID$"):
         TokenRefresher.from_env(mgr)
+
+
+def test_a_public_client_refreshes_its_single_use_tokens_without_a_secret(mgr, bot, twitch, store_url, key_file):
+    public = twitch.mint("serda_bot", "1209350837", ["chat:read"], single_use=True)
+    mgr.store_tokens(bot, public.access_token, public.refresh_token, 30)
+    args = ["refresh-worker", "--once", "--url", store_url, "--key-file", str(key_file)]
+    result = CliRunner().invoke(cli, args, env=worker_env(twitch, TWITCH_CLIENT_SECRET=""))
+    assert (result.exit_code, result.output) == (0, "refreshed=1 failed=0 reauth_needed=0 validated=0\n")
+    [form] = twitch.token_forms
+    assert "client_secret" not in form and form["refresh_token"] == public.refresh_token
+    assert mgr.get_tokens(bot)["refresh_token"] == twitch.issued[1]
+    confidential = twitch.mint("serda_bot", "1209350837", ["chat:read"])
+    mgr.store_tokens(bot, confidential.access_token, confidential.refresh_token, 30)
+    result = CliRunner().invoke(cli, args, env=worker_env(twitch, TWITCH_CLIENT_SECRET=""))
+    assert (result.exit_code, result.output) == (
+        1, "Error: Twitch refused the application's credentials (400 missing client secret): "
+        "check TWITCH_CLIENT_ID and TWITCH_CLIENT_SECRET\n"
+    )
+    assert mgr.get_tokens(bot)["refresh_token"] == confidential.refresh_token, "nothing was touched"
 
 
 def test_a_database_error_ends_only_the_current_pass(sqlite_url, key_file, twitch):
@@ -367,7 +386,6 @@ def test_the_refresher_repr_holds_no_secret(mgr, twitch):
     "env, message",
     [
         ({"TWITCH_CLIENT_ID": None, "TWITCH_CLIENT_SECRET": "s"}, "no Twitch client id: set TWITCH_CLIENT_ID or pass --client-id"),
-        ({"TWITCH_CLIENT_ID": "c", "TWITCH_CLIENT_SECRET": None}, "no Twitch client secret: set TWITCH_CLIENT_SECRET or pass --client-secret"),
     ],
 )
 def test_the_worker_needs_client_credentials_and_writes_nothing(tmp_path, env, message):

@@ -49,6 +49,7 @@ SPEC_INDEXES = {
         "idx_oauth_expires": ["expires_at"],
         "uq_oauth_tokens_user_id_token_type": ["user_id", "token_type"],
         "idx_oauth_state": ["token_type", "needs_reauth", "key_version", "refresh_failures"],  # 0003, for metrics
+        "idx_oauth_key_version": ["key_version"],  # 0004, opening a store probes it
     },
     "audit_log": {
         "idx_audit_timestamp": ["timestamp"],

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from kissbot.cli.main import StoreTarget, cli, store_options
-from kissbot.twitch import CLIENT_ID_ENV, CLIENT_SECRET_ENV
+from kissbot.cli.twitch import client_options
 
 if TYPE_CHECKING:
     from kissbot.auth import DeviceCode
@@ -56,11 +56,7 @@ def _print_qr(uri: str, required: bool) -> None:
     "--port", type=click.IntRange(1, 65535), default=3000, show_default=True,
     help="--code-flow: Twitch redirects to http://localhost:PORT (register that URL for your application).",
 )
-@click.option("--client-id", envvar=CLIENT_ID_ENV, show_envvar=True, help="Twitch application client id.")
-@click.option(
-    "--client-secret", envvar=CLIENT_SECRET_ENV, show_envvar=True,
-    help="Twitch application client secret (optional for the Device Code flow; prefer the environment variable).",
-)
+@client_options
 @click.option(
     "--qr/--no-qr", default=None,
     help="Also print the verification URL as a QR code (needs kissbot[qr])  [default: on a terminal, if installed].",

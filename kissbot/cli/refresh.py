@@ -9,9 +9,9 @@ from contextlib import nullcontext
 import click
 
 from kissbot.cli.main import Seconds, StoreTarget, cli, store_options
+from kissbot.cli.twitch import client_options
 from kissbot.twitch import (
     CLIENT_ID_ENV,
-    CLIENT_SECRET_ENV,
     DEFAULT_TOKEN_URL,
     DEFAULT_VALIDATE_URL,
     TOKEN_URL_ENV,
@@ -53,11 +53,7 @@ class Concurrency(click.ParamType):
     "--validate-url", envvar=VALIDATE_URL_ENV, show_envvar=True, default=DEFAULT_VALIDATE_URL, show_default=True,
     help="Twitch's validation endpoint.",
 )
-@click.option("--client-id", envvar=CLIENT_ID_ENV, show_envvar=True, help="Twitch application client id.")
-@click.option(
-    "--client-secret", envvar=CLIENT_SECRET_ENV, show_envvar=True,
-    help="Twitch application client secret (prefer the environment variable).",
-)
+@client_options
 @click.option(
     "--validate-interval", type=Seconds(0, MAX_INTERVAL),
     help="Seconds between validations of a token  [default: config token_validate_interval, else 3600].",
@@ -115,8 +111,6 @@ def refresh_worker(
     """
     if not client_id:
         raise click.ClickException(f"no Twitch client id: set {CLIENT_ID_ENV} or pass --client-id")
-    if not client_secret:
-        raise click.ClickException(f"no Twitch client secret: set {CLIENT_SECRET_ENV} or pass --client-secret")
     from kissbot.refresh import TokenRefresher
 
     observer = metrics = None
