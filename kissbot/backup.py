@@ -192,7 +192,9 @@ def restore_sqlite(
             if problems:
                 raise BackupError(f"{problems[0]}; nothing restored")
             with engine.connect() as conn:
-                conn.exec_driver_sql("PRAGMA journal_mode = DELETE")
+                # Restored in WAL mode, as kissbot makes its stores; closing the last
+                # connection folds the -wal back in, so the staged file stays self-contained.
+                conn.exec_driver_sql("PRAGMA journal_mode = WAL")
         except (sqlite3.DatabaseError, DBAPIError) as exc:
             reason = getattr(exc, "orig", None) or exc
             raise BackupError(f"{backup} is not a usable SQLite database ({reason}); nothing restored") from None

@@ -133,7 +133,9 @@ def checked(key: str, value: Any) -> str:
     Known keys take an integer in their range (``"60"`` or ``60``); internal
     keys are refused; other keys take a string (stored as given) or any JSON value.
     """
-    _check_key(key)
+    folded = _check_key(key).strip().lower()
+    if key != folded and (folded in SETTINGS or folded.startswith(FINGERPRINT_PREFIX)):
+        raise ConfigurationError(f"config {key!r} is not kissbot's {folded}: write it as {folded}")
     if is_internal(key):
         raise ConfigurationError(
             f"config {key} is kept by kissbot and cannot be set; see kissbot key status"

@@ -315,6 +315,15 @@ def test_restore_round_trips_and_leaves_no_stale_wal(runner, store, tmp_path):
     assert read_rows(previous, "SELECT twitch_login FROM users ORDER BY 1") == [("alice",), ("bob",), ("dave",)]
 
 
+def test_a_restored_database_is_in_wal_mode_and_doctor_says_so(runner, store, tmp_path):
+    db, key = store
+    backup = backup_sqlite(db, tmp_path / "snapshot.backup")
+    assert runner.invoke(cli, ["restore", "--db", str(db), "--key-file", str(key), str(backup)]).exit_code == 0
+    assert db.read_bytes()[18:20] == b"\x02\x02"  # the header's WAL read/write versions
+    result = runner.invoke(cli, ["doctor", "--db", str(db), "--key-file", str(key)])
+    assert "[ok] journal mode: wal" in result.output, result.output
+
+
 KILLED_WRITER = textwrap.dedent(
     """
     import os, sys

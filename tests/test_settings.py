@@ -88,6 +88,20 @@ def test_config_set_refuses_internal_keys(runner, store, tmp_path, key):
     assert runner.invoke(cli, ["key", "status", *store]).exit_code == 0
 
 
+@pytest.mark.parametrize(
+    ("key", "known"),
+    [("KEY_FINGERPRINT_V1", "key_fingerprint_v1"), ("Encryption_Key_Version", "encryption_key_version"),
+     ("Log_Retention_Days", "log_retention_days"), (" max_crash_count", "max_crash_count")],
+)
+def test_config_set_refuses_a_key_that_differs_from_a_known_one_only_in_case_or_spaces(runner, store, tmp_path, key, known):
+    before = digest(tmp_path)
+    result = runner.invoke(cli, ["config", "set", key, "5", *store])
+    assert (result.exit_code, result.stdout, result.stderr) == (
+        1, "", f"Error: config {key!r} is not kissbot's {known}: write it as {known}\n",
+    )
+    assert digest(tmp_path) == before
+
+
 def test_set_config_checks_known_keys_and_keeps_other_keys_free(mgr):
     with pytest.raises(ConfigurationError, match="^config encryption_key_version is kept by kissbot"):
         mgr.set_config("encryption_key_version", 2)
