@@ -354,7 +354,7 @@ def test_ctrl_c_while_polling_stores_nothing(tmp_path, fake_twitch, sqlite_url, 
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 1
-    assert err == "\nAborted!\n"
+    assert err.endswith("\nAborted!\n"), err  # a KeyboardInterrupt Python ignored in a finalizer may precede it
     assert out.splitlines()[-1] == "Waiting for the authorization on Twitch (Ctrl-C to cancel)..."
     assert digests(tmp_path) == files
     [(device_code, _)] = fake_twitch.device_codes

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import click
@@ -41,6 +44,31 @@ def _print_qr(uri: str, required: bool) -> None:
             raise click.ClickException("--qr needs the segno package: pip install 'kissbot[qr]'") from None
         return
     segno.make(uri, error="l").terminal(out=sys.stdout, compact=True, border=1)
+
+
+@contextmanager
+def _interruptible_sleep() -> Iterator[Callable[[float], None]]:
+    """A ``sleep`` for the polling loop that Ctrl-C always ends.
+
+    Ctrl-C raises KeyboardInterrupt where it lands, as usual, and also sets a
+    flag: if that KeyboardInterrupt was swallowed (raised inside a finalizer,
+    which Python reports and ignores), the next wait between two polls raises it.
+    """
+    interrupted = threading.Event()
+
+    def on_sigint(signum: int, frame: object) -> None:
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    def sleep(seconds: float) -> None:
+        if interrupted.wait(seconds):
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield sleep
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @cli.command("auth")
@@ -110,7 +138,9 @@ def auth(
         if not targets:
             click.echo("No token needs reauthorization.")
             return
-    with TwitchAuth.from_env(client_id=client_id, client_secret=client_secret) as twitch:
+    with _interruptible_sleep() as sleep, TwitchAuth.from_env(
+        client_id=client_id, client_secret=client_secret, sleep=sleep
+    ) as twitch:
         for target_login, token_type, scope_list in targets:
             click.echo(f"Authorizing {target_login} ({token_type} token, scopes {' '.join(scope_list) or '(none)'}).")
             authorization = obtain_tokens(
