@@ -42,12 +42,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from email.utils import parsedate_to_datetime
 from enum import Enum
+from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
@@ -377,27 +378,28 @@ class TokenRefresher:
         if not due_tokens:
             return []
         claimed: dict[_Row, Future[TokenResult | None]] = {}
+        finished: SimpleQueue[Future[TokenResult | None]] = SimpleQueue()
         with ThreadPoolExecutor(self.concurrency, thread_name_prefix="kissbot-refresh") as pool:
-            running: set[Future[TokenResult | None]] = set()
+            running = 0
             more = True
             try:
                 while True:
                     # Keep between one and two rounds of work queued: claims come in batches.
-                    if more and not ctx.halted() and len(running) <= self.concurrency:
-                        limit = 2 * self.concurrency - len(running)
+                    if more and not ctx.halted() and running <= self.concurrency:
+                        limit = 2 * self.concurrency - running
                         with self._writer.begin() as conn:
                             rows = TokenRepository(conn).claim_due(self.owner, self.lease_ttl, ctx.window / 60, limit)
                         taken = time.monotonic()
                         more = len(rows) == limit
                         for row in rows:
                             lease = _Lease(_Row(row["user_id"], row["twitch_login"], row["token_type"]), taken)
-                            claimed[lease.row] = pool.submit(self._task, self._refresh_due_token, lease.row, ctx, lease)
-                            running.add(claimed[lease.row])
+                            future = claimed[lease.row] = pool.submit(self._task, self._refresh_due_token, lease.row, ctx, lease)
+                            future.add_done_callback(finished.put)
+                        running += len(rows)
                     if not running:
                         break
-                    done, running = wait(running, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        future.result()  # an error that ends the pass
+                    finished.get().result()  # an error ends the pass
+                    running -= 1
             except BaseException:
                 ctx.halt.set()
                 raise
