@@ -281,6 +281,9 @@ _CLAIMED = (
     .join(users, users.c.id == _t.user_id)
     .order_by(_t.expires_at, _t.id)
 )
+_CLAIMED_CIPHERTEXT = _CLAIMED.add_columns(
+    _t.updated_at, ciphertext(_t.access_token_encrypted), ciphertext(_t.refresh_token_encrypted)
+)
 _TO_VALIDATE = (
     select(_t.user_id, _t.token_type, users.c.twitch_login, _t.expires_at, _t.last_validated)
     .join(users, users.c.id == _t.user_id)
@@ -560,7 +563,7 @@ class TokenRepository:
         return self._take_lease(where, owner, ttl, now) == 1
 
     def claim_due(
-        self, owner: str, ttl: float, buffer_minutes: float = 10, limit: int = 100
+        self, owner: str, ttl: float, buffer_minutes: float = 10, limit: int = 100, *, with_ciphertext: bool = False
     ) -> list[dict[str, Any]]:
         """Take the refresh lease of up to ``limit`` due tokens for ``ttl`` seconds and return them.
 
@@ -569,7 +572,10 @@ class TokenRepository:
         expired: a live lease, even ``owner``'s own, is not handed out again.
         Rows come soonest-expiring first with ``user_id``, ``token_type``,
         ``twitch_login``, ``expires_at``, ``refresh_failures`` and ``version``;
-        nothing is decrypted. Two claimers never get the same row, and on
+        nothing is decrypted. With ``with_ciphertext``, rows also hold ``updated_at``
+        and the stored Fernet text of both tokens (``access_token_encrypted``,
+        ``refresh_token_encrypted``), for the caller to decrypt row by row
+        (one undecryptable row then fails only itself). Two claimers never get the same row, and on
         PostgreSQL a claimer skips the rows another is claiming instead of
         waiting for them (``FOR UPDATE SKIP LOCKED``; SQLite renders no locking
         clause, its ``BEGIN IMMEDIATE`` already lets one claimer in at a time).
@@ -590,7 +596,8 @@ class TokenRepository:
         if not ids:
             return []
         self._take_lease(_t.id.in_(ids), owner, ttl, now)
-        return _all(self.db.execute(_CLAIMED.where(_t.id.in_(ids))))
+        claimed = _CLAIMED_CIPHERTEXT if with_ciphertext else _CLAIMED
+        return _all(self.db.execute(claimed.where(_t.id.in_(ids))))
 
     def release_refresh(self, user_id: int, owner: str, *, token_type: str = "bot", validated: bool = False) -> bool:
         """Give back ``owner``'s refresh lease; False if it did not hold it (any more).
