@@ -44,7 +44,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from email.utils import parsedate_to_datetime
@@ -329,11 +329,6 @@ class TokenRefresher:
             raise MissingClientCredentials(f"no Twitch client id: set {CLIENT_ID_ENV}")
         self.engine: Engine = store if isinstance(store, Engine) else store.engine
         self._writer = writer(self.engine)
-        # SQLite has one writer at a time: this process's threads queue here for it, woken as soon as it is free,
-        # instead of sleeping in SQLite's busy handler (1, 2, 5, 10… ms) while another of them holds it.
-        self._one_writer: AbstractContextManager[Any] = (
-            threading.Lock() if self.engine.dialect.name == "sqlite" else nullcontext()
-        )
         self.client_id = client_id
         self._client_secret = client_secret or None
         self.token_url = token_url
@@ -344,6 +339,15 @@ class TokenRefresher:
         self.validate_interval = validate_interval
         self.concurrency = check_count(concurrency, "concurrency", minimum=1, maximum=MAX_CONCURRENCY)
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # Write transactions open at once. SQLite has one writer: this process's threads queue here for it, woken
+        # as soon as it is free, instead of polling in SQLite's busy handler (1, 2, 5, 10… ms). Elsewhere, as many
+        # as the engine's pool keeps connections: more would open connections that the pool closes again.
+        pool_size = getattr(self.engine.pool, "size", None)
+        if self.engine.dialect.name == "sqlite":
+            writers = 1
+        else:
+            writers = pool_size() if callable(pool_size) else self.concurrency
+        self._writers = threading.BoundedSemaphore(max(1, writers))
         self._owns_http = http is None
         if http is None:
             tls = httpx.create_ssl_context()
@@ -571,7 +575,7 @@ class TokenRefresher:
     @contextmanager
     def _transaction(self) -> Iterator[Connection]:
         """A write transaction (``BEGIN IMMEDIATE`` on SQLite), committed when the block succeeds."""
-        with self._one_writer, self._writer.begin() as conn:
+        with self._writers, self._writer.begin() as conn:
             yield conn
 
     @contextmanager
