@@ -17,11 +17,14 @@ synchronous :class:`httpx.Client`: measured against asyncio with httpx's async
 client, it used 2-4x less CPU for the same requests and is as fast, and the
 database calls stay synchronous). Due tokens are claimed in batches with the
 repository's ``claim_due``, which takes each row's refresh lease (``FOR UPDATE
-SKIP LOCKED`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), so many processes
-split the due tokens instead of racing for them; a token is refreshed only
-under its lease and only if it still needs it, so each due token is refreshed
-once per cycle. The new tokens, the audit event, ``last_validated`` and the
-lease's release are one transaction. Twitch rejecting a refresh token (400/401)
+SKIP LOCKED`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite) and returns the
+stored tokens with it, so many processes split the due tokens instead of racing
+for them; a token is refreshed only under its lease, and its new tokens are
+stored only if the row is still at the version claimed (compare-and-set), so
+each due token is refreshed once per cycle. The new tokens, the audit event,
+``last_validated`` and the lease's release are one transaction; a refresher
+keeps no more write transactions open at once than its engine's pool keeps
+connections (one on SQLite, which has one writer). Twitch rejecting a refresh token (400/401)
 marks the token for reauth at once; a 429 saying when the rate limit resets
 pauses every request of the refresher until then; 5xx, timeouts, connection
 errors (and a 429 without a reset time) count a ``refresh_failures`` and back
@@ -692,7 +695,7 @@ class TokenRefresher:
             # Twitch may keep the refresh token; either way the new access token is stored.
             refresh = refresh or tokens["refresh_token"]
             try:
-                with self._writing(lease, validated=True) as conn:
+                with self._transaction() as conn:
                     TokenRepository(conn).store_tokens(
                         row.user_id,
                         access,
@@ -701,7 +704,9 @@ class TokenRefresher:
                         scopes,  # None keeps the stored ones (the version check makes them the ones read)
                         token_type=row.token_type,
                         expected_version=tokens["version"],
+                        release_lease=self.owner,
                     )
+                lease.released = True
             except StaleTokens:
                 return self._done(row, Outcome.STALE, "another writer stored newer tokens meanwhile; kept them")
             return self._done(row, Outcome.REFRESHED, f"expires in {expires_in}s")
