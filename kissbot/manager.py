@@ -26,7 +26,6 @@ from kissbot.migrations import ensure_schema
 from kissbot.repo import AuditRepository, ConfigRepository, InstanceRepository, TokenRepository, UserRepository
 from kissbot.types import attach_cipher
 from kissbot.urls import shown, sqlite_path, to_url
-from kissbot.validation import check_id
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -225,7 +224,6 @@ class DatabaseManager:
 
     def get_tokens(self, user_id: int, *, token_type: str = "bot") -> dict[str, Any] | None:
         """The decrypted tokens of ``user_id`` (of ``token_type``), or None."""
-        check_id(user_id)
         with self._read() as conn:
             return TokenRepository(conn).get_tokens(user_id, token_type=token_type)
 
