@@ -60,7 +60,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from kissbot import __version__, settings
-from kissbot.engine import read_connection, writer
+from kissbot.engine import read_connection, write_transaction
 from kissbot.errors import (
     ClientCredentialsRejected,
     DatabaseError,
@@ -331,7 +331,6 @@ class TokenRefresher:
         if not client_id:
             raise MissingClientCredentials(f"no Twitch client id: set {CLIENT_ID_ENV}")
         self.engine: Engine = store if isinstance(store, Engine) else store.engine
-        self._writer = writer(self.engine)
         self.client_id = client_id
         self._client_secret = client_secret or None
         self.token_url = token_url
@@ -577,8 +576,8 @@ class TokenRefresher:
 
     @contextmanager
     def _transaction(self) -> Iterator[Connection]:
-        """A write transaction (``BEGIN IMMEDIATE`` on SQLite), committed when the block succeeds."""
-        with self._writers, self._writer.begin() as conn:
+        """A write transaction (``BEGIN IMMEDIATE`` at its first statement on SQLite), committed when the block succeeds."""
+        with self._writers, write_transaction(self.engine) as conn:
             yield conn
 
     @contextmanager
