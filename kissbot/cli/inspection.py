@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -97,26 +97,30 @@ def users(store: StoreTarget, limit: int | None, as_json: bool) -> None:
 def tokens(ctx: click.Context, store: StoreTarget, reveal: bool, limit: int | None, as_json: bool) -> None:
     """List each user's tokens: expiry, needs_reauth, refresh failures (alone), or store tokens (`set`).
 
-    Token values are masked to their first 4 characters unless --reveal.
+    The listing reads no token value and needs no key file; --reveal
+    decrypts and prints the full values (a row whose values do not decrypt
+    says so).
 
     \b
     Example:
         kissbot tokens --db kissbot.db
         kissbot tokens --json --limit 100
+        kissbot tokens --reveal --json --key-file /etc/kissbot/kissbot.key
         kissbot tokens set serda_bot --expires-in 14400 --db kissbot.db
     """
     _refuse_group_store_options(ctx)
     if ctx.invoked_subcommand:
         return
-    with store.open(create=False) as mgr, mgr.engine.connect() as conn:
+    with store.open(create=False, need_key=reveal) as mgr, mgr.engine.connect() as conn:
         if reveal:
             click.echo("Warning: printing full OAuth tokens; anyone who sees them can act as these users.", err=True)
-        rows = _shown_tokens(TokenRepository(conn).iter_tokens(decrypt=True, limit=limit), reveal)
+        rows = TokenRepository(conn).iter_tokens(decrypt=reveal, limit=limit)
         if as_json:
             echo_json_rows(rows)
             return
+        values = ["access_token", "refresh_token"] if reveal else []
         _table(
-            ["login", "type", "expires_at", "needs_reauth", "failures", "access_token", "refresh_token"],
+            ["login", "type", "expires_at", "needs_reauth", "failures", *values],
             (
                 [
                     r["twitch_login"],
@@ -124,21 +128,11 @@ def tokens(ctx: click.Context, store: StoreTarget, reveal: bool, limit: int | No
                     f"{_cell(r['expires_at'])} (expired)" if r["expired"] else r["expires_at"],
                     r["needs_reauth"],
                     r["refresh_failures"],
-                    "(does not decrypt)" if r["decrypt_error"] else r["access_token"],
-                    "(does not decrypt)" if r["decrypt_error"] else r["refresh_token"],
+                    *(["(does not decrypt)" if r["decrypt_error"] else r[v] for v in values]),
                 ]
                 for r in rows
             ),
         )
-
-
-def _shown_tokens(rows: Iterable[dict[str, Any]], reveal: bool) -> Iterator[dict[str, Any]]:
-    for row in rows:
-        if not reveal:
-            for key in ("access_token", "refresh_token"):
-                if row[key] is not None:
-                    row[key] = mask_secret(row[key])
-        yield row
 
 
 def _read_tokens() -> tuple[str, str]:
