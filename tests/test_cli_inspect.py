@@ -241,10 +241,20 @@ def test_instances_list_and_reset(runner, store, store_url, tmp_path):
 
     missing = runner.invoke(cli, ["instances", "reset", "999", *store])
     assert (missing.exit_code, missing.stderr) == (1, "Error: no instance with id 999\n")
-    for misplaced_args in (store, ["-v"]):
-        misplaced = runner.invoke(cli, ["instances", *misplaced_args, "reset", str(instance["id"]), *store])
-        assert misplaced.exit_code == 1 and len(misplaced.stderr.splitlines()) == 1
-        assert "give --db/--url/--key-file/-v after the subcommand" in misplaced.stderr
+
+
+
+def test_options_given_to_a_subgroup_reach_its_subcommands(runner, store, tmp_path, monkeypatch):
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")  # no kissbot.db here: a subcommand that dropped them would say so
+    for args in (["instances", *store, "reset", "1"], ["instances", "--db", "nope.db", "reset", "1", *store]):
+        result = runner.invoke(cli, args)
+        assert (result.exit_code, result.stdout) == (0, "Instance 1 reset: status stopped, crash count 0\n"), result.output
+    verbose = runner.invoke(cli, ["instances", "-v", *store, "reset", "999"])
+    assert verbose.exit_code == 1 and "Traceback" in verbose.stderr and verbose.stderr.endswith("Error: no instance with id 999\n")
+    stored = runner.invoke(cli, ["tokens", *store, "set", "el_serda", "--expires-in", "60"], input="new-access\nnew-refresh\n")
+    assert (stored.exit_code, stored.stdout) == (0, "Stored bot tokens of el_serda (new-…), expiring in 60 s\n"), stored.output
+    assert list((tmp_path / "work").iterdir()) == []
 
 
 def test_audit_filters(runner, store):

@@ -63,6 +63,19 @@ def test_a_bad_url_is_refused_in_one_line_without_its_password_and_writes_nothin
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
+@pytest.mark.parametrize(("option", "where"), [("--url", "sqlite://"), ("--url", "sqlite:///"), ("--db", ":memory:")])
+@pytest.mark.parametrize("command", [["users"], ["init-db"], ["tokens", "--reveal"], ["cleanup-logs"]], ids=" ".join)
+def test_an_in_memory_database_is_refused_in_one_line(runner, tmp_path, monkeypatch, option, where, command):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(cli, [*command, option, where])
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == (
+        f"Error: {where} is an in-memory SQLite database, empty and gone when the command ends: "
+        "give a file (--db PATH, or --url sqlite:///PATH) or a PostgreSQL URL\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_url_typo_given_as_a_path_is_refused_too(runner, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(cli, ["init-db", "--db", TYPO])
