@@ -190,3 +190,17 @@ def test_every_command_taking_url_refuses_a_bad_one_in_one_line_and_writes_nothi
         ), (command, result.output)
         assert result.output.count("\n") == 1 and "S3C" not in result.output and "RETPW" not in result.output
         assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.yaml"], command
+
+
+def test_maintenance_and_metrics_need_an_existing_file_backed_store(tmp_path):
+    from kissbot.errors import DatabaseError, NoDatabase
+    from kissbot.maintenance import open_existing
+    from kissbot.metrics import open_engine
+
+    for open_store, in_memory in ((open_existing, DatabaseError), (open_engine, ConfigurationError)):
+        for where in ("sqlite://", ":memory:"):
+            with pytest.raises(in_memory, match="^an in-memory database"):
+                open_store(where)
+        with pytest.raises(NoDatabase, match=f"^database {tmp_path}/nope.db does not exist; create it with kissbot init-db$"):
+            open_store(tmp_path / "nope.db")
+    assert list(tmp_path.iterdir()) == []
