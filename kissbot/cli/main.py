@@ -263,7 +263,7 @@ def _store_option_list(*, command: bool) -> list[Callable[[Any], Any]]:
     ]
 
 
-def given_before(ctx: click.Context, name: str) -> tuple[bool, Any]:
+def _given_before(ctx: click.Context, name: str) -> tuple[bool, Any]:
     """The value of a store option given on the command line before the command (``kissbot --db X users``)."""
     parent = ctx.parent
     while parent is not None:
@@ -276,7 +276,7 @@ def given_before(ctx: click.Context, name: str) -> tuple[bool, Any]:
 def refuse_store_options_before(ctx: click.Context, command: str, hint: str) -> None:
     """Refuse the store options given before a command that takes none (``kissbot --db X copy`` would ignore it)."""
     for option in ctx.find_root().command.params:
-        if option.name in _STORE_PARAMS and given_before(ctx, option.name)[0]:
+        if option.name in _STORE_PARAMS and _given_before(ctx, option.name)[0]:
             raise click.UsageError(f"kissbot {command} does not take {option.opts[0]}: {hint}")
 
 
@@ -293,7 +293,7 @@ def store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         values = {name: kwargs.pop(name) for name in _STORE_PARAMS}
         for name in _STORE_PARAMS:
             if ctx.get_parameter_source(name) is not click.core.ParameterSource.COMMANDLINE:
-                given, value = given_before(ctx, name)
+                given, value = _given_before(ctx, name)
                 if given:
                     values[name] = value
         return fn(*args, store=StoreTarget(**values), **kwargs)
