@@ -174,7 +174,7 @@ def bench_listing(ctx: Context) -> list[Row]:
             kr, fr = max(x[2] for x in k), max(x[2] for x in f)
             floor = "raw driver + Fernet + json" if reveal else "raw driver + json, no decryption"
             out.append(Row(
-                f"`kissbot {' '.join(command)}`, {s.list_rows:,} tokens, {backend}: whole process, CPU time (wall), "
+                f"`kissbot {' '.join(command)}`, {backend}, {s.list_rows:,} tokens: whole process, CPU time (wall), "
                 "peak RSS",
                 f"{kc:,.2f} s CPU ({kw:,.2f} s), {kr:,.0f} MB", f"{fc:,.2f} s CPU ({fw:,.2f} s), {fr:,.0f} MB ({floor})",
                 kc / fc, "≤ 2x floor, peak RSS ≤ 100 MB", kc <= 2 * fc and kr <= 100,
