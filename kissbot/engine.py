@@ -24,6 +24,7 @@ import functools
 import logging
 import os
 import sqlite3
+import threading
 import time
 import weakref
 from collections.abc import Iterator
@@ -179,10 +180,11 @@ def read_connection(engine: Engine) -> Iterator[Connection]:
     before it.
     """
     with engine.connect() as conn:
-        if engine.dialect.name == "sqlite":
-            yield conn.execution_options(**{_AUTOCOMMIT: True})
-        else:
-            yield conn.execution_options(isolation_level="AUTOCOMMIT")
+        yield conn.execution_options(**_read_options(engine))
+
+
+def _read_options(engine: Engine) -> dict[str, Any]:
+    return {_AUTOCOMMIT: True} if engine.dialect.name == "sqlite" else {"isolation_level": "AUTOCOMMIT"}
 
 
 @contextmanager
@@ -196,6 +198,76 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
     with engine.connect() as conn:
         yield conn.execution_options(**_WRITE)
         conn.commit()
+
+
+class HeldConnection:
+    """One connection of ``engine`` kept open between uses, for reads or for write transactions.
+
+    Each use of a fresh connection (:func:`read_connection`,
+    :func:`write_transaction`) pays a pool checkout, SQLAlchemy's set-up of the
+    connection's events and a check-in: as much CPU as a one-row read itself. A
+    :class:`~kissbot.manager.DatabaseManager` keeps one of each kind instead.
+    Calling it gives the held connection to one thread at a time; a thread that
+    finds it in use gets a fresh connection of the pool, so threads never wait
+    for each other here. Between uses the held connection is in no transaction:
+    a read runs outside one (as on :func:`read_connection`), a write transaction
+    is committed at the end of its use. A use that raises closes it (rolling
+    back what it began) and the next use opens a new one. After ``os.fork()``
+    the child forgets an inherited one as the engine forgets its pool.
+    """
+
+    __slots__ = ("_engine", "_write", "_lock", "_conn", "__weakref__")
+
+    def __init__(self, engine: Engine, *, write: bool) -> None:
+        self._engine = engine
+        self._write = write
+        self._lock = threading.Lock()
+        self._conn: Connection | None = None
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=functools.partial(_forget_inherited, weakref.ref(self)))
+
+    @contextmanager
+    def __call__(self) -> Iterator[Connection]:
+        if not self._lock.acquire(blocking=False):
+            with (write_transaction if self._write else read_connection)(self._engine) as conn:
+                yield conn
+            return
+        try:
+            conn = self._conn
+            if conn is None:
+                options = _WRITE if self._write else _read_options(self._engine)
+                conn = self._conn = self._engine.connect().execution_options(**options)
+            try:
+                yield conn
+                if self._write:
+                    conn.commit()
+            except BaseException:
+                self._conn = None
+                conn.close()
+                raise
+        finally:
+            self._lock.release()
+
+    def close(self) -> None:
+        """Close the held connection (returned to the pool); the next use opens a new one."""
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def _forget(self) -> None:
+        # In a freshly forked child, as _drop_inherited_connections: the
+        # parent's connection is dropped, and closed on SQLite only.
+        self._lock = threading.Lock()
+        conn, self._conn = self._conn, None
+        if conn is not None and self._engine.dialect.name == "sqlite":
+            conn.invalidate()
+
+
+def _forget_inherited(ref: weakref.ref[HeldConnection]) -> None:
+    held = ref()
+    if held is not None:
+        held._forget()
 
 
 def _ensure_wal(cursor: sqlite3.Cursor, busy_timeout_ms: int) -> None:
