@@ -34,7 +34,7 @@ from typing import Any
 
 import sqlalchemy
 from sqlalchemy import event
-from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext
 from sqlalchemy.pool import StaticPool
 
 from kissbot import dberrors
@@ -212,19 +212,27 @@ class HeldConnection:
     for each other here. Between uses the held connection is in no transaction:
     a read runs outside one (as on :func:`read_connection`), a write transaction
     is committed at the end of its use. A use that raises closes it (rolling
-    back what it began) and the next use opens a new one. After ``os.fork()``
-    the child forgets an inherited one as the engine forgets its pool.
+    back what it began) and the next use opens a new one; so does the next use
+    after any connection of the engine lost the server (a restart ended every
+    session), as SQLAlchemy's pool replaces its connections then. After
+    ``os.fork()`` the child forgets an inherited one as the engine forgets its pool.
     """
 
-    __slots__ = ("_engine", "_write", "_lock", "_conn", "__weakref__")
+    __slots__ = ("_engine", "_write", "_lock", "_conn", "_stale", "__weakref__")
 
     def __init__(self, engine: Engine, *, write: bool) -> None:
         self._engine = engine
         self._write = write
         self._lock = threading.Lock()
         self._conn: Connection | None = None
+        self._stale = False
+        event.listen(engine, "handle_error", self._on_error)
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=functools.partial(_forget_inherited, weakref.ref(self)))
+
+    def _on_error(self, context: ExceptionContext) -> None:
+        if context.is_disconnect:
+            self._stale = True
 
     @contextmanager
     def __call__(self) -> Iterator[Connection]:
@@ -234,7 +242,12 @@ class HeldConnection:
             return
         try:
             conn = self._conn
+            if conn is not None and self._stale:
+                conn.invalidate()  # its session may be gone: closed without a word to the server
+                conn.close()
+                conn = self._conn = None
             if conn is None:
+                self._stale = False
                 options = _WRITE if self._write else _read_options(self._engine)
                 conn = self._conn = self._engine.connect().execution_options(**options)
             try:

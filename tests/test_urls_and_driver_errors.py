@@ -105,6 +105,25 @@ def test_a_terminated_backend_raises_database_unavailable_then_the_store_reconne
         assert mgr.get_user_by_login("serda_bot")["id"] == uid
 
 
+def test_after_a_server_restart_one_call_fails_then_reads_and_writes_reconnect(postgresql_url, tmp_path):
+    with DatabaseManager(url=postgresql_url, key_file=tmp_path / "k") as mgr:
+        uid = mgr.create_user("1", "serda_bot")
+        mgr.close()
+        pids: list[int] = []
+        sqlalchemy.event.listen(mgr.engine, "connect", lambda dbapi_conn, _record: pids.append(dbapi_conn.info.backend_pid))
+        mgr.store_tokens(uid, "access", "refresh", 3600)
+        assert mgr.get_tokens(uid)["access_token"] == "access"
+        admin = sqlalchemy.create_engine(postgresql_url)
+        with admin.begin() as conn:  # every session of the store ends, as in a restart
+            for pid in pids:
+                assert conn.exec_driver_sql(f"SELECT pg_terminate_backend({pid})").scalar_one() is True
+        admin.dispose()
+        with pytest.raises(DatabaseUnavailable, match="^cannot open database "):
+            mgr.get_tokens(uid)
+        mgr.store_tokens(uid, "access-2", "refresh-2", 3600)
+        assert mgr.get_tokens(uid)["access_token"] == "access-2"
+
+
 def test_tokens_behind_another_sessions_lock_ends_with_one_line(runner, postgresql_url, tmp_path):
     key = tmp_path / "k"
     with DatabaseManager(url=postgresql_url, key_file=key, busy_timeout_ms=500) as mgr:
