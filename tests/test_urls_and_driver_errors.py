@@ -63,6 +63,19 @@ def test_a_bad_url_is_refused_in_one_line_without_its_password_and_writes_nothin
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
+@pytest.mark.parametrize(("option", "where"), [("--url", "sqlite://"), ("--url", "sqlite:///"), ("--db", ":memory:")])
+@pytest.mark.parametrize("command", [["users"], ["init-db"], ["tokens", "--reveal"], ["cleanup-logs"]], ids=" ".join)
+def test_an_in_memory_database_is_refused_in_one_line(runner, tmp_path, monkeypatch, option, where, command):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(cli, [*command, option, where])
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == (
+        f"Error: {where} is an in-memory SQLite database, empty and gone when the command ends: "
+        "give a file (--db PATH, or --url sqlite:///PATH) or a PostgreSQL URL\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_url_typo_given_as_a_path_is_refused_too(runner, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(cli, ["init-db", "--db", TYPO])
@@ -91,18 +104,34 @@ def test_a_closed_port_raises_database_unavailable_from_the_driver_error(tmp_pat
     assert "S3CRETPW" not in str(raised.value)
 
 
-def test_a_terminated_backend_raises_database_unavailable_then_the_store_reconnects(postgresql_url, tmp_path):
+def test_terminated_backends_raise_database_unavailable_once_then_reads_and_writes_reconnect(postgresql_url, tmp_path):
     with DatabaseManager(url=postgresql_url, key_file=tmp_path / "k") as mgr:
         uid = mgr.create_user("1", "serda_bot")
-        with mgr.engine.connect() as conn:
-            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
-        admin = sqlalchemy.create_engine(postgresql_url)
-        with admin.begin() as conn:
-            assert conn.exec_driver_sql(f"SELECT pg_terminate_backend({pid})").scalar_one() is True
-        admin.dispose()
+        mgr.close()
+        pids: list[int] = []
+        sqlalchemy.event.listen(mgr.engine, "connect", lambda dbapi_conn, _record: pids.append(dbapi_conn.info.backend_pid))
+
+        def restart() -> None:  # every session of the store ends, as in a server restart
+            admin = sqlalchemy.create_engine(postgresql_url)
+            with admin.begin() as conn:
+                for pid in pids:
+                    assert conn.exec_driver_sql(f"SELECT pg_terminate_backend({pid})").scalar_one() is True
+            admin.dispose()
+            pids.clear()
+
+        mgr.store_tokens(uid, "access", "refresh", 3600)
+        restart()
         with pytest.raises(DatabaseUnavailable, match="^cannot open database "):
-            mgr.get_user_by_login("serda_bot")
-        assert mgr.get_user_by_login("serda_bot")["id"] == uid
+            mgr.get_tokens(uid)
+        mgr.store_tokens(uid, "access-2", "refresh-2", 3600)
+        assert mgr.get_tokens(uid)["access_token"] == "access-2"
+        with mgr.session() as session:  # a pooled connection beside the one the manager keeps
+            session.execute(sqlalchemy.text("SELECT 1"))
+        restart()
+        with pytest.raises(DatabaseUnavailable, match="^cannot open database "), mgr.session() as session:
+            session.execute(sqlalchemy.text("SELECT 1"))
+        assert mgr.get_tokens(uid)["access_token"] == "access-2"  # the manager's connection, lost too, was replaced
+        mgr.store_tokens(uid, "access-3", "refresh-3", 3600)
 
 
 def test_tokens_behind_another_sessions_lock_ends_with_one_line(runner, postgresql_url, tmp_path):
@@ -177,3 +206,17 @@ def test_every_command_taking_url_refuses_a_bad_one_in_one_line_and_writes_nothi
         ), (command, result.output)
         assert result.output.count("\n") == 1 and "S3C" not in result.output and "RETPW" not in result.output
         assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.yaml"], command
+
+
+def test_maintenance_and_metrics_need_an_existing_file_backed_store(tmp_path):
+    from kissbot.errors import DatabaseError, NoDatabase
+    from kissbot.maintenance import open_existing
+    from kissbot.metrics import open_engine
+
+    for open_store, in_memory in ((open_existing, DatabaseError), (open_engine, ConfigurationError)):
+        for where in ("sqlite://", ":memory:"):
+            with pytest.raises(in_memory, match="^an in-memory database"):
+                open_store(where)
+        with pytest.raises(NoDatabase, match=f"^database {tmp_path}/nope.db does not exist; create it with kissbot init-db$"):
+            open_store(tmp_path / "nope.db")
+    assert list(tmp_path.iterdir()) == []
