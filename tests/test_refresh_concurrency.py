@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -60,6 +61,19 @@ def test_a_proxy_from_the_environment_still_carries_the_requests(mgr, twitch, mo
     monkeypatch.delenv("HTTP_PROXY")
     with refresher(mgr, twitch, concurrency=4, backoff_base=0) as worker:
         assert outcomes(worker.refresh_due()) == [(user, "bot", Outcome.REFRESHED)]
+
+
+def test_the_worker_process_leaves_its_start_up_objects_out_of_the_collector(mgr, twitch, store_url, key_file):
+    seed_due_tokens(mgr, 2)
+    code = (
+        "import gc, sys\nfrom kissbot.cli import cli\n"
+        "try:\n    cli(sys.argv[1:])\nexcept SystemExit as exc:\n    assert exc.code in (0, None), exc.code\n"
+        "print('frozen', gc.get_freeze_count() > 0)"
+    )
+    args = [sys.executable, "-c", code, "refresh-worker", "--once", "--url", store_url, "--key-file", str(key_file)]
+    done = subprocess.run(args, env=worker_env(twitch), capture_output=True, text=True, timeout=PROCESS_TIMEOUT)
+    assert done.stdout.split("\n")[-2:] == ["frozen True", ""], (done.stdout, done.stderr)
+    assert done.stdout.startswith("refreshed=2 ")
 
 
 @pytest.mark.slow
