@@ -65,12 +65,31 @@ class AuditRepository:
         severity: str = "info",
     ) -> None:
         """Append one audit event. ``details`` must not hold tokens or keys."""
+        self.append(self.event(event_type, user_id, channel_id, details, severity))
+
+    def event(
+        self,
+        event_type: str,
+        user_id: int | None = None,
+        channel_id: int | None = None,
+        details: dict[str, Any] | None = None,
+        severity: str = "info",
+        *,
+        secrets: Iterable[str] = (),
+    ) -> dict[str, Any]:
+        """The checked row of an audit event, for :meth:`append`.
+
+        A write that makes it before its transaction begins holds no lock
+        while ``details`` are checked and turned into JSON. ``secrets`` (the
+        tokens the write is about to store) are refused in ``details`` as the
+        user's stored tokens are.
+        """
         check.check_text(event_type, "event_type")
         check.check_optional_id(user_id, "user_id")
         check.check_optional_id(channel_id, "channel_id")
         _check_severity(severity)
-        details_json = check.audit_details_json(details, lambda: _stored_secrets(self.db, user_id))
-        row = {
+        details_json = check.audit_details_json(details, lambda: [*secrets, *_stored_secrets(self.db, user_id)])
+        return {
             "event_type": event_type,
             "user_id": user_id,
             "channel_id": channel_id,
@@ -78,9 +97,13 @@ class AuditRepository:
             "severity": severity,
             "timestamp": utcnow(),
         }
+
+    def append(self, event: dict[str, Any]) -> None:
+        """Insert an :meth:`event` row; raise :class:`UserNotFound` if its user or channel does not exist."""
         try:
-            self.db.execute(_INSERT_AUDIT, row)
+            self.db.execute(_INSERT_AUDIT, event)
         except IntegrityError as exc:
+            user_id, channel_id = event["user_id"], event["channel_id"]
             raise UserNotFound(f"no user with id {user_id if channel_id is None else f'{user_id} or {channel_id}'}") from exc
 
     def log_events(

@@ -419,6 +419,13 @@ class TokenRepository:
             "b_key_version": cipher_of(_dialect(self.db)).current_version,
             "b_version": expected_version,
         }
+        audit = AuditRepository(self.db)
+        event = audit.event(
+            "tokens_refreshed",
+            user_id=user_id,
+            details={"token_type": token_type, "expires_in": expires_in, "scopes": scopes},
+            secrets=(access_token, refresh_token),
+        )
         write = _REPLACE if expected_version is None else _REPLACE_IF_VERSION
         created = self.db.execute(write, params).rowcount == 0
         if created:
@@ -444,11 +451,9 @@ class TokenRepository:
                     ) from exc
                 self.db.execute(_REPLACE, params)
                 created = False
-        AuditRepository(self.db).log_event(
-            "tokens_created" if created else "tokens_refreshed",
-            user_id=user_id,
-            details={"token_type": token_type, "expires_in": expires_in, "scopes": list(scopes) if scopes is not None else None},
-        )
+        if created:
+            event["event_type"] = "tokens_created"
+        audit.append(event)
         return created
 
     def store_many_tokens(
