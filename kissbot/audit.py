@@ -65,45 +65,38 @@ class AuditRepository:
         severity: str = "info",
     ) -> None:
         """Append one audit event. ``details`` must not hold tokens or keys."""
-        self.append(self.event(event_type, user_id, channel_id, details, severity))
+        check.check_optional_id(user_id, "user_id")
+        self.append(event_type, user_id, channel_id, self.details_json(details, user_id), severity)
 
-    def event(
-        self,
-        event_type: str,
-        user_id: int | None = None,
-        channel_id: int | None = None,
-        details: dict[str, Any] | None = None,
-        severity: str = "info",
-        *,
-        secrets: Iterable[str] = (),
-    ) -> dict[str, Any]:
-        """The checked row of an audit event, for :meth:`append`.
+    def details_json(
+        self, details: dict[str, Any] | None, user_id: int | None, *, secrets: Iterable[str] = ()
+    ) -> str | None:
+        """``details`` checked and as JSON, for :meth:`append`: neither a secret nor a token stored for ``user_id``.
 
-        A write that makes it before its transaction begins holds no lock
-        while ``details`` are checked and turned into JSON. ``secrets`` (the
-        tokens the write is about to store) are refused in ``details`` as the
-        user's stored tokens are.
+        ``secrets`` (the tokens a write is about to store) are refused as the stored ones are. A write makes
+        its details before its transaction begins: no lock is held while they are checked.
         """
+        return check.audit_details_json(details, lambda: [*secrets, *_stored_secrets(self.db, user_id)])
+
+    def append(
+        self, event_type: str, user_id: int | None, channel_id: int | None, details: str | None, severity: str = "info"
+    ) -> None:
+        """Insert one event whose ``details`` :meth:`details_json` made; :class:`UserNotFound` if a user is missing."""
         check.check_text(event_type, "event_type")
         check.check_optional_id(user_id, "user_id")
         check.check_optional_id(channel_id, "channel_id")
         _check_severity(severity)
-        details_json = check.audit_details_json(details, lambda: [*secrets, *_stored_secrets(self.db, user_id)])
-        return {
+        row = {
             "event_type": event_type,
             "user_id": user_id,
             "channel_id": channel_id,
-            "details": details_json,
+            "details": details,
             "severity": severity,
             "timestamp": utcnow(),
         }
-
-    def append(self, event: dict[str, Any]) -> None:
-        """Insert an :meth:`event` row; raise :class:`UserNotFound` if its user or channel does not exist."""
         try:
-            self.db.execute(_INSERT_AUDIT, event)
+            self.db.execute(_INSERT_AUDIT, row)
         except IntegrityError as exc:
-            user_id, channel_id = event["user_id"], event["channel_id"]
             raise UserNotFound(f"no user with id {user_id if channel_id is None else f'{user_id} or {channel_id}'}") from exc
 
     def log_events(

@@ -420,12 +420,8 @@ class TokenRepository:
             "b_version": expected_version,
         }
         audit = AuditRepository(self.db)
-        event = audit.event(
-            "tokens_refreshed",
-            user_id=user_id,
-            details={"token_type": token_type, "expires_in": expires_in, "scopes": scopes},
-            secrets=(access_token, refresh_token),
-        )
+        details = {"token_type": token_type, "expires_in": expires_in, "scopes": scopes}
+        details_json = audit.details_json(details, user_id, secrets=(access_token, refresh_token))
         write = _REPLACE if expected_version is None else _REPLACE_IF_VERSION
         created = self.db.execute(write, params).rowcount == 0
         if created:
@@ -451,9 +447,7 @@ class TokenRepository:
                     ) from exc
                 self.db.execute(_REPLACE, params)
                 created = False
-        if created:
-            event["event_type"] = "tokens_created"
-        audit.append(event)
+        audit.append("tokens_created" if created else "tokens_refreshed", user_id, None, details_json)
         return created
 
     def store_many_tokens(
