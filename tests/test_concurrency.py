@@ -15,10 +15,12 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 from sqlalchemy import event, func, select
+from sqlalchemy.pool import StaticPool
 
 import _workers
 from kissbot import DatabaseManager
 from kissbot.crypto import generate_key
+from kissbot.engine import create_engine, write_transaction
 from kissbot.urls import sqlite_path, to_url
 from kissbot.errors import DatabaseBusy
 from kissbot.models import audit_log
@@ -208,8 +210,10 @@ def test_a_lock_held_past_busy_timeout_raises_database_busy(sqlite_url, key):
         holder = sqlite3.connect(path, isolation_level=None)
         holder.execute("BEGIN EXCLUSIVE")
         try:
+            t0 = time.monotonic()
             with pytest.raises(DatabaseBusy) as info:
                 mgr.log_event("blocked")
+            assert 0.2 <= time.monotonic() - t0 < TIMEOUT  # the writer waited its whole busy timeout
             assert mgr.get_stats()["audit_log_count"] == 1  # readers are not blocked (WAL)
         finally:
             holder.execute("ROLLBACK")
@@ -267,3 +271,53 @@ def test_two_processes_storing_a_users_first_tokens_at_once(store):
         if compare_and_set:
             (winner,) = [r[1] for r in received if r[0] == uid and r[2] == "stored"]
             assert tokens["refresh_token"] == f"refresh-{winner}"
+
+
+def test_a_writer_that_timed_out_keeps_the_busy_timeout_for_its_other_statements(sqlite_url):
+    # The write lock is waited for outside SQLite's busy handler; the connection's own busy_timeout comes back.
+    path = sqlite_path(to_url(sqlite_url))
+    engine = create_engine(sqlite_url, busy_timeout_ms=200, poolclass=StaticPool)
+    with engine.connect() as conn:  # creates the file, in WAL mode
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 200
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(DatabaseBusy), write_transaction(engine) as conn:
+            conn.exec_driver_sql("CREATE TABLE t (x)")
+        with engine.connect() as conn:  # the same DBAPI connection (StaticPool)
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 200
+    finally:
+        holder.close()
+        engine.dispose()
+
+
+@pytest.mark.slow
+def test_writers_waiting_for_a_lock_holder_killed_with_sigkill_all_go_on(sqlite_url, key):
+    with DatabaseManager(url=sqlite_url, key=key) as mgr:
+        users = [mgr.create_user(str(i), f"user{i}") for i in range(1, 5)]
+    holding, started, results = SPAWN.Event(), SPAWN.Semaphore(0), SPAWN.Queue()
+    holder = SPAWN.Process(target=_workers.lock_holder, args=(str(sqlite_path(to_url(sqlite_url))), holding), daemon=True)
+    holder.start()
+    try:
+        assert holding.wait(TIMEOUT)
+        writers = [SPAWN.Process(target=_workers.waiting_writer, args=(sqlite_url, key, uid, 30_000, started, results),
+                                 daemon=True) for uid in users]
+        for writer in writers:
+            writer.start()
+        for _ in writers:
+            assert started.acquire(timeout=TIMEOUT)
+        time.sleep(0.5)  # the writers are waiting for the lock now
+        assert results.empty()
+        os.kill(holder.pid, signal.SIGKILL)
+        reports = sorted(results.get(timeout=TIMEOUT) for _ in writers)
+    finally:
+        holder.kill()
+        holder.join(TIMEOUT)
+    for writer in writers:
+        writer.join(TIMEOUT)
+    assert [w.exitcode for w in writers] == [0] * len(writers)
+    assert [(uid, error) for uid, _seconds, error in reports] == [(uid, None) for uid in users]
+    assert all(0.5 <= seconds < 30 for _uid, seconds, _error in reports)  # they waited, then got the lock
+    with DatabaseManager(url=sqlite_url, key=key) as mgr:
+        assert [mgr.get_tokens(uid)["refresh_token"] for uid in users] == [f"refresh-{uid}" for uid in users]
+    assert _integrity(sqlite_url) == "ok"
