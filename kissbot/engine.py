@@ -6,9 +6,7 @@ documented recipe for pysqlite) then starts each transaction with ``BEGIN``
 (reads, which never take the write lock) or, on the :func:`writer` engine and
 in :func:`write_transaction`, ``BEGIN IMMEDIATE``, so concurrent writers wait
 up to ``busy_timeout`` instead of failing with SQLITE_BUSY when they upgrade a
-read lock. A writer waiting for the lock tries again after short random
-pauses, not SQLite's busy handler's pauses growing to 100 ms, so no writer
-sleeps through many commits of writers that came after it. On a :func:`read_connection` no transaction is opened at all: each
+read lock. On a :func:`read_connection` no transaction is opened at all: each
 statement is its own (one round trip). On PostgreSQL every session gets the
 same wait as ``lock_timeout``.
 Driver errors are mapped by :mod:`kissbot.dberrors`; paths and URLs are read
@@ -25,12 +23,11 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import random
 import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -273,49 +270,24 @@ def _forget_inherited(ref: weakref.ref[HeldConnection]) -> None:
         held._forget()
 
 
-def _retry_while_busy(attempt: Callable[[], object], busy_timeout_ms: int, pause: Callable[[int], float]) -> None:
-    # Call attempt() until it does not fail with SQLITE_BUSY, sleeping pause(n)
-    # seconds after the n-th failure; past the busy timeout the failure is raised.
-    deadline = time.monotonic() + busy_timeout_ms / 1000
-    failures = 0
-    while True:
-        try:
-            attempt()
-            return
-        except sqlite3.OperationalError as exc:
-            if dberrors.sqlite_code(exc) not in dberrors.SQLITE_BUSY_CODES or time.monotonic() >= deadline:
-                raise
-        time.sleep(min(pause(failures), max(0.0, deadline - time.monotonic())))
-        failures += 1
-
-
 def _ensure_wal(cursor: sqlite3.Cursor, busy_timeout_ms: int) -> None:
     # WAL is persistent, so it is only switched on once per file. The switch
     # needs an exclusive lock and SQLite reports SQLITE_BUSY at once, without
     # its busy handler, when another process holds the new file (several bots
     # creating one store together): retry it within the busy timeout.
-    if cursor.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-        _retry_while_busy(lambda: cursor.execute("PRAGMA journal_mode = WAL"), busy_timeout_ms,
-                          lambda n: min(0.001 * 2**n, 0.05))
-
-
-WRITER_PAUSE_S = (0.0005, 0.002)
-"""Bounds of the random pause of a SQLite writer between two attempts at the write lock."""
-
-
-def _begin_immediate(driver: sqlite3.Connection, busy_timeout_ms: int) -> None:
-    # SQLite's busy handler sleeps 1, 2, 5 ... then 100 ms between attempts: a
-    # writer that has waited a while sleeps through the commits of writers that
-    # came after it, and under contention (16 bot processes on two cores) the
-    # unluckiest wait several times as long as the rest, or time out. Instead a
-    # waiting writer tries again after a short random pause, within the same
-    # busy timeout; the connection keeps SQLite's handler for other statements.
-    driver.execute("PRAGMA busy_timeout = 0")
-    try:
-        _retry_while_busy(lambda: driver.execute("BEGIN IMMEDIATE"), busy_timeout_ms,
-                          lambda _n: random.uniform(*WRITER_PAUSE_S))
-    finally:
-        driver.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    if cursor.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+        return
+    deadline = time.monotonic() + busy_timeout_ms / 1000
+    pause = 0.001
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if dberrors.sqlite_code(exc) not in dberrors.SQLITE_BUSY_CODES or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
 
 
 def create_private_file(path: Path) -> None:
@@ -360,12 +332,8 @@ def _sqlite_sessions(engine: Engine, synchronous: str, busy_timeout_ms: int) -> 
             return
         # Straight to the driver: BEGIN returns nothing, and a SQLAlchemy execution around it cost
         # as much per transaction as the statement that follows. Errors are mapped as handle_error does.
-        driver = conn.connection.driver_connection
         try:
-            if options.get("kissbot_write"):
-                _begin_immediate(driver, busy_timeout_ms)
-            else:
-                driver.execute("BEGIN")
+            conn.connection.driver_connection.execute("BEGIN IMMEDIATE" if options.get("kissbot_write") else "BEGIN")
         except sqlite3.Error as exc:
             mapped = dberrors.sqlite_error(exc, path, busy_timeout_ms)
             if mapped is None:

@@ -15,12 +15,10 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 from sqlalchemy import event, func, select
-from sqlalchemy.pool import StaticPool
 
 import _workers
 from kissbot import DatabaseManager
 from kissbot.crypto import generate_key
-from kissbot.engine import create_engine, write_transaction
 from kissbot.urls import sqlite_path, to_url
 from kissbot.errors import DatabaseBusy
 from kissbot.models import audit_log
@@ -271,24 +269,6 @@ def test_two_processes_storing_a_users_first_tokens_at_once(store):
         if compare_and_set:
             (winner,) = [r[1] for r in received if r[0] == uid and r[2] == "stored"]
             assert tokens["refresh_token"] == f"refresh-{winner}"
-
-
-def test_a_writer_that_timed_out_keeps_the_busy_timeout_for_its_other_statements(sqlite_url):
-    # The write lock is waited for outside SQLite's busy handler; the connection's own busy_timeout comes back.
-    path = sqlite_path(to_url(sqlite_url))
-    engine = create_engine(sqlite_url, busy_timeout_ms=200, poolclass=StaticPool)
-    with engine.connect() as conn:  # creates the file, in WAL mode
-        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 200
-    holder = sqlite3.connect(path, isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")
-    try:
-        with pytest.raises(DatabaseBusy), write_transaction(engine) as conn:
-            conn.exec_driver_sql("CREATE TABLE t (x)")
-        with engine.connect() as conn:  # the same DBAPI connection (StaticPool)
-            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 200
-    finally:
-        holder.close()
-        engine.dispose()
 
 
 @pytest.mark.slow
