@@ -28,13 +28,13 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy
 from sqlalchemy import event
-from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext
 from sqlalchemy.pool import StaticPool
 
 from kissbot import dberrors
@@ -201,45 +201,66 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
 
 
 class HeldConnection:
-    """One connection of ``engine`` kept open between uses, for reads or for write transactions.
+    """The one connection of ``engine`` a :class:`~kissbot.manager.DatabaseManager` keeps between its calls.
 
     Each use of a fresh connection (:func:`read_connection`,
     :func:`write_transaction`) pays a pool checkout, SQLAlchemy's set-up of the
-    connection's events and a check-in: as much CPU as a one-row read itself. A
-    :class:`~kissbot.manager.DatabaseManager` keeps one of each kind instead.
-    Calling it gives the held connection to one thread at a time; a thread that
-    finds it in use gets a fresh connection of the pool, so threads never wait
-    for each other here. Between uses the held connection is in no transaction:
-    a read runs outside one (as on :func:`read_connection`), a write transaction
-    is committed at the end of its use. A use that raises closes it (rolling
-    back what it began) and the next use opens a new one. After ``os.fork()``
-    the child forgets an inherited one as the engine forgets its pool.
+    connection's events and a check-in: as much CPU as a one-row read itself.
+    :meth:`read` and :meth:`write` give the held connection instead, to one
+    thread at a time; a thread that finds it in use gets a fresh connection of
+    the pool, so threads never wait for each other here. Between uses it is in
+    no transaction: a read runs outside one (as on :func:`read_connection`), a
+    write transaction (as in :func:`write_transaction`) is committed at the end
+    of its use. A use that raises closes it (rolling back what it began) and
+    the next use opens a new one; so does the next use after any connection of
+    the engine lost the server (a restart ended every session), as SQLAlchemy's
+    pool replaces its connections then. After ``os.fork()`` the child forgets
+    an inherited one as the engine forgets its pool.
     """
 
-    __slots__ = ("_engine", "_write", "_lock", "_conn", "__weakref__")
+    __slots__ = ("_engine", "_lock", "_conn", "_writing", "_stale", "__weakref__")
 
-    def __init__(self, engine: Engine, *, write: bool) -> None:
+    def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._write = write
         self._lock = threading.Lock()
         self._conn: Connection | None = None
+        self._writing: bool | None = None
+        self._stale = False
+        event.listen(engine, "handle_error", self._on_error)
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=functools.partial(_forget_inherited, weakref.ref(self)))
 
+    def read(self) -> AbstractContextManager[Connection]:
+        """The connection, reading outside any transaction (see :func:`read_connection`)."""
+        return self._use(write=False)
+
+    def write(self) -> AbstractContextManager[Connection]:
+        """The connection in a write transaction, committed on success (see :func:`write_transaction`)."""
+        return self._use(write=True)
+
     @contextmanager
-    def __call__(self) -> Iterator[Connection]:
+    def _use(self, write: bool) -> Iterator[Connection]:
         if not self._lock.acquire(blocking=False):
-            with (write_transaction if self._write else read_connection)(self._engine) as conn:
+            with (write_transaction if write else read_connection)(self._engine) as conn:
                 yield conn
             return
         try:
             conn = self._conn
+            if conn is not None and self._stale:
+                conn.invalidate()  # its session may be gone: closed without a word to the server
+                conn.close()
+                conn = self._conn = None
             if conn is None:
-                options = _WRITE if self._write else _read_options(self._engine)
-                conn = self._conn = self._engine.connect().execution_options(**options)
+                self._stale = False
+                conn = self._conn = self._engine.connect()
+                self._writing = None
+            if write is not self._writing:
+                conn.rollback()  # the reads' SQLAlchemy-level transaction: nothing was begun in the database
+                conn.execution_options(**self._options(conn, write))
+                self._writing = write
             try:
                 yield conn
-                if self._write:
+                if write:
                     conn.commit()
             except BaseException:
                 self._conn = None
@@ -248,12 +269,21 @@ class HeldConnection:
         finally:
             self._lock.release()
 
+    def _options(self, conn: Connection, write: bool) -> dict[str, Any]:
+        if self._engine.dialect.name == "sqlite":
+            return {_AUTOCOMMIT: not write, "kissbot_write": write}
+        return {"isolation_level": conn.default_isolation_level if write else "AUTOCOMMIT"}
+
     def close(self) -> None:
         """Close the held connection (returned to the pool); the next use opens a new one."""
         with self._lock:
             conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+
+    def _on_error(self, context: ExceptionContext) -> None:
+        if context.is_disconnect:
+            self._stale = True
 
     def _forget(self) -> None:
         # In a freshly forked child, as _drop_inherited_connections: the

@@ -2,7 +2,7 @@
 
 Each write runs in its own short transaction (``BEGIN IMMEDIATE`` on SQLite);
 reads run outside any transaction, so a one-statement read is one round trip.
-Both run on a :class:`~kissbot.engine.HeldConnection` the manager keeps between calls.
+Both run on the one connection the manager keeps between calls, a :class:`~kissbot.engine.HeldConnection`.
 """
 
 from __future__ import annotations
@@ -106,8 +106,7 @@ class DatabaseManager:
             self.engine.dispose()
             raise
         self._writer = writer(self.engine)
-        self._read = HeldConnection(self.engine, write=False)
-        self._write = HeldConnection(self.engine, write=True)
+        self._held = HeldConnection(self.engine)
 
     def __repr__(self) -> str:
         return f"<DatabaseManager {shown(self.url)}>"
@@ -131,8 +130,7 @@ class DatabaseManager:
 
     def close(self) -> None:
         """Release every connection (the store can still be used: it then opens new ones)."""
-        self._read.close()
-        self._write.close()
+        self._held.close()
         self.engine.dispose()
 
     def __enter__(self) -> DatabaseManager:
@@ -145,24 +143,24 @@ class DatabaseManager:
 
     def get_user(self, twitch_user_id: str | int) -> dict[str, Any] | None:
         """The user with this Twitch user id, or None."""
-        with self._read() as conn:
+        with self._held.read() as conn:
             return UserRepository(conn).get_user(twitch_user_id)
 
     def get_user_by_login(self, login: str) -> dict[str, Any] | None:
         """The user with this login (case-insensitive), or None."""
-        with self._read() as conn:
+        with self._held.read() as conn:
             return UserRepository(conn).get_user_by_login(login)
 
     def create_user(
         self, twitch_user_id: str | int, twitch_login: str, display_name: str | None = None, is_bot: bool = False
     ) -> int:
         """Create a user and return its id."""
-        with self._write() as conn:
+        with self._held.write() as conn:
             return UserRepository(conn).create_user(twitch_user_id, twitch_login, display_name, is_bot)
 
     def update_user(self, user_id: int, **fields: Any) -> None:
         """Change a user's ``twitch_user_id``, ``twitch_login``, ``display_name`` or ``is_bot``."""
-        with self._write() as conn:
+        with self._held.write() as conn:
             UserRepository(conn).update_user(user_id, **fields)
 
     def list_users(self) -> list[dict[str, Any]]:
@@ -190,7 +188,7 @@ class DatabaseManager:
         none yet) the write is a compare-and-set: newer tokens stored meanwhile
         raise :class:`~kissbot.errors.StaleTokens` and are kept.
         """
-        with self._write() as conn:
+        with self._held.write() as conn:
             return TokenRepository(conn).store_tokens(
                 user_id,
                 access_token,
@@ -214,22 +212,22 @@ class DatabaseManager:
         One owner holds a live lease at a time (across processes); an expired
         lease can be taken over and the holder may extend its own.
         """
-        with self._write() as conn:
+        with self._held.write() as conn:
             return TokenRepository(conn).claim_refresh(user_id, owner, ttl, token_type=token_type)
 
     def release_refresh(self, user_id: int, owner: str, *, token_type: str = "bot") -> bool:
         """Give back ``owner``'s refresh lease; False if it did not hold it (any more)."""
-        with self._write() as conn:
+        with self._held.write() as conn:
             return TokenRepository(conn).release_refresh(user_id, owner, token_type=token_type)
 
     def get_tokens(self, user_id: int, *, token_type: str = "bot") -> dict[str, Any] | None:
         """The decrypted tokens of ``user_id`` (of ``token_type``), or None."""
-        with self._read() as conn:
+        with self._held.read() as conn:
             return TokenRepository(conn).get_tokens(user_id, token_type=token_type)
 
     def get_tokens_needing_refresh(self, buffer_minutes: float = 10) -> list[dict[str, Any]]:
         """Tokens expiring within ``buffer_minutes``, soonest first (not decrypted)."""
-        with self._read() as conn:
+        with self._held.read() as conn:
             return TokenRepository(conn).get_tokens_needing_refresh(buffer_minutes)
 
     def list_tokens(self, decrypt: bool = False) -> list[dict[str, Any]]:
@@ -239,44 +237,44 @@ class DatabaseManager:
 
     def mark_tokens_expired(self, user_id: int, *, token_type: str = "bot") -> None:
         """Flag the tokens of ``user_id`` as needing reauthorisation."""
-        with self._write() as conn:
+        with self._held.write() as conn:
             TokenRepository(conn).mark_tokens_expired(user_id, token_type=token_type)
 
     def increment_refresh_failures(self, user_id: int, *, token_type: str = "bot") -> int:
         """Count a failed refresh for ``user_id``; return the new count."""
-        with self._write() as conn:
+        with self._held.write() as conn:
             return TokenRepository(conn).increment_refresh_failures(user_id, token_type=token_type)
 
     # --- instances -----------------------------------------------------------------------------
 
     def register_instance(self, channel_login: str, bot_login: str, pid: int | None) -> int:
         """Mark the bot's instance on a channel running under ``pid``; return its id."""
-        with self._write() as conn:
+        with self._held.write() as conn:
             return InstanceRepository(conn).register_instance(channel_login, bot_login, pid)
 
     def update_instance_heartbeat(self, instance_id: int, status: str = "running") -> None:
         """Record a heartbeat for ``instance_id``."""
-        with self._write() as conn:
+        with self._held.write() as conn:
             InstanceRepository(conn).update_instance_heartbeat(instance_id, status)
 
     def stop_instance(self, instance_id: int, crash: bool = False) -> str:
         """Stop ``instance_id`` (counting a crash if ``crash``); return its new status."""
-        with self._write() as conn:
+        with self._held.write() as conn:
             return InstanceRepository(conn).stop_instance(instance_id, crash)
 
     def reset_instance(self, instance_id: int) -> None:
         """Re-enable an instance disabled after too many crashes."""
-        with self._write() as conn:
+        with self._held.write() as conn:
             InstanceRepository(conn).reset_instance(instance_id)
 
     def get_active_instances(self) -> list[dict[str, Any]]:
         """Running instances whose heartbeat is fresh (see :meth:`reap_stale_instances`)."""
-        with self._read() as conn:
+        with self._held.read() as conn:
             return InstanceRepository(conn).get_active_instances()
 
     def list_instances(self) -> list[dict[str, Any]]:
         """Every instance, whatever its status, with the channel and bot logins."""
-        with self._read() as conn:
+        with self._held.read() as conn:
             return InstanceRepository(conn).list_instances()
 
     def reap_stale_instances(self) -> list[dict[str, Any]]:
@@ -285,7 +283,7 @@ class DatabaseManager:
         Each counts as a crash toward ``max_crash_count`` (``disabled`` at the
         limit) and is audited.
         """
-        with self._write() as conn:
+        with self._held.write() as conn:
             return InstanceRepository(conn).reap_stale_instances()
 
     # --- audit ---------------------------------------------------------------------------------
@@ -299,7 +297,7 @@ class DatabaseManager:
         severity: str = "info",
     ) -> None:
         """Append an audit event (``details`` must hold no secret)."""
-        with self._write() as conn:
+        with self._held.write() as conn:
             AuditRepository(conn).log_event(event_type, user_id, channel_id, details, severity)
 
     def get_audit_log(
@@ -317,12 +315,12 @@ class DatabaseManager:
         between them on SQLite, so concurrent writers wait at most about one
         batch. Returns the number deleted.
         """
-        with self._read() as conn:
+        with self._held.read() as conn:
             cutoff = AuditRepository(conn).retention_cutoff(days)
         deleted, after = 0, None
         while True:
             started = time.monotonic()
-            with self._write() as conn:
+            with self._held.write() as conn:
                 batch, after = AuditRepository(conn).delete_logs_before(cutoff, CLEANUP_BATCH_SIZE, after)
             deleted += batch
             if after is None:
@@ -336,24 +334,24 @@ class DatabaseManager:
 
     def get_config(self, key: str, default: Any = None) -> Any:
         """A setting's value (typed: ``"60"`` reads as 60), or ``default``."""
-        with self._read() as conn:
+        with self._held.read() as conn:
             return ConfigRepository(conn).get_config(key, default)
 
     def set_config(self, key: str, value: Any, description: str | None = None) -> None:
         """Set a setting."""
-        with self._write() as conn:
+        with self._held.write() as conn:
             ConfigRepository(conn).set_config(key, value, description)
 
     def list_config(self) -> list[dict[str, Any]]:
         """Every setting (key, typed value, description, updated_at), by key."""
-        with self._read() as conn:
+        with self._held.read() as conn:
             return ConfigRepository(conn).list_config()
 
     # --- stats ---------------------------------------------------------------------------------
 
     def get_stats(self) -> dict[str, int]:
         """Counts of users, tokens, running instances, audit events, and the database size."""
-        with self._read() as conn:
+        with self._held.read() as conn:
             stats = {
                 "users_count": UserRepository(conn).count(),
                 "tokens_count": TokenRepository(conn).count(),
@@ -370,7 +368,7 @@ class DatabaseManager:
     def _sqlite_size(self) -> int:
         path = sqlite_path(self.url)
         if path is None:
-            with self._read() as conn:
+            with self._held.read() as conn:
                 pages = conn.execute(text("PRAGMA page_count")).scalar_one()
                 return pages * conn.execute(text("PRAGMA page_size")).scalar_one()
         return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import bindparam, event, text
@@ -125,7 +126,7 @@ def test_a_postgresql_read_through_the_manager_is_one_round_trip(postgresql_url,
         assert [m.split("\t")[2] for m in messages if m.startswith("B\t")].count("ReadyForQuery") == 2
 
 
-def _sessions_in_transaction(mgr: DatabaseManager, backend_pids: list[int]) -> list[str]:
+def _sessions_in_transaction(mgr: DatabaseManager, connections: list[Any]) -> list[str]:
     if mgr.engine.dialect.name == "sqlite":
         # A checkpoint that truncates the WAL needs every reader and writer of the file gone.
         other = sqlite3.connect(sqlite_path(mgr.url), isolation_level=None, timeout=0.05)
@@ -139,7 +140,7 @@ def _sessions_in_transaction(mgr: DatabaseManager, backend_pids: list[int]) -> l
             text("SELECT pid, state FROM pg_stat_activity WHERE pid IN :pids AND pid <> pg_backend_pid() AND state <> 'idle'").bindparams(
                 bindparam("pids", expanding=True)
             ),
-            {"pids": backend_pids},
+            {"pids": [c.info.backend_pid for c in connections]},
         ).all()
     return [f"{pid}: {state}" for pid, state in rows]
 
@@ -148,23 +149,25 @@ def test_between_calls_a_manager_holds_no_transaction_or_snapshot(store_url, key
     with DatabaseManager(url=store_url, key_file=key_file) as mgr:
         bot = mgr.create_user("1", "serda_bot", is_bot=True)
         mgr.close()
-        pids: list[int] = []
-        if mgr.engine.dialect.name == "postgresql":
-            event.listen(mgr.engine, "connect", lambda dbapi_conn, _record: pids.append(dbapi_conn.info.backend_pid))
+        opened: list[Any] = []  # the DBAPI connections opened from now on
+        event.listen(mgr.engine, "connect", lambda dbapi_conn, _record: opened.append(dbapi_conn))
         mgr.store_tokens(bot, "access", "refresh", 3600)
         assert mgr.get_tokens(bot)["access_token"] == "access"
         assert mgr.get_user_by_login("serda_bot")["id"] == bot
-        assert _sessions_in_transaction(mgr, pids) == []
+        mgr.store_tokens(bot, "access", "refresh", 3600)
+        assert mgr.get_tokens(bot)["access_token"] == "access"
+        assert len(opened) == 1  # one connection for all the calls, kept between them
+        assert _sessions_in_transaction(mgr, opened) == []
         with pytest.raises(StaleTokens):
             mgr.store_tokens(bot, "access-2", "refresh-2", 3600, expected_version=7)
         with mgr.engine.begin() as conn:  # a row that no longer decrypts
             conn.execute(text("UPDATE oauth_tokens SET access_token_encrypted = 'gAAAAAbroken'"))
         with pytest.raises(DecryptionError):
             mgr.get_tokens(bot)
-        assert _sessions_in_transaction(mgr, pids) == []
+        assert _sessions_in_transaction(mgr, opened) == []
         mgr.store_tokens(bot, "access-3", "refresh-3", 3600)  # the failed calls left nothing in the way
         assert mgr.get_tokens(bot)["access_token"] == "access-3"
-        assert _sessions_in_transaction(mgr, pids) == []
+        assert _sessions_in_transaction(mgr, opened) == []
         assert mgr.engine.pool.checkedout() > 0
         mgr.close()
         assert mgr.engine.pool.checkedout() == 0
@@ -184,4 +187,4 @@ def test_threads_sharing_a_manager_neither_wait_for_each_other_nor_exhaust_the_p
         with ThreadPoolExecutor(threads) as pool:
             done = list(pool.map(work, users, timeout=120))
         assert done == [f"refresh-{uid}-{rounds - 1}" for uid in users]
-        assert mgr.engine.pool.checkedout() <= 2  # the manager's own two, whatever the threads did
+        assert mgr.engine.pool.checkedout() <= 1  # the manager's own, whatever the threads did

@@ -91,18 +91,34 @@ def test_a_closed_port_raises_database_unavailable_from_the_driver_error(tmp_pat
     assert "S3CRETPW" not in str(raised.value)
 
 
-def test_a_terminated_backend_raises_database_unavailable_then_the_store_reconnects(postgresql_url, tmp_path):
+def test_terminated_backends_raise_database_unavailable_once_then_reads_and_writes_reconnect(postgresql_url, tmp_path):
     with DatabaseManager(url=postgresql_url, key_file=tmp_path / "k") as mgr:
         uid = mgr.create_user("1", "serda_bot")
-        with mgr.engine.connect() as conn:
-            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
-        admin = sqlalchemy.create_engine(postgresql_url)
-        with admin.begin() as conn:
-            assert conn.exec_driver_sql(f"SELECT pg_terminate_backend({pid})").scalar_one() is True
-        admin.dispose()
+        mgr.close()
+        pids: list[int] = []
+        sqlalchemy.event.listen(mgr.engine, "connect", lambda dbapi_conn, _record: pids.append(dbapi_conn.info.backend_pid))
+
+        def restart() -> None:  # every session of the store ends, as in a server restart
+            admin = sqlalchemy.create_engine(postgresql_url)
+            with admin.begin() as conn:
+                for pid in pids:
+                    assert conn.exec_driver_sql(f"SELECT pg_terminate_backend({pid})").scalar_one() is True
+            admin.dispose()
+            pids.clear()
+
+        mgr.store_tokens(uid, "access", "refresh", 3600)
+        restart()
         with pytest.raises(DatabaseUnavailable, match="^cannot open database "):
-            mgr.get_user_by_login("serda_bot")
-        assert mgr.get_user_by_login("serda_bot")["id"] == uid
+            mgr.get_tokens(uid)
+        mgr.store_tokens(uid, "access-2", "refresh-2", 3600)
+        assert mgr.get_tokens(uid)["access_token"] == "access-2"
+        with mgr.session() as session:  # a pooled connection beside the one the manager keeps
+            session.execute(sqlalchemy.text("SELECT 1"))
+        restart()
+        with pytest.raises(DatabaseUnavailable, match="^cannot open database "), mgr.session() as session:
+            session.execute(sqlalchemy.text("SELECT 1"))
+        assert mgr.get_tokens(uid)["access_token"] == "access-2"  # the manager's connection, lost too, was replaced
+        mgr.store_tokens(uid, "access-3", "refresh-3", 3600)
 
 
 def test_tokens_behind_another_sessions_lock_ends_with_one_line(runner, postgresql_url, tmp_path):
