@@ -130,16 +130,15 @@ def lock_holder(path: str, holding: Any) -> None:
 
 
 def waiting_writer(url: str, key: bytes, user_id: int, busy_timeout_ms: int, started: Any, results: Any) -> None:
-    """Store ``user_id``'s tokens (once ``started`` is counted); report (user_id, seconds taken, error or None)."""
+    """Store ``user_id``'s tokens (once ``started`` is counted); report (user_id, ``time.monotonic()`` when done, error or None)."""
     with DatabaseManager(url=url, key=key, busy_timeout_ms=busy_timeout_ms) as mgr:
         started.release()
-        t0 = time.monotonic()
         try:
             mgr.store_tokens(user_id, f"access-{user_id}", f"refresh-{user_id}", 3600)
             error = None
         except Exception as exc:  # reported to the parent, which asserts there is none
             error = f"{type(exc).__name__}: {exc}"
-        results.put((user_id, time.monotonic() - t0, error))
+        results.put((user_id, time.monotonic(), error))
 
 
 def forked_user(mgr: DatabaseManager, user_id: int, writes: int) -> None:

@@ -288,6 +288,7 @@ def test_writers_waiting_for_a_lock_holder_killed_with_sigkill_all_go_on(sqlite_
             assert started.acquire(timeout=TIMEOUT)
         time.sleep(0.5)  # the writers are waiting for the lock now
         assert results.empty()
+        killed_at = time.monotonic()  # the system-wide monotonic clock, as the writers read it
         os.kill(holder.pid, signal.SIGKILL)
         reports = sorted(results.get(timeout=TIMEOUT) for _ in writers)
     finally:
@@ -296,8 +297,8 @@ def test_writers_waiting_for_a_lock_holder_killed_with_sigkill_all_go_on(sqlite_
     for writer in writers:
         writer.join(TIMEOUT)
     assert [w.exitcode for w in writers] == [0] * len(writers)
-    assert [(uid, error) for uid, _seconds, error in reports] == [(uid, None) for uid in users]
-    assert all(0.5 <= seconds < 30 for _uid, seconds, _error in reports)  # they waited, then got the lock
+    assert [(uid, error) for uid, _done, error in reports] == [(uid, None) for uid in users]
+    assert all(done > killed_at for _uid, done, _error in reports)  # each waited for the lock until the kill
     with DatabaseManager(url=sqlite_url, key=key) as mgr:
         assert [mgr.get_tokens(uid)["refresh_token"] for uid in users] == [f"refresh-{uid}" for uid in users]
     assert _integrity(sqlite_url) == "ok"
