@@ -28,6 +28,7 @@ from kissbot.urls import shown, sqlite_path, to_url
 from kissbot.errors import CopyError, DatabaseError, DecryptionError, TargetNotEmpty, driver_message
 from kissbot.migrations import HEAD, KISSBOT_TABLES, _state, ensure_schema
 from kissbot.models import metadata
+from kissbot.settings import FINGERPRINT_PREFIX, SETTINGS
 from kissbot.types import EncryptedString, ciphertext
 
 COPY_ORDER = ("users", "oauth_tokens", "instances", "audit_log", "config")
@@ -37,9 +38,6 @@ BATCH_SIZE = 1000
 """Rows read and written per round trip; bounds the memory a copy needs."""
 
 _SERIAL_TABLES = ("users", "oauth_tokens", "instances", "audit_log")
-_DEFAULT_CONFIG_KEYS = frozenset(
-    {"encryption_key_version", "token_refresh_interval", "health_check_interval", "max_crash_count", "log_retention_days"}
-)
 
 
 _TABLES = {name: metadata.tables[name] for name in COPY_ORDER}
@@ -82,7 +80,7 @@ def copy_store(
     every token decrypted with ``cipher``. Any failure rolls the whole copy back.
 
     Raises :class:`~kissbot.errors.TargetNotEmpty` (writing nothing) if the
-    target holds any kissbot row other than the five default settings, and
+    target holds any kissbot row other than the settings kissbot reads and key fingerprints, and
     :class:`~kissbot.errors.CopyError` if the source is not a kissbot store at
     head or the copy does not check out.
     """
@@ -158,9 +156,9 @@ def _check_target_empty_in(conn: Connection, name: str) -> None:
             continue
         stmt = select(func.count()).select_from(_TABLES[table])
         if table == "config":
-            # Defaults, and the key fingerprints a store records when first opened with a key, are not content.
+            # kissbot's settings, and the key fingerprints a store records when first opened with a key, are not content.
             key = _TABLES["config"].c.key
-            stmt = stmt.where(key.not_in(_DEFAULT_CONFIG_KEYS), ~key.startswith("key_fingerprint_v"))
+            stmt = stmt.where(key.not_in(list(SETTINGS)), ~key.startswith(FINGERPRINT_PREFIX))
         count = conn.execute(stmt).scalar_one()
         if count:
             found[table] = count

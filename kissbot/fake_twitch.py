@@ -110,8 +110,9 @@ class FakeTwitch:
     Recorded: ``requests`` (a Counter per endpoint path), ``exchanges`` (each
     request's :class:`Exchange`: path, status, when it arrived and was answered), :meth:`refreshes_per_token`,
     ``token_forms`` (every form posted to the token endpoint), ``validate_headers``,
-    ``issued`` (every token handed out, access then refresh) and ``device_codes``
-    (the ``(device_code, user_code)`` of each device grant).
+    ``issued`` (every token handed out, access then refresh), ``device_codes``
+    (the ``(device_code, user_code)`` of each device grant) and ``connections``
+    (how many TCP connections clients opened).
     """
 
     def __init__(
@@ -147,6 +148,7 @@ class FakeTwitch:
         self.validate_headers: list[str] = []
         self.issued: list[str] = []
         self.device_codes: list[tuple[str, str]] = []
+        self.connections = 0
         self.lock = threading.RLock()
         self._gated = 0
         self._human: tuple[str, str] | None = None
@@ -524,6 +526,11 @@ def _handler(twitch: FakeTwitch) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         disable_nagle_algorithm = True  # the body, written after the headers, is not held back ~40 ms
+
+        def setup(self) -> None:
+            super().setup()
+            with twitch.lock:
+                twitch.connections += 1
 
         def do_POST(self) -> None:
             parts = urlsplit(self.path)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from sqlalchemy.engine import URL, Engine
 
 from kissbot.engine import create_engine
-from kissbot.urls import is_memory, sqlite_path, to_url
-from kissbot.errors import DatabaseError, NoDatabase, UnsupportedBackend, ValidationError
+from kissbot.urls import existing_store
+from kissbot.errors import DatabaseError, UnsupportedBackend, ValidationError
 from kissbot.migrations import KISSBOT_TABLES, read_only_engine
 
 CHECKPOINT_MODES = ("PASSIVE", "FULL", "RESTART", "TRUNCATE")
@@ -44,12 +44,7 @@ def open_existing(target: str | os.PathLike[str] | URL, *, read_only: bool = Fal
     With ``read_only`` it cannot write either, nor switch a SQLite file to WAL
     (:func:`~kissbot.migrations.read_only_engine`).
     """
-    url = to_url(target)
-    if is_memory(url):
-        raise DatabaseError("an in-memory database cannot be maintained: pass --db PATH or --url URL")
-    path = sqlite_path(url)
-    if path is not None and not path.is_file():
-        raise NoDatabase(f"database {path} does not exist; create it with kissbot init-db")
+    url = existing_store(target, DatabaseError("an in-memory database cannot be maintained: pass --db PATH or --url URL"))
     return read_only_engine(url) if read_only else create_engine(url)
 
 

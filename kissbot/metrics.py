@@ -35,18 +35,19 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest, sta
 from prometheus_client import Counter as CounterMetric
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import case, func, select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from kissbot import __version__
-from kissbot.engine import connect_sqlite_query_only, create_engine, is_memory, sqlite_path, to_url
-from kissbot.errors import ConfigurationError, KissbotError, NoDatabase, driver_message
+from kissbot.engine import connect_sqlite_query_only, create_engine, sqlite_path
+from kissbot.urls import existing_store
+from kissbot.errors import ConfigurationError, KissbotError, driver_message
 from kissbot.instances import STALE_HEARTBEATS
 from kissbot.migrations import current_revision, ensure_schema
 from kissbot.models import audit_log, instances, oauth_tokens, users
-from kissbot.settings import ConfigRepository
+from kissbot.settings import value as setting
 from kissbot.types import utcnow
 
 log = logging.getLogger(__name__)
@@ -64,11 +65,6 @@ TOKEN_STATES = ("valid", "expired", "needs_reauth")
 INSTANCE_STATUSES = ("running", "stopped", "crashed", "disabled")
 KNOWN_TOKEN_TYPES = ("bot", "broadcaster")
 
-# Defaults of the config keys read here, as the code that uses them applies them.
-_DEFAULT_REFRESH_WINDOW = 60  # kissbot.refresh.DEFAULT_REFRESH_WINDOW (not imported: it pulls httpx in)
-_DEFAULT_HEALTH_CHECK_INTERVAL = 30
-_DEFAULT_RETENTION_DAYS = 30
-
 _LABEL = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _OTHER = "other"
 
@@ -81,12 +77,8 @@ def open_engine(target: str | os.PathLike[str] | URL) -> Engine:
     migration. Nothing is ever written: SQLite is read through
     ``query_only`` connections.
     """
-    url = to_url(target)
-    if is_memory(url):
-        raise ConfigurationError("an in-memory database has no metrics: pass --db PATH or --url URL")
+    url = existing_store(target, ConfigurationError("an in-memory database has no metrics: pass --db PATH or --url URL"))
     path = sqlite_path(url)
-    if path is not None and not path.is_file():
-        raise NoDatabase(f"database {path} does not exist; create it with kissbot init-db")
     if path is None:
         engine = create_engine(url)
     else:
@@ -117,7 +109,7 @@ def _capped(counts: dict[str, float], limit: int) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class _Settings:
-    """The config values a scrape reads (defaults as the code that uses them applies them)."""
+    """The config values a scrape reads (:func:`kissbot.settings.value`: unset, their default)."""
 
     refresh_window: float
     health_check_interval: float
@@ -126,13 +118,8 @@ class _Settings:
 
     @classmethod
     def read(cls, conn: Connection) -> _Settings:
-        config = ConfigRepository(conn)
-        return cls(
-            float(config.get_config("token_refresh_interval", default=_DEFAULT_REFRESH_WINDOW)),
-            float(config.get_config("health_check_interval", default=_DEFAULT_HEALTH_CHECK_INTERVAL)),
-            float(config.get_config("log_retention_days", default=_DEFAULT_RETENTION_DAYS)),
-            int(config.get_config("encryption_key_version", default=1)),
-        )
+        keys = ("token_refresh_interval", "health_check_interval", "log_retention_days", "encryption_key_version")
+        return cls(*(setting(conn, key) for key in keys))
 
     def families(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(

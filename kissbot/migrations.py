@@ -23,7 +23,7 @@ from kissbot.dberrors import sqlite_error
 from kissbot.urls import sqlite_path
 from kissbot.errors import DatabaseError, NoDatabase, OutdatedSchema, SchemaError, UnversionedDatabase, driver_message
 
-HEAD = "0004"
+HEAD = "0005"
 """The newest revision this version of kissbot knows (checked against the scripts by the tests)."""
 
 KISSBOT_TABLES = frozenset({"users", "oauth_tokens", "instances", "audit_log", "config"})

@@ -138,7 +138,7 @@ class AuditLog(Base):
 
     __tablename__ = "audit_log"
     __table_args__ = (
-        Index("idx_audit_timestamp", "timestamp"),
+        Index("idx_audit_timestamp", "timestamp", "id"),  # 0005: a cleanup batch starts after a (timestamp, id)
         Index("idx_audit_event_type", "event_type"),
         Index("idx_audit_user", "user_id"),
         {"sqlite_autoincrement": True},

@@ -17,11 +17,14 @@ synchronous :class:`httpx.Client`: measured against asyncio with httpx's async
 client, it used 2-4x less CPU for the same requests and is as fast, and the
 database calls stay synchronous). Due tokens are claimed in batches with the
 repository's ``claim_due``, which takes each row's refresh lease (``FOR UPDATE
-SKIP LOCKED`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), so many processes
-split the due tokens instead of racing for them; a token is refreshed only
-under its lease and only if it still needs it, so each due token is refreshed
-once per cycle. The new tokens, the audit event, ``last_validated`` and the
-lease's release are one transaction. Twitch rejecting a refresh token (400/401)
+SKIP LOCKED`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite) and returns the
+stored tokens with it, so many processes split the due tokens instead of racing
+for them; a token is refreshed only under its lease, and its new tokens are
+stored only if the row is still at the version claimed (compare-and-set), so
+each due token is refreshed once per cycle. The new tokens, the audit event,
+``last_validated`` and the lease's release are one transaction; a refresher
+keeps no more write transactions open at once than its engine's pool keeps
+connections (one on SQLite, which has one writer). Twitch rejecting a refresh token (400/401)
 marks the token for reauth at once; a 429 saying when the rate limit resets
 pauses every request of the refresher until then; 5xx, timeouts, connection
 errors (and a 429 without a reset time) count a ``refresh_failures`` and back
@@ -38,16 +41,18 @@ import math
 import os
 import random
 import socket
+import ssl
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from email.utils import parsedate_to_datetime
 from enum import Enum
+from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
@@ -55,7 +60,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from kissbot import __version__, settings
-from kissbot.engine import writer
+from kissbot.engine import read_connection, write_transaction
 from kissbot.errors import (
     ClientCredentialsRejected,
     DatabaseError,
@@ -73,7 +78,7 @@ from kissbot.twitch import (
     VALIDATE_URL_ENV,
     twitch_message,
 )
-from kissbot.types import utcnow
+from kissbot.types import Secret, cipher_of, utcnow
 from kissbot.validation import check_count, clamp_expires_in, mask_secrets
 
 if TYPE_CHECKING:
@@ -200,6 +205,8 @@ class _Lease:
     row: _Row
     taken: float
     released: bool = False
+    claimed: dict[str, Any] | None = None
+    """The row as the claim read it (ciphertext included), if it was claimed with the due tokens."""
 
 
 class _Halted(Exception):
@@ -232,6 +239,56 @@ class _RateLimit:
             if delay <= 0:
                 return
             ctx.halt.wait(min(delay, 0.25))  # also notices ``stop`` while paused
+
+
+class _Connections(httpx.BaseTransport):
+    """Keep-alive connections for as many requests at once as are sent, each request on a connection of its own.
+
+    httpx's pool (httpcore 1.0) walks every connection, and for each idle one
+    every connection again, each time a request starts or ends: at 32
+    connections that was the refresh worker's largest CPU cost. Here a request
+    takes an idle one-connection transport (or makes one) and gives it back
+    when its response is closed, at the same cost at any concurrency.
+    """
+
+    def __init__(self, tls: ssl.SSLContext) -> None:
+        self._tls = tls
+        self._idle: SimpleQueue[httpx.HTTPTransport] = SimpleQueue()
+        self._made: list[httpx.HTTPTransport] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            transport = self._idle.get_nowait()
+        except Empty:
+            transport = httpx.HTTPTransport(verify=self._tls, limits=httpx.Limits(max_connections=1))
+            self._made.append(transport)
+        try:
+            response = transport.handle_request(request)
+        except BaseException:
+            self._idle.put(transport)
+            raise
+        response.stream = _GiveBack(response.stream, lambda: self._idle.put(transport))
+        return response
+
+    def close(self) -> None:
+        for transport in self._made:
+            transport.close()
+
+
+class _GiveBack(httpx.SyncByteStream):
+    """A response body that calls ``done`` once it is closed."""
+
+    def __init__(self, stream: Any, done: Callable[[], None]) -> None:
+        self._stream, self._done = stream, done
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._stream
+
+    def close(self) -> None:
+        try:
+            self._stream.close()
+        finally:
+            self._done()
 
 
 class TokenRefresher:
@@ -274,7 +331,6 @@ class TokenRefresher:
         if not client_id:
             raise MissingClientCredentials(f"no Twitch client id: set {CLIENT_ID_ENV}")
         self.engine: Engine = store if isinstance(store, Engine) else store.engine
-        self._writer = writer(self.engine)
         self.client_id = client_id
         self._client_secret = client_secret or None
         self.token_url = token_url
@@ -285,12 +341,26 @@ class TokenRefresher:
         self.validate_interval = validate_interval
         self.concurrency = check_count(concurrency, "concurrency", minimum=1, maximum=MAX_CONCURRENCY)
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # Write transactions open at once. SQLite has one writer: this process's threads queue here for it, woken
+        # as soon as it is free, instead of polling in SQLite's busy handler (1, 2, 5, 10… ms). Elsewhere, as many
+        # as the engine's pool keeps connections: more would open connections that the pool closes again.
+        pool_size = getattr(self.engine.pool, "size", None)
+        if self.engine.dialect.name == "sqlite":
+            writers = 1
+        else:
+            writers = pool_size() if callable(pool_size) else self.concurrency
+        self._writers = threading.BoundedSemaphore(max(1, writers))
         self._owns_http = http is None
-        self._http = http or httpx.Client(
-            timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency),
-            headers={"User-Agent": f"kissbot/{__version__}"},
-        )
+        if http is None:
+            tls = httpx.create_ssl_context()
+            http = httpx.Client(
+                timeout=httpx.Timeout(timeout),
+                verify=tls,
+                limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency),
+                headers={"User-Agent": f"kissbot/{__version__}"},
+                mounts={"all://": _Connections(tls)},  # a proxy from the environment still takes its URLs
+            )
+        self._http = http
         self._rate_limit = _RateLimit()
         self._counting = threading.Lock()
         self.counters = RefreshCounters()
@@ -377,27 +447,30 @@ class TokenRefresher:
         if not due_tokens:
             return []
         claimed: dict[_Row, Future[TokenResult | None]] = {}
+        finished: SimpleQueue[Future[TokenResult | None]] = SimpleQueue()
         with ThreadPoolExecutor(self.concurrency, thread_name_prefix="kissbot-refresh") as pool:
-            running: set[Future[TokenResult | None]] = set()
+            running = 0
             more = True
             try:
                 while True:
                     # Keep between one and two rounds of work queued: claims come in batches.
-                    if more and not ctx.halted() and len(running) <= self.concurrency:
-                        limit = 2 * self.concurrency - len(running)
-                        with self._writer.begin() as conn:
-                            rows = TokenRepository(conn).claim_due(self.owner, self.lease_ttl, ctx.window / 60, limit)
+                    if more and not ctx.halted() and running <= self.concurrency:
+                        limit = 2 * self.concurrency - running
+                        with self._transaction() as conn:
+                            rows = TokenRepository(conn).claim_due(
+                                self.owner, self.lease_ttl, ctx.window / 60, limit, with_ciphertext=True
+                            )
                         taken = time.monotonic()
                         more = len(rows) == limit
                         for row in rows:
-                            lease = _Lease(_Row(row["user_id"], row["twitch_login"], row["token_type"]), taken)
-                            claimed[lease.row] = pool.submit(self._task, self._refresh_due_token, lease.row, ctx, lease)
-                            running.add(claimed[lease.row])
+                            lease = _Lease(_Row(row["user_id"], row["twitch_login"], row["token_type"]), taken, claimed=row)
+                            future = claimed[lease.row] = pool.submit(self._task, self._refresh_due_token, lease.row, ctx, lease)
+                            future.add_done_callback(finished.put)
+                        running += len(rows)
                     if not running:
                         break
-                    done, running = wait(running, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        future.result()  # an error that ends the pass
+                    finished.get().result()  # an error ends the pass
+                    running -= 1
             except BaseException:
                 ctx.halt.set()
                 raise
@@ -474,7 +547,7 @@ class TokenRefresher:
         Returns None for a token the pass ended before.
         """
         if lease is None and not ctx.halted():
-            with self._writer.begin() as conn:
+            with self._transaction() as conn:
                 taken = TokenRepository(conn).claim_refresh(row.user_id, self.owner, self.lease_ttl, token_type=row.token_type)
             if not taken:
                 return self._done(row, Outcome.SKIPPED_LOCKED, "another worker holds its refresh lease")
@@ -498,14 +571,20 @@ class TokenRefresher:
             return self._done(row, Outcome.FAILED, f"unexpected {type(exc).__name__}")
         finally:
             if not lease.released:
-                with self._writer.begin() as conn:
+                with self._transaction() as conn:
                     TokenRepository(conn).release_refresh(row.user_id, self.owner, token_type=row.token_type)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        """A write transaction (``BEGIN IMMEDIATE`` at its first statement on SQLite), committed when the block succeeds."""
+        with self._writers, write_transaction(self.engine) as conn:
+            yield conn
 
     @contextmanager
     def _writing(self, lease: _Lease, *, validated: bool = False) -> Iterator[Connection]:
         """A write transaction that, when the block succeeds, also gives the lease back (and records a validation)."""
         row = lease.row
-        with self._writer.begin() as conn:
+        with self._transaction() as conn:
             yield conn
             TokenRepository(conn).release_refresh(row.user_id, self.owner, token_type=row.token_type, validated=validated)
         lease.released = True
@@ -521,7 +600,7 @@ class TokenRefresher:
         for _attempt in range(RATE_LIMIT_RETRIES + 1):
             self._rate_limit.wait(ctx)
             if time.monotonic() - lease.taken > self.lease_ttl / 2:
-                with self._writer.begin() as conn:
+                with self._transaction() as conn:
                     row = lease.row
                     if not TokenRepository(conn).claim_refresh(row.user_id, self.owner, self.lease_ttl, token_type=row.token_type):
                         raise _LeaseLost
@@ -537,7 +616,7 @@ class TokenRefresher:
     def _read(self, row: _Row) -> dict[str, Any] | TokenResult:
         """The row's tokens as they are now, or the result that ends the work on them."""
         try:
-            with self.engine.connect() as conn:
+            with read_connection(self.engine) as conn:
                 tokens = TokenRepository(conn).get_tokens(row.user_id, token_type=row.token_type)
         except DecryptionError as exc:
             return self._done(row, Outcome.FAILED, str(exc))
@@ -545,9 +624,22 @@ class TokenRefresher:
             return self._done(row, Outcome.SKIPPED_FRESH, "removed or marked for reauth by another writer")
         return tokens
 
+    def _claimed_tokens(self, lease: _Lease) -> dict[str, Any] | TokenResult:
+        """The tokens as the claim read them (decrypted here, in the token's thread), else :meth:`_read`'s."""
+        if lease.claimed is None:
+            return self._read(lease.row)
+        tokens = dict(lease.claimed)
+        cipher = cipher_of(self.engine.dialect)
+        try:
+            for name in ("access_token", "refresh_token"):
+                tokens[name] = Secret(cipher.decrypt(tokens.pop(f"{name}_encrypted")))
+        except DecryptionError:
+            return self._read(lease.row)  # its error names the row's key version
+        return tokens
+
     def _refresh_due_token(self, lease: _Lease, ctx: _Pass) -> TokenResult:
         row = lease.row
-        tokens = self._read(row)
+        tokens = self._claimed_tokens(lease)
         if isinstance(tokens, TokenResult):
             return tokens
         if tokens["expires_at"] > utcnow() + timedelta(seconds=ctx.window):
@@ -602,16 +694,18 @@ class TokenRefresher:
             # Twitch may keep the refresh token; either way the new access token is stored.
             refresh = refresh or tokens["refresh_token"]
             try:
-                with self._writing(lease, validated=True) as conn:
+                with self._transaction() as conn:
                     TokenRepository(conn).store_tokens(
                         row.user_id,
                         access,
                         refresh,
                         expires_in,
-                        scopes if scopes is not None else tokens["scopes"],
+                        scopes,  # None keeps the stored ones (the version check makes them the ones read)
                         token_type=row.token_type,
                         expected_version=tokens["version"],
+                        release_lease=self.owner,
                     )
+                lease.released = True
             except StaleTokens:
                 return self._done(row, Outcome.STALE, "another writer stored newer tokens meanwhile; kept them")
             return self._done(row, Outcome.REFRESHED, f"expires in {expires_in}s")

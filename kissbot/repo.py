@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Result, bindparam, false, func, insert, select, update
+from sqlalchemy import ColumnElement, Result, bindparam, case, false, func, insert, select, update
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import IntegrityError
 
@@ -281,6 +281,9 @@ _CLAIMED = (
     .join(users, users.c.id == _t.user_id)
     .order_by(_t.expires_at, _t.id)
 )
+_CLAIMED_CIPHERTEXT = _CLAIMED.add_columns(
+    _t.updated_at, ciphertext(_t.access_token_encrypted), ciphertext(_t.refresh_token_encrypted)
+)
 _TO_VALIDATE = (
     select(_t.user_id, _t.token_type, users.c.twitch_login, _t.expires_at, _t.last_validated)
     .join(users, users.c.id == _t.user_id)
@@ -355,6 +358,17 @@ _REPLACE = (
             last_refresh=bindparam("b_now"))
 )
 _REPLACE_IF_VERSION = _REPLACE.where(_t.version == bindparam("b_version"))
+# The same, also giving back ``b_owner``'s refresh lease (another owner's stays) and recording the new tokens validated.
+_HELD_BY_OWNER = _t.refresh_lease_owner == bindparam("b_owner")
+_RELEASED = {
+    "refresh_lease_owner": case((_HELD_BY_OWNER, None), else_=_t.refresh_lease_owner),
+    "refresh_lease_expires_at": case((_HELD_BY_OWNER, None), else_=_t.refresh_lease_expires_at),
+    "last_validated": bindparam("b_now"),
+}
+_WRITES = {
+    (False, False): _REPLACE, (True, False): _REPLACE_IF_VERSION,
+    (False, True): _REPLACE.values(**_RELEASED), (True, True): _REPLACE_IF_VERSION.values(**_RELEASED),
+}
 _INSERT = insert(oauth_tokens).values(
     **_WRITTEN, scopes=bindparam("b_scopes"), user_id=bindparam("b_user_id"), token_type=bindparam("b_token_type"),
     version=1, created_at=bindparam("b_now"),
@@ -392,6 +406,7 @@ class TokenRepository:
         *,
         token_type: str = "bot",
         expected_version: int | None = None,
+        release_lease: str | None = None,
     ) -> bool:
         """Insert or replace the tokens of ``user_id``; return True if they are new.
 
@@ -401,7 +416,10 @@ class TokenRepository:
         stored scopes (an explicit ``[]`` clears them). With ``expected_version``, the
         write only happens if the stored row is still at that version (or, for
         ``0``, does not exist yet); otherwise :class:`StaleTokens` is raised and
-        the newer tokens are kept.
+        the newer tokens are kept. With ``release_lease``, the same statement
+        gives back that owner's refresh lease (see :meth:`release_refresh`) and
+        records the new access token as validated now, as a refresh worker does
+        with the tokens Twitch just issued.
         """
         _check_type(token_type)
         check.check_id(user_id)
@@ -410,6 +428,8 @@ class TokenRepository:
         scopes = check.check_scopes(scopes)
         if expected_version is not None:
             check.check_count(expected_version, "expected_version")
+        if release_lease is not None:
+            check.check_text(release_lease, "release_lease")
         now = utcnow()
         params = {
             "b_user_id": user_id, "b_token_type": token_type, "b_access": access_token, "b_refresh": refresh_token,
@@ -418,8 +438,9 @@ class TokenRepository:
             # make the row's key newer than its label, which rotation fixes.
             "b_key_version": cipher_of(_dialect(self.db)).current_version,
             "b_version": expected_version,
+            "b_owner": release_lease,
         }
-        write = _REPLACE if expected_version is None else _REPLACE_IF_VERSION
+        write = _WRITES[expected_version is not None, release_lease is not None]
         created = self.db.execute(write, params).rowcount == 0
         if created:
             if expected_version is not None:
@@ -560,7 +581,7 @@ class TokenRepository:
         return self._take_lease(where, owner, ttl, now) == 1
 
     def claim_due(
-        self, owner: str, ttl: float, buffer_minutes: float = 10, limit: int = 100
+        self, owner: str, ttl: float, buffer_minutes: float = 10, limit: int = 100, *, with_ciphertext: bool = False
     ) -> list[dict[str, Any]]:
         """Take the refresh lease of up to ``limit`` due tokens for ``ttl`` seconds and return them.
 
@@ -569,7 +590,10 @@ class TokenRepository:
         expired: a live lease, even ``owner``'s own, is not handed out again.
         Rows come soonest-expiring first with ``user_id``, ``token_type``,
         ``twitch_login``, ``expires_at``, ``refresh_failures`` and ``version``;
-        nothing is decrypted. Two claimers never get the same row, and on
+        nothing is decrypted. With ``with_ciphertext``, rows also hold ``updated_at``
+        and the stored Fernet text of both tokens (``access_token_encrypted``,
+        ``refresh_token_encrypted``), for the caller to decrypt row by row
+        (one undecryptable row then fails only itself). Two claimers never get the same row, and on
         PostgreSQL a claimer skips the rows another is claiming instead of
         waiting for them (``FOR UPDATE SKIP LOCKED``; SQLite renders no locking
         clause, its ``BEGIN IMMEDIATE`` already lets one claimer in at a time).
@@ -590,7 +614,8 @@ class TokenRepository:
         if not ids:
             return []
         self._take_lease(_t.id.in_(ids), owner, ttl, now)
-        return _all(self.db.execute(_CLAIMED.where(_t.id.in_(ids))))
+        claimed = _CLAIMED_CIPHERTEXT if with_ciphertext else _CLAIMED
+        return _all(self.db.execute(claimed.where(_t.id.in_(ids))))
 
     def release_refresh(self, user_id: int, owner: str, *, token_type: str = "bot", validated: bool = False) -> bool:
         """Give back ``owner``'s refresh lease; False if it did not hold it (any more).

@@ -15,7 +15,7 @@ from pathlib import Path
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from kissbot.errors import ConfigurationError
+from kissbot.errors import ConfigurationError, KissbotError, NoDatabase
 
 SUPPORTED = {"sqlite": ("pysqlite",), "postgresql": ("psycopg",)}
 """Backends and the driver kissbot runs each on."""
@@ -99,3 +99,19 @@ def sqlite_path(url: URL) -> Path | None:
     if url.get_backend_name() != "sqlite" or is_memory(url):
         return None
     return Path(url.database)
+
+
+def existing_store(target: str | os.PathLike[str] | URL, in_memory: KissbotError) -> URL:
+    """The URL of the existing store at ``target``, without opening it.
+
+    Raises ``in_memory`` for an in-memory SQLite URL (what the caller cannot
+    do on one) and :class:`~kissbot.errors.NoDatabase` for a SQLite file that
+    does not exist.
+    """
+    url = to_url(target)
+    if is_memory(url):
+        raise in_memory
+    path = sqlite_path(url)
+    if path is not None and not path.is_file():
+        raise NoDatabase(f"database {path} does not exist; create it with kissbot init-db")
+    return url

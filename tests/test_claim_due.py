@@ -6,6 +6,7 @@ import pytest
 
 from kissbot.crypto import read_key_ring
 from kissbot.repo import TokenRepository
+from kissbot.types import cipher_of
 from _workers import claim_until_empty, run_in_processes
 
 CLAIMED_KEYS = {"user_id", "token_type", "twitch_login", "expires_at", "refresh_failures", "version"}
@@ -45,6 +46,31 @@ def test_claim_due_returns_due_free_rows_and_leases_them(mgr):
         assert TokenRepository(s).release_refresh(soon, "w1") is True
     assert [r["token_type"] for r in claim(mgr, "w2")] == ["bot"]
     assert [r["user_id"] for r in claim(mgr, "w3", buffer_minutes=5 * 60)] == [later]
+
+
+def test_claim_due_with_ciphertext_returns_the_stored_tokens_undecrypted(mgr):
+    (uid,) = users_with_tokens(mgr, [60])
+    [row] = claim(mgr, "w1", with_ciphertext=True)
+    assert set(row) == CLAIMED_KEYS | {"updated_at", "access_token_encrypted", "refresh_token_encrypted"}
+    assert row["updated_at"] == mgr.get_tokens(uid)["updated_at"]
+    cipher = cipher_of(mgr.engine.dialect)
+    assert "a0" not in row["access_token_encrypted"] and "r0" not in row["refresh_token_encrypted"]
+    assert (cipher.decrypt(row["access_token_encrypted"]), cipher.decrypt(row["refresh_token_encrypted"])) == ("a0", "r0")
+
+
+def test_store_tokens_gives_back_the_lease_of_release_lease_and_no_other(mgr):
+    mine, theirs = users_with_tokens(mgr, [60, 60])
+    assert len(claim(mgr, "w1")) == 2
+    with mgr.session() as s:
+        repo = TokenRepository(s)
+        assert repo.release_refresh(theirs, "w1") and repo.claim_refresh(theirs, "w2", ttl=60)
+        repo.store_tokens(mine, "a-new", "r-new", 14400, expected_version=1, release_lease="w1")
+        repo.store_tokens(theirs, "a-new", "r-new", 14400, expected_version=1, release_lease="w1")
+    assert mgr.get_tokens(mine)["last_validated"] is not None, "the tokens Twitch just issued count as validated"
+    with mgr.session() as s:
+        assert TokenRepository(s).claim_refresh(mine, "w3", ttl=60), "w1's lease was given back"
+        assert not TokenRepository(s).claim_refresh(theirs, "w3", ttl=60), "w2's lease stays"
+    assert [(t["version"], t["access_token"]) for t in map(mgr.get_tokens, (mine, theirs))] == [(2, "a-new")] * 2
 
 
 def test_an_expired_lease_is_claimed_again(mgr):

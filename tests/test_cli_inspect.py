@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from kissbot import DatabaseManager
 from kissbot.cli import cli
-from kissbot.crypto import generate_key, mask_secret
+from kissbot.crypto import generate_key
 from kissbot.errors import KeyFileError, NoDatabase
 from kissbot.repo import TokenRepository
 
@@ -97,22 +97,81 @@ def test_users(runner, store):
     assert users[0]["created_at"].endswith("+00:00")
 
 
-def test_tokens_are_masked_to_4_characters(runner, store):
+TOKENS_TABLE = """\
+login      type  expires_at                           needs_reauth  failures
+el_serda   bot   2001-02-03T04:05:06+00:00 (expired)  yes           1
+serda_bot  bot   2099-02-03T04:05:06+00:00            no            0
+"""
+
+
+def pin_times(store_url: str, key: Path) -> None:
+    """Give the fixture's tokens fixed times: el_serda's expired in 2001, serda_bot's expire in 2099."""
+    from datetime import datetime, timezone
+
+    from sqlalchemy import update
+
+    from kissbot.models import oauth_tokens
+
+    when = {"el_serda": datetime(2001, 2, 3, 4, 5, 6, tzinfo=timezone.utc), "serda_bot": datetime(2099, 2, 3, 4, 5, 6, tzinfo=timezone.utc)}
+    with DatabaseManager(url=store_url, key_file=key) as mgr, mgr.session() as s:
+        for login, expires in when.items():
+            user_id = mgr.get_user_by_login(login)["id"]
+            s.execute(update(oauth_tokens).where(oauth_tokens.c.user_id == user_id).values(
+                expires_at=expires, updated_at=datetime(2000, 1, 1, tzinfo=timezone.utc)))
+
+
+def expected_tokens_json(store_url: str) -> list[dict]:
+    with DatabaseManager(url=store_url, need_key=False, create=False) as mgr:
+        ids = {login: mgr.get_user_by_login(login)["id"] for login in ("el_serda", "serda_bot")}
+    common = {"token_type": "bot", "updated_at": "2000-01-01T00:00:00+00:00"}
+    return [
+        {"user_id": ids["el_serda"], "twitch_login": "el_serda", **common, "status": "expired", "scopes": [],
+         "expires_at": "2001-02-03T04:05:06+00:00", "needs_reauth": True, "refresh_failures": 1, "expired": True},
+        {"user_id": ids["serda_bot"], "twitch_login": "serda_bot", **common, "status": "valid", "scopes": ["chat:read"],
+         "expires_at": "2099-02-03T04:05:06+00:00", "needs_reauth": False, "refresh_failures": 0, "expired": False},
+    ]
+
+
+def test_tokens_lists_metadata_and_no_value(runner, store, store_url, tmp_path):
+    pin_times(store_url, tmp_path / "k.key")
     text = run(runner, "tokens", *store)
+    assert (text.stdout, text.stderr) == (TOKENS_TABLE, "")
     data = run(runner, "tokens", "--json", *store)
-    for result in (text, data):
-        assert result.stderr == ""
-        for secret in [*ACCESS.values(), *REFRESH.values()]:
-            assert secret[:5] not in result.output
-            assert mask_secret(secret) == secret[:4] + "…"
-    lines = text.stdout.splitlines()
-    assert lines[0].split() == ["login", "type", "expires_at", "needs_reauth", "failures", "access_token", "refresh_token"]
-    chan = lines[1].split()
-    assert (chan[0], chan[1], chan[3], chan[4], chan[5], chan[6]) == ("el_serda", "bot", "yes", "1", "chan…", "chan…")
-    rows = {r["twitch_login"]: r for r in json.loads(data.stdout)}
-    assert rows["serda_bot"]["access_token"] == "bota…"
-    assert rows["serda_bot"]["scopes"] == ["chat:read"]
-    assert (rows["el_serda"]["needs_reauth"], rows["el_serda"]["refresh_failures"], rows["el_serda"]["status"]) == (True, 1, "expired")
+    assert data.stderr == ""
+    rows = json.loads(data.stdout)
+    assert [sorted(r) for r in rows] == [sorted(r) for r in expected_tokens_json(store_url)]
+    assert rows == expected_tokens_json(store_url)
+    for secret in [*ACCESS.values(), *REFRESH.values()]:
+        assert secret[:4] not in text.output + data.output
+
+
+def test_tokens_listing_decrypts_nothing_and_needs_no_key(runner, store, store_url, tmp_path):
+    from sqlalchemy import event, update
+    from sqlalchemy.engine import Engine
+
+    from kissbot.models import oauth_tokens
+
+    key = tmp_path / "k.key"
+    pin_times(store_url, key)
+    with DatabaseManager(url=store_url, key_file=key) as mgr, mgr.session() as s:
+        s.execute(update(oauth_tokens).values(access_token_encrypted="gAAAAAgarbage", refresh_token_encrypted="not fernet",
+                                              updated_at=oauth_tokens.c.updated_at))
+    key.rename(tmp_path / "away.key")
+    before = listing(tmp_path)
+    sent: list[str] = []
+    record = lambda _conn, _cursor, statement, *_rest: sent.append(statement)  # noqa: E731
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        assert run(runner, "tokens", *store).stdout == TOKENS_TABLE
+        assert json.loads(run(runner, "tokens", "--json", *store).stdout) == expected_tokens_json(store_url)
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+    assert [s for s in sent if "_encrypted" in s] == []
+    assert listing(tmp_path) == before
+    revealed = runner.invoke(cli, ["tokens", "--reveal", *store])
+    assert (revealed.exit_code, revealed.stdout) == (1, "")
+    assert revealed.stderr.startswith(f"Error: key file {key} not found but ") and len(revealed.stderr.splitlines()) == 1
+    assert listing(tmp_path) == before
 
 
 def test_expired_tokens_are_marked_in_the_table_json_and_api(runner, store, store_url, tmp_path):
@@ -156,12 +215,14 @@ def test_tokens_that_do_not_decrypt_are_flagged_not_fatal(runner, store, store_u
             TokenRepository(conn).store_tokens(uid, "strangeraccess", "strangerrefresh", 60)
     finally:
         stranger.dispose()
-    result = run(runner, "tokens", *store)
+    result = run(runner, "tokens", "--reveal", *store)
     chan, bot = result.stdout.splitlines()[1:]
-    assert chan.split()[0] == "el_serda" and chan.endswith("(does not decrypt)  (does not decrypt)")
-    assert bot.split()[-2:] == ["bota…", "botr…"]
-    rows = {r["twitch_login"]: r for r in json.loads(run(runner, "tokens", "--json", *store).stdout)}
+    assert chan.split()[0] == "el_serda" and " ".join(chan.split()).endswith("(does not decrypt) (does not decrypt)")
+    assert bot.split()[-2:] == [ACCESS["serda_bot"], REFRESH["serda_bot"]]
+    rows = {r["twitch_login"]: r for r in json.loads(run(runner, "tokens", "--reveal", "--json", *store).stdout)}
     assert (rows["el_serda"]["decrypt_error"], rows["el_serda"]["access_token"]) == (True, None)
+    assert (rows["serda_bot"]["decrypt_error"], rows["serda_bot"]["access_token"]) == (False, ACCESS["serda_bot"])
+    assert run(runner, "tokens", *store).stdout.splitlines()[1].split()[:2] == ["el_serda", "bot"]
 
 
 def test_instances_list_and_reset(runner, store, store_url, tmp_path):
@@ -180,10 +241,20 @@ def test_instances_list_and_reset(runner, store, store_url, tmp_path):
 
     missing = runner.invoke(cli, ["instances", "reset", "999", *store])
     assert (missing.exit_code, missing.stderr) == (1, "Error: no instance with id 999\n")
-    for misplaced_args in (store, ["-v"]):
-        misplaced = runner.invoke(cli, ["instances", *misplaced_args, "reset", str(instance["id"]), *store])
-        assert misplaced.exit_code == 1 and len(misplaced.stderr.splitlines()) == 1
-        assert "give --db/--url/--key-file/-v after the subcommand" in misplaced.stderr
+
+
+
+def test_options_given_to_a_subgroup_reach_its_subcommands(runner, store, tmp_path, monkeypatch):
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")  # no kissbot.db here: a subcommand that dropped them would say so
+    for args in (["instances", *store, "reset", "1"], ["instances", "--db", "nope.db", "reset", "1", *store]):
+        result = runner.invoke(cli, args)
+        assert (result.exit_code, result.stdout) == (0, "Instance 1 reset: status stopped, crash count 0\n"), result.output
+    verbose = runner.invoke(cli, ["instances", "-v", *store, "reset", "999"])
+    assert verbose.exit_code == 1 and "Traceback" in verbose.stderr and verbose.stderr.endswith("Error: no instance with id 999\n")
+    stored = runner.invoke(cli, ["tokens", *store, "set", "el_serda", "--expires-in", "60"], input="new-access\nnew-refresh\n")
+    assert (stored.exit_code, stored.stdout) == (0, "Stored bot tokens of el_serda (new-…), expiring in 60 s\n"), stored.output
+    assert list((tmp_path / "work").iterdir()) == []
 
 
 def test_audit_filters(runner, store):

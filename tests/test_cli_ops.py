@@ -99,6 +99,21 @@ def test_cleanup_logs_deletes_old_events_and_prints_the_count(runner, store_url,
         assert len(mgr.get_audit_log(limit=1000)) == total - 3
 
 
+def test_cleanup_logs_without_a_setting_keeps_the_default_of_the_settings(runner, store_url, key_file, monkeypatch):
+    from dataclasses import replace
+
+    from kissbot.models import config
+    from kissbot.settings import SETTINGS
+
+    with DatabaseManager(url=store_url, key_file=key_file) as mgr:
+        with mgr.session() as s:
+            s.execute(insert(audit_log).values(event_type="old", timestamp=utcnow() - timedelta(days=8)))
+            s.execute(config.delete().where(config.c.key == "log_retention_days"))
+    monkeypatch.setitem(SETTINGS, "log_retention_days", replace(SETTINGS["log_retention_days"], default=7))
+    result = runner.invoke(cli, ["cleanup-logs", "--url", store_url, "--key-file", str(key_file)])
+    assert (result.exit_code, result.output) == (0, "Deleted 1 audit log entries older than 7 days\n")
+
+
 def test_cleanup_logs_refuses_a_missing_database_and_negative_days(runner, tmp_path):
     result = runner.invoke(cli, ["cleanup-logs", "--db", str(tmp_path / "nope.db"), "--key-file", str(tmp_path / "k")])
     assert one_line_error(result) == f"Error: database {tmp_path / 'nope.db'} does not exist; create it with kissbot init-db\n"

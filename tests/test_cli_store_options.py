@@ -32,7 +32,7 @@ def store(store_url: str, tmp_path: Path) -> tuple[str, Path]:
 NO_KEY_NEEDED = [
     ["users"], ["stats"], ["instances"], ["audit"], ["config", "list"], ["config", "get", "max_crash_count"],
     ["config", "set", "log_retention_days", "10"], ["user", "add", "el_serda", "--twitch-id", "44456636"],
-    ["instances", "reap"], ["cleanup-logs"],
+    ["instances", "reap"], ["cleanup-logs"], ["tokens"], ["tokens", "--json", "--limit", "1"],
 ]
 
 
@@ -45,8 +45,8 @@ def test_commands_that_decrypt_nothing_need_no_key(store, tmp_path, command):
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
     assert not key.exists()
-    # Tokens still need it, and say where it was looked for.
-    result = CliRunner().invoke(cli, ["tokens", "--url", url, "--key-file", str(key)])
+    # Token values still need it, and say where it was looked for.
+    result = CliRunner().invoke(cli, ["tokens", "--reveal", "--url", url, "--key-file", str(key)])
     assert result.exit_code == 1
     assert len(result.stderr.splitlines()) == 1
     assert result.stderr.startswith(f"Error: key file {key} not found but ")
@@ -103,3 +103,23 @@ def test_a_database_that_does_not_exist_is_created_with_a_warning_naming_it(tmp_
         result = CliRunner().invoke(cli, ["init-db", "--db", "new.db"])
     assert result.exit_code == 0, result.output
     assert (result.stderr, caplog.records) == ("", [])
+
+
+@pytest.mark.parametrize(
+    ("command", "hint"),
+    [(["copy", "--to", "copy.db"], "use kissbot copy --from STORE --to TARGET [--key-file KEY]"),
+     (["backups", "list", "backups"], "it lists the backups at its URL argument")],
+    ids=lambda v: v[0] if isinstance(v, list) else "",
+)
+@pytest.mark.parametrize("before", [["--db", "bot.db"], ["--url", "sqlite:///bot.db"], ["--key-file", "bot.key"],
+                                    ["--synchronous", "FULL"]], ids=lambda v: v[0])
+def test_commands_without_a_store_refuse_the_store_options_given_before_them(tmp_path, monkeypatch, command, hint, before):
+    monkeypatch.chdir(tmp_path)
+    with DatabaseManager("bot.db", "bot.key") as mgr:
+        mgr.create_user("1209350837", "serda_bot", is_bot=True)
+    (tmp_path / "backups").mkdir()
+    snapshot = listing(tmp_path)
+    result = CliRunner().invoke(cli, [*before, *command])
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == f"Error: kissbot {'copy' if command[0] == 'copy' else 'backups list'} does not take {before[0]}: {hint}\n"
+    assert listing(tmp_path) == snapshot

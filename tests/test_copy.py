@@ -164,6 +164,16 @@ def test_custom_config_counts_as_not_empty(sqlite_url, postgresql_url, key_file)
         copy_store(sqlite_url, postgresql_url, TokenCipher(read_key_ring(key_file)))
 
 
+def test_the_settings_kissbot_reads_do_not_count_as_content(sqlite_url, postgresql_url, key_file):
+    fill(sqlite_url, key_file)
+    with DatabaseManager(url=postgresql_url, key_file=key_file) as mgr:
+        mgr.set_config("token_validate_interval", 60)
+        mgr.set_config("max_refresh_failures", 5)
+    copy_store(sqlite_url, postgresql_url, TokenCipher(read_key_ring(key_file)))
+    with DatabaseManager(url=sqlite_url, key_file=key_file) as source, DatabaseManager(url=postgresql_url, key_file=key_file) as copy:
+        assert copy.list_config() == source.list_config()
+
+
 def test_a_failure_mid_copy_leaves_the_target_empty(sqlite_url, postgresql_url, key_file):
     """An audit row naming a user that does not exist passes SQLite (foreign keys off) but not PostgreSQL."""
     fill(sqlite_url, key_file)

@@ -121,7 +121,7 @@ def test_the_default_key_file_is_beside_the_database(tmp_path, monkeypatch, runn
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    result = runner.invoke(cli, ["tokens", "--db", str(tmp_path / "sub" / "bot.db"), "--json"])
+    result = runner.invoke(cli, ["tokens", "--reveal", "--db", str(tmp_path / "sub" / "bot.db"), "--json"])
     assert result.exit_code == 0, result.output
     assert '"twitch_login": "user1"' in result.stdout
     assert os.listdir(elsewhere) == []
@@ -134,7 +134,7 @@ def test_a_missing_key_names_the_full_path_and_how_to_point_elsewhere(tmp_path, 
     (tmp_path / "srv" / ".kissbot.key").rename(tmp_path / "saved.key")
     monkeypatch.chdir(tmp_path)
     before = digest(tmp_path)
-    result = runner.invoke(cli, ["tokens", "--db", "srv/kissbot.db"])
+    result = runner.invoke(cli, ["tokens", "--reveal", "--db", "srv/kissbot.db"])
     assert (result.exit_code, result.stdout) == (1, "")
     assert result.stderr == (
         f"Error: key file {tmp_path}/srv/.kissbot.key not found but srv/kissbot.db holds tokens for 3 users; "
@@ -142,7 +142,7 @@ def test_a_missing_key_names_the_full_path_and_how_to_point_elsewhere(tmp_path, 
     )
     assert digest(tmp_path) == before
     monkeypatch.setenv("KISSBOT_KEY_FILE", str(tmp_path / "saved.key"))
-    assert runner.invoke(cli, ["tokens", "--db", "srv/kissbot.db"]).exit_code == 0
+    assert runner.invoke(cli, ["tokens", "--reveal", "--db", "srv/kissbot.db"]).exit_code == 0
 
 
 def test_an_existing_store_with_its_key_in_the_current_directory_keeps_working(tmp_path, monkeypatch, runner, caplog):
@@ -157,9 +157,9 @@ def test_an_existing_store_with_its_key_in_the_current_directory_keeps_working(t
     with caplog.at_level(logging.WARNING, logger="kissbot"), DatabaseManager("sub/bot.db") as mgr:
         assert mgr.get_tokens(1)["access_token"] == "access-1"
     assert [r.getMessage() for r in caplog.records] == [warning]
-    result = runner.invoke(cli, ["tokens", "--db", "sub/bot.db"])
+    result = runner.invoke(cli, ["tokens", "--reveal", "--db", "sub/bot.db"])
     assert result.exit_code == 0, result.output
-    assert result.stderr == f"Warning: {warning}\n"
+    assert result.stderr == f"Warning: {warning}\nWarning: printing full OAuth tokens; anyone who sees them can act as these users.\n"
     assert not (tmp_path / "sub" / ".kissbot.key").exists()
 
 

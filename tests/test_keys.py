@@ -188,7 +188,7 @@ def test_missing_key_with_tokens_refuses_through_the_cli_and_creates_nothing(tmp
         fill(mgr, 3)
     key_file.unlink()
     before = snapshot(tmp_path)
-    result = runner.invoke(cli, ["tokens", "--db", str(db_file), "--key-file", str(key_file)])
+    result = runner.invoke(cli, ["tokens", "--reveal", "--db", str(db_file), "--key-file", str(key_file)])
     assert result.exit_code == 1
     assert result.output == (
         f"Error: key file {key_file} not found but {db_file} holds tokens for 3 users; restore the key from your backup, "

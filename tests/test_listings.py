@@ -14,7 +14,6 @@ from sqlalchemy.engine import Engine
 
 from kissbot import DatabaseManager
 from kissbot.cli import cli
-from kissbot.crypto import mask_secret
 
 
 def fill(store_url: str, key: Path, users: int) -> list[str]:
@@ -85,12 +84,11 @@ def test_streamed_json_is_byte_for_byte_the_json_of_the_whole_list(store_url, tm
     with DatabaseManager(url=store_url, key_file=key) as mgr:
         users = mgr.list_users()
         tokens = mgr.list_tokens(decrypt=True)
+        metadata = mgr.list_tokens()
         events = mgr.get_audit_log(limit=3)
     assert invoke("users", "--json", *options).stdout == expected_json(users)
     assert invoke("tokens", "--reveal", "--json", *options).stdout == expected_json(tokens)
-    masked = [{**t, "access_token": mask_secret(t["access_token"]), "refresh_token": mask_secret(t["refresh_token"])}
-              for t in tokens]
-    assert invoke("tokens", "--json", *options).stdout == expected_json(masked)
+    assert invoke("tokens", "--json", *options).stdout == expected_json(metadata)
     audit = json.loads(invoke("audit", "--json", "--limit", "3", *options).stdout)
     assert [{k: v for k, v in e.items() if not k.endswith("_login")} for e in audit] == json.loads(expected_json(events))
 
@@ -115,7 +113,7 @@ def test_limit_on_users_and_tokens(store_url, tmp_path):
     assert [u["twitch_login"] for u in users] == ["user_000", "user_001"]
     tokens = json.loads(invoke("tokens", "--json", "--limit", "3", *options).stdout)
     assert [t["twitch_login"] for t in tokens] == ["user_000", "user_001", "user_002"]
-    assert [t["access_token"] for t in tokens] == ["acce…"] * 3
+    assert [k for k in tokens[0] if "token" in k] == ["token_type"]
     table = invoke("tokens", "--limit", "1", *options).stdout.splitlines()
     assert [line.split()[0] for line in table] == ["login", "user_000"]
     assert len(invoke("users", "--limit", "4", *options).stdout.splitlines()) == 1 + 4

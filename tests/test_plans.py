@@ -129,3 +129,29 @@ def test_batches_delete_every_old_event_once_and_nothing_newer(big, monkeypatch)
     assert len(deletes) == 3 * ROWS // 1000 + 1
     with big.engine.connect() as conn:
         assert AuditRepository(conn).count() == ROWS
+
+
+def test_batched_cleanup_of_events_sharing_a_timestamp_starts_each_batch_in_the_index(store_url, key_file):
+    # Without (timestamp, id) in the index, PostgreSQL finds a batch's start by reading every event of that
+    # timestamp again: batch after batch slower (400,000 events of one second: 12 s instead of 1 s).
+    old = utcnow() - timedelta(days=100)
+    with DatabaseManager(url=store_url, key_file=key_file) as mgr:
+        with write_transaction(mgr.engine) as conn:
+            conn.execute(insert(audit_log), [{"event_type": "e", "timestamp": old} for _ in range(3 * ROWS)])
+            conn.execute(insert(audit_log), [{"event_type": "e", "timestamp": utcnow()} for _ in range(ROWS)])
+        with mgr.engine.connect() as conn:
+            conn.execute(text("ANALYZE"))
+            conn.commit()
+        with mgr.engine.connect() as conn:
+            _, after = AuditRepository(conn).delete_logs_before(utcnow() - timedelta(days=30), 500)
+            conn.commit()
+        assert after is not None and after[0] == old
+
+        def batch(conn):
+            assert AuditRepository(conn).delete_logs_before(utcnow() - timedelta(days=30), 500, after)[0] == 500
+
+        for _statement, batch_plan in plans_of(mgr, batch, "audit_log"):
+            no_full_scan(mgr, batch_plan, "idx_audit_timestamp")
+            if mgr.engine.dialect.name == "postgresql":
+                rows = [line.split(":")[0].strip() for line in batch_plan.splitlines() if "ROW(" in line]
+                assert "Index Cond" in rows and "Filter" not in rows, batch_plan

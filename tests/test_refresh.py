@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from sqlalchemy import text
 
 from kissbot import DatabaseManager
 from kissbot.cli import cli
@@ -229,6 +230,19 @@ def test_a_failed_refresh_does_not_touch_tokens_stored_meanwhile(mgr, bot, twitc
     assert result.detail.endswith(", but newer tokens were stored meanwhile; kept them")
     tokens = mgr.get_tokens(bot)
     assert (tokens["access_token"], tokens["needs_reauth"], tokens["refresh_failures"]) == ("reauthorised-access", False, 0)
+
+
+def test_a_token_that_does_not_decrypt_fails_alone_and_its_lease_is_released(mgr, twitch):
+    good, bad = seed_due_tokens(mgr, 2)
+    with mgr.engine.begin() as conn:
+        conn.execute(text("UPDATE oauth_tokens SET refresh_token_encrypted = 'not-fernet' WHERE user_id = :u"), {"u": bad})
+    with refresher(mgr, twitch) as worker:
+        results = {r.user_id: r for r in worker.refresh_due()}
+    assert (results[good].outcome, results[bad].outcome) == (Outcome.REFRESHED, Outcome.FAILED)
+    assert results[bad].detail.startswith(f"Failed to decrypt tokens for user {bad} (key version 1")
+    assert sum(twitch.refreshes_per_token().values()) == 1, "nothing was sent for the token that does not decrypt"
+    with mgr.session() as s:
+        assert [r["user_id"] for r in TokenRepository(s).claim_due("next", ttl=60)] == [bad], "its lease was given back"
 
 
 def test_a_token_leased_by_another_worker_is_skipped(mgr, bot, twitch):

@@ -13,7 +13,9 @@ from kissbot.cli import cli
 from kissbot.errors import ValidationError
 from kissbot.fake_twitch import FakeTwitch
 from kissbot.refresh import MAX_CONCURRENCY, Outcome
-from test_refresh import PROCESS_TIMEOUT, WORKER, outcomes, refresher, seed_due_tokens, twitch, worker_env  # noqa: F401
+from test_refresh import (  # noqa: F401
+    PROCESS_TIMEOUT, WORKER, closed_port, outcomes, refresher, seed_due_tokens, twitch, worker_env,
+)
 
 
 def test_one_worker_refreshes_many_tokens_at_once_and_records_them_validated(mgr, twitch):
@@ -34,6 +36,30 @@ def test_one_worker_refreshes_many_tokens_at_once_and_records_them_validated(mgr
         from kissbot.repo import TokenRepository
 
         assert TokenRepository(s).claim_due("anyone", ttl=60, buffer_minutes=10**6) != [], "every lease was released"
+
+
+def test_the_worker_reuses_one_connection_per_request_in_flight(mgr, twitch):
+    refresh_tokens = seed_due_tokens(mgr, 40)
+    with refresher(mgr, twitch, concurrency=4) as worker:
+        results = worker.refresh_due()
+        assert [r.outcome for r in results] == [Outcome.REFRESHED] * 40
+        assert worker.validate_due() == []
+    assert twitch.refreshes_per_token() == Counter(refresh_tokens.values())
+    assert 1 <= twitch.connections <= 4, "keep-alive connections are reused: at most one per request in flight"
+
+
+def test_a_proxy_from_the_environment_still_carries_the_requests(mgr, twitch, monkeypatch):
+    (user,) = seed_due_tokens(mgr, 1)
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{closed_port()}")
+    with refresher(mgr, twitch, concurrency=4) as worker:
+        [result] = worker.refresh_due()
+    assert (result.outcome, result.detail.split(";")[0]) == (Outcome.FAILED, "connection error (ConnectError)")
+    assert twitch.requests == Counter(), "the request went to the (absent) proxy, not straight to Twitch"
+    monkeypatch.delenv("HTTP_PROXY")
+    with refresher(mgr, twitch, concurrency=4, backoff_base=0) as worker:
+        assert outcomes(worker.refresh_due()) == [(user, "bot", Outcome.REFRESHED)]
 
 
 @pytest.mark.slow

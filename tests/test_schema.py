@@ -52,7 +52,7 @@ SPEC_INDEXES = {
         "idx_oauth_key_version": ["key_version"],  # 0004, opening a store probes it
     },
     "audit_log": {
-        "idx_audit_timestamp": ["timestamp"],
+        "idx_audit_timestamp": ["timestamp", "id"],  # 0005, a cleanup batch starts after a (timestamp, id)
         "idx_audit_event_type": ["event_type"],
         "idx_audit_user": ["user_id"],
     },

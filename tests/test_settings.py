@@ -64,6 +64,8 @@ def digest(directory: Path) -> dict[str, str]:
         ("max_crash_count", "abc", "an integer from 1 to 1000 (Crashes avant désactivation), not 'abc'"),
         ("max_crash_count", "0", "an integer from 1 to 1000 (Crashes avant désactivation), not '0'"),
         ("log_retention_days", "1e400", "an integer from 0 to 36500 (Rétention des audit logs), not '1e400'"),
+        ("log_retention_days", "-1", "an integer from 0 to 36500 (Rétention des audit logs), not '-1'"),
+        ("max_crash_count", "-2.5", "an integer from 1 to 1000 (Crashes avant désactivation), not '-2.5'"),
         ("token_refresh_interval", "NaN", "an integer from 0 to 86400 (Secondes avant expiration), not 'NaN'"),
         ("token_refresh_interval", "9" * 40, f"an integer from 0 to 86400 (Secondes avant expiration), not '{'9' * 24}…'"),
     ],
@@ -72,6 +74,15 @@ def test_config_set_refuses_a_value_out_of_type_or_range_and_writes_nothing(runn
     before = digest(tmp_path)
     result = runner.invoke(cli, ["config", "set", key, value, *store])
     assert (result.exit_code, result.stdout, result.stderr) == (1, "", f"Error: config {key} must be {message}\n")
+    assert digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("args", [["log_retention_days", "--days"], ["mine", "-x"], ["mine", "1", "--bogus"]], ids=" ".join)
+def test_config_set_still_refuses_an_unknown_option(runner, store, tmp_path, args):
+    before = digest(tmp_path)
+    result = runner.invoke(cli, ["config", "set", *args, *store])
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr in (f"Error: No such option: {args[-1]}\n", f"Error: Got unexpected extra argument ({args[-1]})\n")
     assert digest(tmp_path) == before
 
 

@@ -63,6 +63,19 @@ def test_a_bad_url_is_refused_in_one_line_without_its_password_and_writes_nothin
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
+@pytest.mark.parametrize(("option", "where"), [("--url", "sqlite://"), ("--url", "sqlite:///"), ("--db", ":memory:")])
+@pytest.mark.parametrize("command", [["users"], ["init-db"], ["tokens", "--reveal"], ["cleanup-logs"]], ids=" ".join)
+def test_an_in_memory_database_is_refused_in_one_line(runner, tmp_path, monkeypatch, option, where, command):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(cli, [*command, option, where])
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == (
+        f"Error: {where} is an in-memory SQLite database, empty and gone when the command ends: "
+        "give a file (--db PATH, or --url sqlite:///PATH) or a PostgreSQL URL\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_url_typo_given_as_a_path_is_refused_too(runner, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(cli, ["init-db", "--db", TYPO])
@@ -193,3 +206,17 @@ def test_every_command_taking_url_refuses_a_bad_one_in_one_line_and_writes_nothi
         ), (command, result.output)
         assert result.output.count("\n") == 1 and "S3C" not in result.output and "RETPW" not in result.output
         assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.yaml"], command
+
+
+def test_maintenance_and_metrics_need_an_existing_file_backed_store(tmp_path):
+    from kissbot.errors import DatabaseError, NoDatabase
+    from kissbot.maintenance import open_existing
+    from kissbot.metrics import open_engine
+
+    for open_store, in_memory in ((open_existing, DatabaseError), (open_engine, ConfigurationError)):
+        for where in ("sqlite://", ":memory:"):
+            with pytest.raises(in_memory, match="^an in-memory database"):
+                open_store(where)
+        with pytest.raises(NoDatabase, match=f"^database {tmp_path}/nope.db does not exist; create it with kissbot init-db$"):
+            open_store(tmp_path / "nope.db")
+    assert list(tmp_path.iterdir()) == []

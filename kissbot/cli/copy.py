@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from kissbot.cli.main import cli
+from kissbot.cli.main import cli, refuse_store_options_before
 
 
 @cli.command("copy")
@@ -37,6 +37,7 @@ def copy_command(source: str, target: str, key_file: Path | None) -> None:
     from kissbot.crypto import TokenCipher, read_key_ring
     from kissbot.keys import default_key_file
 
+    refuse_store_options_before(click.get_current_context(), "copy", "use kissbot copy --from STORE --to TARGET [--key-file KEY]")
     key_file = key_file or default_key_file(source)
     report = copy_store(source, target, TokenCipher(read_key_ring(key_file)))
     click.echo(f"Copied {report.source} → {report.target}")

@@ -9,12 +9,11 @@ from __future__ import annotations
 import itertools
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
 import click
-from click.core import ParameterSource
 
 from kissbot.cli.main import StoreTarget, cli, echo_json, echo_json_rows, store_options
 from kissbot.crypto import mask_secret
@@ -26,7 +25,6 @@ _JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 _LIMIT = click.option("--limit", type=click.IntRange(1, MAX_ID), help="Show at most N rows  [default: all].")
 _WIDTH_ROWS = 1000
 """Rows a table's column widths are taken from: the rest stream under them (a longer cell widens its line only)."""
-_STORE_PARAMS = ("db_path", "url", "key_file", "synchronous", "verbose")
 
 
 def _cell(value: Any) -> str:
@@ -49,14 +47,6 @@ def _table(headers: list[str], rows: Iterable[list[Any]]) -> None:
     widths = [max(len(row[i]) for row in [headers, *first]) for i in range(len(headers))]
     for row in itertools.chain([headers], first, ([_cell(v) for v in row] for row in rows)):
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
-
-
-def _refuse_group_store_options(ctx: click.Context) -> None:
-    # `kissbot instances --db x reset 3` would reset instance 3 of the default database.
-    if ctx.invoked_subcommand and any(ctx.get_parameter_source(p) is ParameterSource.COMMANDLINE for p in _STORE_PARAMS):
-        raise click.UsageError(
-            f"give --db/--url/--key-file/-v after the subcommand: kissbot {ctx.info_name} {ctx.invoked_subcommand} … --db PATH"
-        )
 
 
 # --- users -------------------------------------------------------------------------------------
@@ -97,26 +87,29 @@ def users(store: StoreTarget, limit: int | None, as_json: bool) -> None:
 def tokens(ctx: click.Context, store: StoreTarget, reveal: bool, limit: int | None, as_json: bool) -> None:
     """List each user's tokens: expiry, needs_reauth, refresh failures (alone), or store tokens (`set`).
 
-    Token values are masked to their first 4 characters unless --reveal.
+    The listing reads no token value and needs no key file; --reveal
+    decrypts and prints the full values (a row whose values do not decrypt
+    says so).
 
     \b
     Example:
         kissbot tokens --db kissbot.db
         kissbot tokens --json --limit 100
+        kissbot tokens --reveal --json --key-file /etc/kissbot/kissbot.key
         kissbot tokens set serda_bot --expires-in 14400 --db kissbot.db
     """
-    _refuse_group_store_options(ctx)
     if ctx.invoked_subcommand:
         return
-    with store.open(create=False) as mgr, mgr.engine.connect() as conn:
+    with store.open(create=False, need_key=reveal) as mgr, mgr.engine.connect() as conn:
         if reveal:
             click.echo("Warning: printing full OAuth tokens; anyone who sees them can act as these users.", err=True)
-        rows = _shown_tokens(TokenRepository(conn).iter_tokens(decrypt=True, limit=limit), reveal)
+        rows = TokenRepository(conn).iter_tokens(decrypt=reveal, limit=limit)
         if as_json:
             echo_json_rows(rows)
             return
+        values = ["access_token", "refresh_token"] if reveal else []
         _table(
-            ["login", "type", "expires_at", "needs_reauth", "failures", "access_token", "refresh_token"],
+            ["login", "type", "expires_at", "needs_reauth", "failures", *values],
             (
                 [
                     r["twitch_login"],
@@ -124,21 +117,11 @@ def tokens(ctx: click.Context, store: StoreTarget, reveal: bool, limit: int | No
                     f"{_cell(r['expires_at'])} (expired)" if r["expired"] else r["expires_at"],
                     r["needs_reauth"],
                     r["refresh_failures"],
-                    "(does not decrypt)" if r["decrypt_error"] else r["access_token"],
-                    "(does not decrypt)" if r["decrypt_error"] else r["refresh_token"],
+                    *(["(does not decrypt)" if r["decrypt_error"] else r[v] for v in values]),
                 ]
                 for r in rows
             ),
         )
-
-
-def _shown_tokens(rows: Iterable[dict[str, Any]], reveal: bool) -> Iterator[dict[str, Any]]:
-    for row in rows:
-        if not reveal:
-            for key in ("access_token", "refresh_token"):
-                if row[key] is not None:
-                    row[key] = mask_secret(row[key])
-        yield row
 
 
 def _read_tokens() -> tuple[str, str]:
@@ -209,7 +192,6 @@ def instances(ctx: click.Context, store: StoreTarget, as_json: bool) -> None:
         kissbot instances reset 3 --db kissbot.db
         kissbot instances reap --db kissbot.db
     """
-    _refuse_group_store_options(ctx)
     if ctx.invoked_subcommand:
         return
     with store.open(create=False, need_key=False) as mgr:
@@ -341,7 +323,7 @@ def config_get(store: StoreTarget, key: str, as_json: bool) -> None:
         click.echo(_shown(value))
 
 
-@config.command("set")
+@config.command("set", context_settings={"ignore_unknown_options": True})  # a negative VALUE is not an option
 @click.argument("key")
 @click.argument("value")
 @click.option("--description", help="What the setting is for.")
@@ -353,9 +335,19 @@ def config_set(store: StoreTarget, key: str, value: str, description: str | None
     Example:
         kissbot config set log_retention_days 60 --db kissbot.db
     """
+    if value.startswith("-") and not _is_number(value):
+        raise click.UsageError(f"No such option: {value}")
     with store.open(create=False, need_key=False) as mgr:
         mgr.set_config(key, value, description)
     click.echo(f"{key} = {value}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 @config.command("list")

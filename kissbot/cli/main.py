@@ -45,12 +45,17 @@ class StoreTarget:
 
     @property
     def target(self) -> str:
-        """The URL if given (refused unless well formed and supported), else the SQLite path."""
-        if not self.url:
-            return os.fspath(self.db_path)
-        from kissbot.urls import parse_url
+        """The URL if given (refused unless well formed and supported), else the SQLite path; never in memory."""
+        from kissbot.errors import ConfigurationError
+        from kissbot.urls import is_memory, parse_url, to_url
 
-        return parse_url(self.url).render_as_string(hide_password=False)
+        url = parse_url(self.url) if self.url else to_url(self.db_path)
+        if is_memory(url):
+            raise ConfigurationError(
+                f"{self.url or self.db_path} is an in-memory SQLite database, empty and gone when the command ends: "
+                "give a file (--db PATH, or --url sqlite:///PATH) or a PostgreSQL URL"
+            )
+        return url.render_as_string(hide_password=False) if self.url else os.fspath(self.db_path)
 
     def open(self, create: bool = True, need_key: bool = True):  # -> kissbot.DatabaseManager
         """Open the store (migrating it, loading the key).
@@ -181,6 +186,8 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 def _set_verbosity(ctx: click.Context, _param: click.Parameter, verbose: int) -> None:
     """``-v``: kissbot's INFO logs on stderr; ``-vv``: DEBUG, with each SQL statement (never its parameters)."""
+    if ctx.get_parameter_source("verbose") is not click.core.ParameterSource.COMMANDLINE and _VERBOSE in ctx.meta:
+        return  # given to the group (kissbot instances -v reset 3)
     ctx.meta[_VERBOSE] = verbose
     root = logging.getLogger()
     # Undo an earlier command's setting (several commands can run in one process, e.g. under CliRunner).
@@ -264,6 +271,13 @@ def _given_before(ctx: click.Context, name: str) -> tuple[bool, Any]:
             return True, parent.params[name]
         parent = parent.parent
     return False, None
+
+
+def refuse_store_options_before(ctx: click.Context, command: str, hint: str) -> None:
+    """Refuse the store options given before a command that takes none (``kissbot --db X copy`` would ignore it)."""
+    for option in ctx.find_root().command.params:
+        if option.name in _STORE_PARAMS and _given_before(ctx, option.name)[0]:
+            raise click.UsageError(f"kissbot {command} does not take {option.opts[0]}: {hint}")
 
 
 def store_options(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
-from kissbot.cli.main import StoreTarget, cli, echo_json
+from kissbot.cli.main import StoreTarget, cli, echo_json, refuse_store_options_before
 from kissbot.validation import MAX_DAYS
 
 if TYPE_CHECKING:
@@ -199,6 +199,7 @@ def backups_list(url: str, as_json: bool) -> None:
     """
     from kissbot.offsite import list_backups
 
+    refuse_store_options_before(click.get_current_context(), "backups list", "it lists the backups at its URL argument")
     found = list_backups(url)
     if as_json:
         echo_json([

@@ -35,9 +35,11 @@ def cleanup_logs(store: StoreTarget, days: int | None) -> None:
     Example:
         kissbot cleanup-logs --db kissbot.db --days 30
     """
+    from kissbot.settings import SETTINGS
+
     with store.open(create=False, need_key=False) as mgr:
         if days is None:
-            days = int(mgr.get_config("log_retention_days", default=30))
+            days = mgr.get_config("log_retention_days", default=SETTINGS["log_retention_days"].default)
         deleted = mgr.cleanup_old_logs(days)
     click.echo(f"Deleted {deleted} audit log entries older than {days} days")
 
