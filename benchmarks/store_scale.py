@@ -3,6 +3,8 @@
 - ``open``: opening a store (schema check, key check) at 100 and at ``scan_rows`` tokens.
 - ``writers``: ``writer_procs`` processes storing tokens for distinct users at once: the p99 latency of a
   store against the raw floor's p99 (the same processes doing BEGIN IMMEDIATE, UPDATE, audit INSERT, COMMIT).
+  A note gives the CPU time of a store in each: on a machine with fewer cores than writers, the p99 follows
+  it (see RESULTS.md).
 - ``pg``: ``get_tokens`` through ``DatabaseManager`` on PostgreSQL against a raw psycopg read of the same row
   on a held autocommit connection. It needs a server: ``$KISSBOT_BENCH_POSTGRES_URL`` (else
   ``$KISSBOT_TEST_POSTGRES_URL``); without one the row says so.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -52,7 +55,7 @@ def bench_open(ctx: Context) -> list[Row]:
 
 
 def _writer(path: str, key_file: str, user_id: int, ops: int, kissbot: bool, barrier: Any, results: Any) -> None:
-    """One process storing its own user's tokens ``ops`` times; report (latencies in ns, errors, first error)."""
+    """One process storing its own user's tokens ``ops`` times; report (latencies in ns, errors, first error, CPU ns)."""
     latencies, errors, first = [], 0, ""
     if kissbot:
         mgr = open_store(Path(path), Path(key_file))
@@ -62,6 +65,7 @@ def _writer(path: str, key_file: str, user_id: int, ops: int, kissbot: bool, bar
         store = lambda n: raw.store_tokens(conn, fernet, user_id, f"access-{n}", f"refresh-{n}", 14400)  # noqa: E731
     store(0)  # warm-up, before the start line
     barrier.wait(timeout=120)
+    cpu = time.process_time_ns()
     for n in range(ops):
         t0 = ns()
         try:
@@ -70,12 +74,15 @@ def _writer(path: str, key_file: str, user_id: int, ops: int, kissbot: bool, bar
             errors += 1
             first = first or f"{type(exc).__name__}: {exc}"
         latencies.append(ns() - t0)
-    results.put((latencies, errors, first))
+    results.put((latencies, errors, first, time.process_time_ns() - cpu))
 
 
-def _writers(path: Path, key_file: Path, ids: list[int], ops: int, kissbot: bool) -> tuple[list[int], int, str]:
+def _writers(path: Path, key_file: Path, ids: list[int], ops: int, kissbot: bool) -> tuple[list[int], int, str, float]:
+    """All latencies (ns), errors, the first error and the mean CPU µs per store of ``len(ids)`` writers."""
     reports = run_workers(_writer, [(str(path), str(key_file), uid, ops, kissbot) for uid in ids])
-    return [lat for r in reports for lat in r[0]], sum(r[1] for r in reports), next((r[2] for r in reports if r[2]), "")
+    latencies = [lat for r in reports for lat in r[0]]
+    cpu = sum(r[3] for r in reports) / len(latencies) / 1000
+    return latencies, sum(r[1] for r in reports), next((r[2] for r in reports if r[2]), ""), cpu
 
 
 def bench_writers(ctx: Context) -> list[Row]:
@@ -86,16 +93,21 @@ def bench_writers(ctx: Context) -> list[Row]:
     ids = raw.bulk_users_and_tokens(conn, fernet_of(key_file), s.writer_procs, due=0)
     conn.close()
     p99: dict[str, list[float]] = {"kissbot": [], "floor": []}
+    cpu: dict[str, list[float]] = {"kissbot": [], "floor": []}
     errors, first = {"kissbot": 0, "floor": 0}, {"kissbot": "", "floor": ""}
     for _ in range(max(1, s.repeats // 2)):  # interleaved rounds, the median p99 of each
         for name in p99:
-            latencies, errs, err = _writers(path, key_file, ids, s.writer_ops, name == "kissbot")
+            latencies, errs, err, cpu_us = _writers(path, key_file, ids, s.writer_ops, name == "kissbot")
             p99[name].append(percentile(latencies, 0.99))
+            cpu[name].append(cpu_us)
             errors[name], first[name] = errors[name] + errs, first[name] or err
     for name, err in first.items():
         if err:
             ctx.notes.append(f"First error of the {s.writer_procs} concurrent writers ({name}): `{err}`")
     k, f = statistics.median(p99["kissbot"]), statistics.median(p99["floor"])
+    kc, fc = statistics.median(cpu["kissbot"]), statistics.median(cpu["floor"])
+    ctx.notes.append(f"CPU time of one store with {s.writer_procs} concurrent writers: kissbot {us(kc)}, "
+                     f"floor {us(fc)} ({kc / fc:.1f}x)")
     return [
         Row(f"SQLite, {s.writer_procs} processes storing tokens of distinct users: p99 of a store_tokens + audit",
             f"{k:,.2f} ms p99, {errors['kissbot']} errors", f"{f:,.2f} ms p99, {errors['floor']} errors", k / f,

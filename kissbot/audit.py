@@ -65,16 +65,32 @@ class AuditRepository:
         severity: str = "info",
     ) -> None:
         """Append one audit event. ``details`` must not hold tokens or keys."""
+        check.check_optional_id(user_id, "user_id")
+        self.append(event_type, user_id, channel_id, self.details_json(details, user_id), severity)
+
+    def details_json(
+        self, details: dict[str, Any] | None, user_id: int | None, *, secrets: Iterable[str] = ()
+    ) -> str | None:
+        """``details`` checked and as JSON, for :meth:`append`: neither a secret nor a token stored for ``user_id``.
+
+        ``secrets`` (the tokens a write is about to store) are refused as the stored ones are. A write makes
+        its details before its transaction begins: no lock is held while they are checked.
+        """
+        return check.audit_details_json(details, lambda: [*secrets, *_stored_secrets(self.db, user_id)])
+
+    def append(
+        self, event_type: str, user_id: int | None, channel_id: int | None, details: str | None, severity: str = "info"
+    ) -> None:
+        """Insert one event whose ``details`` :meth:`details_json` made; :class:`UserNotFound` if a user is missing."""
         check.check_text(event_type, "event_type")
         check.check_optional_id(user_id, "user_id")
         check.check_optional_id(channel_id, "channel_id")
         _check_severity(severity)
-        details_json = check.audit_details_json(details, lambda: _stored_secrets(self.db, user_id))
         row = {
             "event_type": event_type,
             "user_id": user_id,
             "channel_id": channel_id,
-            "details": details_json,
+            "details": details,
             "severity": severity,
             "timestamp": utcnow(),
         }

@@ -440,6 +440,9 @@ class TokenRepository:
             "b_version": expected_version,
             "b_owner": release_lease,
         }
+        audit = AuditRepository(self.db)
+        details = {"token_type": token_type, "expires_in": expires_in, "scopes": scopes}
+        details_json = audit.details_json(details, user_id, secrets=(access_token, refresh_token))
         write = _WRITES[expected_version is not None, release_lease is not None]
         created = self.db.execute(write, params).rowcount == 0
         if created:
@@ -465,11 +468,7 @@ class TokenRepository:
                     ) from exc
                 self.db.execute(_REPLACE, params)
                 created = False
-        AuditRepository(self.db).log_event(
-            "tokens_created" if created else "tokens_refreshed",
-            user_id=user_id,
-            details={"token_type": token_type, "expires_in": expires_in, "scopes": list(scopes) if scopes is not None else None},
-        )
+        audit.append("tokens_created" if created else "tokens_refreshed", user_id, None, details_json)
         return created
 
     def store_many_tokens(

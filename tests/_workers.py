@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import random
+import sqlite3
 import time
 import traceback
 from typing import Any, Callable
@@ -118,6 +119,26 @@ def crash_writer(url: str, key: bytes, user_id: int, committed: Any) -> None:
         i += 1
         mgr.store_tokens(user_id, f"access-{i}", f"refresh-{i}", 3600)
         committed.send(i)
+
+
+def lock_holder(path: str, holding: Any) -> None:
+    """Take SQLite's write lock on ``path`` with plain sqlite3, set ``holding`` and keep it until killed."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    holding.set()
+    time.sleep(3600)
+
+
+def waiting_writer(url: str, key: bytes, user_id: int, busy_timeout_ms: int, started: Any, results: Any) -> None:
+    """Store ``user_id``'s tokens (once ``started`` is counted); report (user_id, ``time.monotonic()`` when done, error or None)."""
+    with DatabaseManager(url=url, key=key, busy_timeout_ms=busy_timeout_ms) as mgr:
+        started.release()
+        try:
+            mgr.store_tokens(user_id, f"access-{user_id}", f"refresh-{user_id}", 3600)
+            error = None
+        except Exception as exc:  # reported to the parent, which asserts there is none
+            error = f"{type(exc).__name__}: {exc}"
+        results.put((user_id, time.monotonic(), error))
 
 
 def forked_user(mgr: DatabaseManager, user_id: int, writes: int) -> None:

@@ -208,8 +208,10 @@ def test_a_lock_held_past_busy_timeout_raises_database_busy(sqlite_url, key):
         holder = sqlite3.connect(path, isolation_level=None)
         holder.execute("BEGIN EXCLUSIVE")
         try:
+            t0 = time.monotonic()
             with pytest.raises(DatabaseBusy) as info:
                 mgr.log_event("blocked")
+            assert 0.2 <= time.monotonic() - t0 < TIMEOUT  # the writer waited its whole busy timeout
             assert mgr.get_stats()["audit_log_count"] == 1  # readers are not blocked (WAL)
         finally:
             holder.execute("ROLLBACK")
@@ -267,3 +269,36 @@ def test_two_processes_storing_a_users_first_tokens_at_once(store):
         if compare_and_set:
             (winner,) = [r[1] for r in received if r[0] == uid and r[2] == "stored"]
             assert tokens["refresh_token"] == f"refresh-{winner}"
+
+
+@pytest.mark.slow
+def test_writers_waiting_for_a_lock_holder_killed_with_sigkill_all_go_on(sqlite_url, key):
+    with DatabaseManager(url=sqlite_url, key=key) as mgr:
+        users = [mgr.create_user(str(i), f"user{i}") for i in range(1, 5)]
+    holding, started, results = SPAWN.Event(), SPAWN.Semaphore(0), SPAWN.Queue()
+    holder = SPAWN.Process(target=_workers.lock_holder, args=(str(sqlite_path(to_url(sqlite_url))), holding), daemon=True)
+    holder.start()
+    try:
+        assert holding.wait(TIMEOUT)
+        writers = [SPAWN.Process(target=_workers.waiting_writer, args=(sqlite_url, key, uid, 30_000, started, results),
+                                 daemon=True) for uid in users]
+        for writer in writers:
+            writer.start()
+        for _ in writers:
+            assert started.acquire(timeout=TIMEOUT)
+        time.sleep(0.5)  # the writers are waiting for the lock now
+        assert results.empty()
+        killed_at = time.monotonic()  # the system-wide monotonic clock, as the writers read it
+        os.kill(holder.pid, signal.SIGKILL)
+        reports = sorted(results.get(timeout=TIMEOUT) for _ in writers)
+    finally:
+        holder.kill()
+        holder.join(TIMEOUT)
+    for writer in writers:
+        writer.join(TIMEOUT)
+    assert [w.exitcode for w in writers] == [0] * len(writers)
+    assert [(uid, error) for uid, _done, error in reports] == [(uid, None) for uid in users]
+    assert all(done > killed_at for _uid, done, _error in reports)  # each waited for the lock until the kill
+    with DatabaseManager(url=sqlite_url, key=key) as mgr:
+        assert [mgr.get_tokens(uid)["refresh_token"] for uid in users] == [f"refresh-{uid}" for uid in users]
+    assert _integrity(sqlite_url) == "ok"

@@ -281,6 +281,18 @@ def test_the_audit_guard_refuses_secrets_at_any_depth_and_spelling(mgr, bot, cas
     mgr.log_event("bot_note", user_id=bot, details={"token_type": "bot", "note": "fine", "nested": {"ok": [1, 2.5]}})
 
 
+@pytest.mark.parametrize("which", ["new access", "new refresh", "stored broadcaster"])
+def test_store_tokens_refuses_a_scope_equal_to_a_token_and_writes_nothing(mgr, bot, which):
+    new_access, new_refresh = "new-access-token-abcdefghijkl", "new-refresh-token-abcdefghijk"
+    mgr.store_tokens(bot, ACCESS, REFRESH, 60)
+    mgr.store_tokens(bot, "broadcaster-access-abcdefghijk", "broadcaster-refresh-abcdefghij", 60, token_type="broadcaster")
+    scope = {"new access": new_access, "new refresh": new_refresh, "stored broadcaster": "broadcaster-refresh-abcdefghij"}
+    before = (mgr.get_audit_log(limit=1000), mgr.get_tokens(bot))
+    with pytest.raises(ValidationError, match="audit details must not hold secrets"):
+        mgr.store_tokens(bot, new_access, new_refresh, 60, scopes=["chat:read", scope[which]])
+    assert (mgr.get_audit_log(limit=1000), mgr.get_tokens(bot)) == before
+
+
 def test_audit_json_stays_valid_json(mgr, bot, store_url, key_file):
     with pytest.raises(ValidationError):
         mgr.log_event("x", user_id=bot, details={"v": math.inf})
