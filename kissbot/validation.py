@@ -35,6 +35,7 @@ _SECRET_KEY = re.compile(
     r"|(?:token|secret|password|passwd|passphrase|authorization|credential|apikey|key)s?$"
 )
 _MIN_SECRET_VALUE = 16
+_NOT_ALNUM = re.compile(r"[^a-z0-9]")
 """Shorter detail strings are not compared with the user's stored tokens."""
 
 
@@ -164,7 +165,7 @@ def check_count(value: Any, name: str, minimum: int = 0, maximum: int = MAX_ID) 
 
 def is_secret_key(key: str) -> bool:
     """True for a details key that names a secret, in any case or spelling (``refreshToken``, ``Client-Secret``)."""
-    return bool(_SECRET_KEY.search(re.sub(r"[^a-z0-9]", "", key.lower())))
+    return bool(_SECRET_KEY.search(_NOT_ALNUM.sub("", key.lower())))
 
 
 def audit_details_json(
@@ -184,7 +185,7 @@ def audit_details_json(
     if not isinstance(details, dict):
         raise ValidationError(f"audit details must be a dict, not {type(details).__name__}")
     strings: list[str] = []
-    _walk(details, "", strings, set())
+    _walk(details, (), strings, set())
     candidates = {s for s in strings if len(s) >= _MIN_SECRET_VALUE}
     if candidates and stored_tokens is not None and candidates.intersection(stored_tokens()):
         raise ValidationError("audit details must not hold secrets: a value equals a token stored for this user")
@@ -194,28 +195,38 @@ def audit_details_json(
         raise ValidationError(f"audit details cannot be stored as JSON: {exc}") from exc
 
 
-def _walk(value: Any, where: str, strings: list[str], active: set[int]) -> None:
+def _walk(value: Any, where: tuple[str | int, ...], strings: list[str], active: set[int]) -> None:
+    # ``where`` is the path of keys and indexes to ``value``, spelt out only in an error.
     if isinstance(value, str):
         strings.append(value)
         return
     if isinstance(value, float) and not math.isfinite(value):
-        raise ValidationError(f"audit details must hold finite numbers: {where} is {value!r}")
+        raise ValidationError(f"audit details must hold finite numbers: {_path(where)} is {value!r}")
     if not isinstance(value, (dict, list, tuple)):
         return
     if id(value) in active:
-        raise ValidationError(f"audit details must not be circular: {where or 'details'} contains itself")
+        raise ValidationError(f"audit details must not be circular: {_path(where) or 'details'} contains itself")
     if len(active) > 100:
-        raise ValidationError(f"audit details are nested too deeply at {where[:MAX_ECHO]}")
+        raise ValidationError(f"audit details are nested too deeply at {_path(where)[:MAX_ECHO]}")
     active.add(id(value))
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
-                raise ValidationError(f"audit details keys must be strings: {where or 'details'} has a {type(key).__name__} key")
-            path = f"{where}.{shown(key)}" if where else shown(key)
+                raise ValidationError(
+                    f"audit details keys must be strings: {_path(where) or 'details'} has a {type(key).__name__} key"
+                )
             if is_secret_key(key):
-                raise ValidationError(f"audit details must not hold secrets: drop {path}")
-            _walk(item, path, strings, active)
+                raise ValidationError(f"audit details must not hold secrets: drop {_path((*where, key))}")
+            _walk(item, (*where, key), strings, active)
     else:
         for index, item in enumerate(value):
-            _walk(item, f"{where}[{index}]", strings, active)
+            _walk(item, (*where, index), strings, active)
     active.discard(id(value))
+
+
+def _path(where: tuple[str | int, ...]) -> str:
+    """``scopes[0].name`` for ``("scopes", 0, "name")``, each key masked by :func:`shown`."""
+    text = ""
+    for part in where:
+        text += f"[{part}]" if isinstance(part, int) else f"{text and '.'}{shown(part)}"
+    return text

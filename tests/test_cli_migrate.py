@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing
 import os
@@ -20,7 +21,7 @@ from kissbot import DatabaseManager
 from kissbot.backup import backup_sqlite, default_backup_path
 from kissbot.cli import cli
 from kissbot.crypto import fingerprint, read_key_ring
-from kissbot.errors import BackupError, NoDatabase
+from kissbot.errors import BackupError, ImportSourceError, NoDatabase
 from kissbot.importers import read_yaml_tokens
 from kissbot.types import utcnow
 
@@ -398,9 +399,38 @@ def test_read_yaml_tokens_normalises_entries(deploy):
     assert all(PLAINTEXT[e.login][0] not in repr(e) for e in batch.entries)
 
 
+def test_a_large_config_is_parsed_without_collector_passes_and_the_collector_is_left_as_it_was(tmp_path):
+    entries = "".join(
+        f"    user{i}:\n      user_id: '{1000 + i}'\n      access_token: a{i:029d}\n      refresh_token: r{i:049d}\n"
+        for i in range(3000)
+    )
+    big, broken = tmp_path / "config.yaml", tmp_path / "broken.yaml"
+    big.write_text("twitch:\n  tokens:\n" + entries)
+    broken.write_text("twitch:\n  tokens: [\n")
+    passes: list[str] = []
+    gc.callbacks.append(lambda phase, _info: passes.append(phase))
+    try:
+        assert len(read_yaml_tokens(big).entries) == 3000
+        # PyYAML keeps every node alive: a pass over them would find nothing to free. At most
+        # one pass, as the collector is turned back on (without the pause: one per few hundred nodes).
+        assert passes.count("start") <= 1
+        assert gc.isenabled()
+        with pytest.raises(ImportSourceError):
+            read_yaml_tokens(broken)
+        assert gc.isenabled()
+        gc.disable()
+        try:
+            read_yaml_tokens(big)
+            assert not gc.isenabled()  # the caller's choice is kept
+        finally:
+            gc.enable()
+    finally:
+        gc.callbacks.pop()
+
+
 # --- what config.yaml's values mean -------------------------------------------------------------
-# YAML 1.1 as PyYAML's safe loader reads it: kissbot builds plain documents itself from libyaml's
-# events (faster), and these values must keep exactly the meaning and the errors they had.
+# YAML 1.1 as PyYAML's safe loader reads it (libyaml's when the wheel has it): these values must keep
+# exactly the meaning and the errors they had.
 
 ONE_ENTRY = "twitch:\n  tokens:\n    {login}:\n      user_id: {user_id}\n      access_token: {access}\n      refresh_token: {refresh}\n{extra}"
 VALUE_ERRORS = {
