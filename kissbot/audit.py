@@ -22,7 +22,7 @@ from kissbot import settings
 from kissbot import validation as check
 from kissbot.errors import DecryptionError, UserNotFound, ValidationError
 from kissbot.models import audit_log, oauth_tokens, users
-from kissbot.settings import Executor
+from kissbot.settings import Executor, dialect_of
 from kissbot.types import utcnow
 
 SEVERITIES = ("info", "warning", "error")
@@ -179,7 +179,11 @@ class AuditRepository:
             check.check_count(batch_size, "batch_size", minimum=1)
             oldest = select(audit_log.c.timestamp, audit_log.c.id).where(where).order_by(audit_log.c.timestamp, audit_log.c.id)
             last = self.db.execute(oldest.offset(batch_size - 1).limit(1)).first()
-            if last is not None:
+            if dialect_of(self.db).name == "sqlite":
+                # SQLite bounds a (timestamp, id) range on timestamp alone: bounded by the last
+                # (timestamp, id), the DELETE would walk every remaining event of that timestamp.
+                where = audit_log.c.id.in_(oldest.with_only_columns(audit_log.c.id).limit(batch_size))
+            elif last is not None:
                 where &= (audit_log.c.timestamp <= last[0]) & (key <= tuple_(*last))
         deleted = self.db.execute(delete(audit_log).where(where)).rowcount
         return deleted, (last[0], last[1]) if last is not None else None

@@ -20,7 +20,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, Result, bindparam, case, false, func, insert, select, update
-from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import IntegrityError
 
 from kissbot import settings
@@ -29,7 +28,7 @@ from kissbot.audit import SEVERITIES, AuditRepository
 from kissbot.errors import DecryptionError, DuplicateUser, StaleTokens, UserNotFound, ValidationError
 from kissbot.instances import STALE_HEARTBEATS, InstanceRepository
 from kissbot.models import oauth_tokens, users
-from kissbot.settings import ConfigRepository, Executor, stream
+from kissbot.settings import ConfigRepository, Executor, dialect_of, stream
 from kissbot.types import Secret, cipher_of, ciphertext, utcnow
 
 __all__ = [
@@ -53,10 +52,6 @@ def _all(result: Result[Any]) -> list[dict[str, Any]]:
 def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
     for start in range(0, len(values), _IN_CHUNK):
         yield values[start : start + _IN_CHUNK]
-
-
-def _dialect(db: Executor) -> Dialect:
-    return db.dialect if isinstance(db, Connection) else db.get_bind().dialect
 
 
 # --- users -------------------------------------------------------------------------------------
@@ -181,7 +176,7 @@ class UserRepository:
         ]
         # insertmanyvalues: SQLAlchemy sends the rows as multi-row INSERTs, with RETURNING where
         # the driver has it (SQLite before 3.35 does not: the ids are then read back).
-        returning = _dialect(self.db).insert_executemany_returning
+        returning = dialect_of(self.db).insert_executemany_returning
         stmt = insert(users).returning(users.c.twitch_user_id, users.c.id) if returning else insert(users)
         try:
             with self.db.begin_nested():
@@ -436,7 +431,7 @@ class TokenRepository:
             "b_scopes": _scopes_json(scopes), "b_expires_at": now + timedelta(seconds=expires_in), "b_now": now,
             # Read before the values are encrypted: a key file reloaded in between can only
             # make the row's key newer than its label, which rotation fixes.
-            "b_key_version": cipher_of(_dialect(self.db)).current_version,
+            "b_key_version": cipher_of(dialect_of(self.db)).current_version,
             "b_version": expected_version,
             "b_owner": release_lease,
         }
@@ -493,7 +488,7 @@ class TokenRepository:
         now = utcnow()
         shared = {
             "b_token_type": token_type, "b_expires_at": now + timedelta(seconds=expires_in), "b_now": now,
-            "b_key_version": cipher_of(_dialect(self.db)).current_version,
+            "b_key_version": cipher_of(dialect_of(self.db)).current_version,
         }
         rows = []
         for user_id, access_token, refresh_token, scopes in tokens:
@@ -652,7 +647,7 @@ class TokenRepository:
             listed = _listed(row, now)
             if decrypt:
                 try:  # a store without tokens needs no key
-                    access, refresh = (Secret(cipher_of(_dialect(self.db)).decrypt(value)) for value in stored)
+                    access, refresh = (Secret(cipher_of(dialect_of(self.db)).decrypt(value)) for value in stored)
                 except DecryptionError:
                     listed.update(access_token=None, refresh_token=None, decrypt_error=True)
                 else:

@@ -21,12 +21,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
-from sqlalchemy import Select, bindparam, insert, select, update
-from sqlalchemy.engine import Connection
+from sqlalchemy import Select, bindparam, insert, inspect, select, update
+from sqlalchemy.engine import Connection, Dialect
 
 from kissbot.crypto import MAX_KEY_VERSION
 from kissbot.errors import ConfigurationError, CorruptConfig
-from kissbot.models import config
+from kissbot.models import config, oauth_tokens
 from kissbot.types import utcnow
 
 if TYPE_CHECKING:
@@ -34,6 +34,12 @@ if TYPE_CHECKING:
 
 Executor = Union["Session", Connection]
 """What a repository runs its statements on (this module's :class:`ConfigRepository`, and :mod:`kissbot.repo`'s)."""
+
+
+def dialect_of(db: Executor) -> Dialect:
+    """The dialect of a Connection or a Session."""
+    return db.dialect if isinstance(db, Connection) else db.get_bind().dialect
+
 
 YIELD_PER = 1000
 """Rows the repositories' ``iter_*`` methods fetch at a time."""
@@ -248,22 +254,19 @@ def describe_key(db: Any, version: int | None) -> str:
     return f"key version {version}" + (f", fingerprint {recorded}" if is_fingerprint(recorded) else "")
 
 
-def needed_keys(conn: Any, user_ids: Iterable[int]) -> str:
+def needed_keys(conn: Connection, user_ids: Iterable[int]) -> str:
     """``key version 1 (fingerprint 0123456789abcdef)``, … for the token rows of ``user_ids``, as errors name them.
 
-    ``conn`` is a SQLAlchemy Connection or a :mod:`sqlite3` connection (a
-    backup being checked); a store from before key versions needs version 1.
+    ``conn`` may be on a backup of any known migration: a store from before
+    key versions needs version 1.
     """
-    run = getattr(conn, "exec_driver_sql", None) or conn.execute
-    columns = run("SELECT * FROM oauth_tokens WHERE 1 = 0")
-    names = list(columns.keys()) if hasattr(columns, "keys") else [d[0] for d in columns.description]
-    ids = ", ".join(str(int(i)) for i in user_ids) or "NULL"
-    versions = (
-        [v for (v,) in run(f"SELECT DISTINCT key_version FROM oauth_tokens WHERE user_id IN ({ids}) ORDER BY 1")]
-        if "key_version" in names
-        else [1]
-    )
-    recorded = dict(run(f"SELECT key, value FROM config WHERE key LIKE '{FINGERPRINT_PREFIX}%'").fetchall())
+    if any(c["name"] == "key_version" for c in inspect(conn).get_columns("oauth_tokens")):
+        used = select(oauth_tokens.c.key_version).distinct().where(oauth_tokens.c.user_id.in_(list(user_ids)))
+        versions = list(conn.execute(used.order_by(oauth_tokens.c.key_version)).scalars())
+    else:
+        versions = [1]
+    fingerprints = select(config.c.key, config.c.value).where(config.c.key.startswith(FINGERPRINT_PREFIX, autoescape=True))
+    recorded = dict(conn.execute(fingerprints).tuples().all())
     shown = []
     for version in versions:
         fp = recorded.get(f"{FINGERPRINT_PREFIX}{version}")
