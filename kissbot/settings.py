@@ -266,7 +266,7 @@ def needed_keys(conn: Connection, user_ids: Iterable[int]) -> str:
     else:
         versions = [1]
     fingerprints = select(config.c.key, config.c.value).where(config.c.key.startswith(FINGERPRINT_PREFIX, autoescape=True))
-    recorded = dict(conn.execute(fingerprints).tuples().all())
+    recorded = dict(conn.execute(fingerprints).all())
     shown = []
     for version in versions:
         fp = recorded.get(f"{FINGERPRINT_PREFIX}{version}")
